@@ -1,0 +1,1 @@
+"""Backends: one small runner module each (torch, onnxruntime, tensorrt)."""

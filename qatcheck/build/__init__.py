@@ -1,0 +1,1 @@
+"""Model builders: export, ONNX-level PTQ, pytorch-quantization Q/DQ, QAT."""

@@ -1,0 +1,202 @@
+"""The recipe: everything that determines how one model is quantized, checked and judged.
+
+A recipe is plain data plus lazy factories (model, datasets). Nothing is loaded when a suite is
+collected; the plugin calls the factories the first time a case needs them, so ``pytest --co`` and
+``-k`` stay instant even for ImageNet-sized recipes.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable, Mapping
+
+from qatcheck.errors import ConfigError
+from qatcheck.modes import BACKENDS, MODES, ONNX_CALIBRATORS, TORCH_CALIBRATORS, check_backend, check_mode
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+    from qatcheck.data.base import Dataset
+
+TASKS = ("classification", "detection")
+_NAME_RE = re.compile(r"^[A-Za-z0-9_.]+$")
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """The model input. ``shape`` is the optimum shape (batch first); ``dynamic`` maps an axis to its
+    (min, opt, max) range for the ``dynamic`` mode and TensorRT optimization profiles."""
+
+    name: str = "input"
+    shape: tuple[int, ...] = (32, 3, 224, 224)
+    dtype: str = "float32"
+    dynamic: Mapping[int, tuple[int, int, int]] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        if not self.name:
+            raise ConfigError("InputSpec.name must not be empty")
+        if len(self.shape) < 2 or any(int(d) <= 0 for d in self.shape):
+            raise ConfigError(f"InputSpec.shape must be positive dims, batch first; got {self.shape}")
+        if self.dtype not in ("float32", "float16"):
+            raise ConfigError(f"InputSpec.dtype must be float32 or float16; got {self.dtype!r}")
+        for axis, rng in self.dynamic.items():
+            if not 0 <= axis < len(self.shape):
+                raise ConfigError(f"InputSpec.dynamic axis {axis} is outside shape {self.shape}")
+            if len(rng) != 3 or not (0 < rng[0] <= rng[1] <= rng[2]):
+                raise ConfigError(f"InputSpec.dynamic[{axis}] must be (min, opt, max) with "
+                                  f"0 < min <= opt <= max; got {rng}")
+            if rng[1] != self.shape[axis]:
+                raise ConfigError(f"InputSpec.dynamic[{axis}] opt={rng[1]} differs from "
+                                  f"shape[{axis}]={self.shape[axis]}; the opt shape is the shape")
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.shape[0])
+
+    def profile(self) -> dict[str, tuple[int, ...]]:
+        """min / opt / max shapes (all equal to ``shape`` when nothing is dynamic)."""
+        out = {}
+        for i, label in enumerate(("min", "opt", "max")):
+            out[label] = tuple(self.dynamic[a][i] if a in self.dynamic else d
+                               for a, d in enumerate(self.shape))
+        return out
+
+
+@dataclass(frozen=True)
+class QuantSettings:
+    """How int8 modes are calibrated.
+
+    ``calibrator`` drives the ONNX-level PTQ modes (``trt_ptq``, ``partial``): minmax, entropy (KL
+    search, TensorRT's entropy calibration) or percentile. ``torch_calibrator`` drives
+    pytorch-quantization (``torch_ptq``, ``qat``): max, entropy, mse or percentile.
+    ``keep_precision`` lists the layers (PyTorch module names, e.g. ``"stem.conv"``) that ``partial``
+    keeps in higher precision.
+    """
+
+    calibrator: str = "entropy"
+    torch_calibrator: str = "entropy"
+    percentile: float = 99.99
+    calib_batches: int = 8
+    per_channel: bool = True
+    keep_precision: tuple[str, ...] = ()
+
+    def validate(self) -> None:
+        if self.calibrator not in ONNX_CALIBRATORS:
+            raise ConfigError(f"QuantSettings.calibrator {self.calibrator!r} is unknown; "
+                              f"choose one of {', '.join(ONNX_CALIBRATORS)}")
+        if self.torch_calibrator not in TORCH_CALIBRATORS:
+            raise ConfigError(f"QuantSettings.torch_calibrator {self.torch_calibrator!r} is unknown; "
+                              f"choose one of {', '.join(TORCH_CALIBRATORS)}")
+        if not 50.0 < self.percentile <= 100.0:
+            raise ConfigError(f"QuantSettings.percentile must be in (50, 100]; got {self.percentile}")
+        if self.calib_batches < 1:
+            raise ConfigError(f"QuantSettings.calib_batches must be >= 1; got {self.calib_batches}")
+
+
+@dataclass(frozen=True)
+class QATSettings:
+    """Quantization-aware fine-tuning: a few epochs at a low learning rate from the calibrated model."""
+
+    epochs: int = 1
+    lr: float = 1e-4
+    batch_size: int = 64
+    max_batches_per_epoch: int | None = None
+
+    def validate(self) -> None:
+        if self.epochs < 1 or self.lr <= 0 or self.batch_size < 1:
+            raise ConfigError(f"QATSettings needs epochs >= 1, lr > 0, batch_size >= 1; got {self}")
+
+
+@dataclass(frozen=True)
+class ParityThresholds:
+    """Floors for agreement between a case and its reference outputs."""
+
+    min_cosine: float = 0.999
+    min_top1_agreement: float = 0.99
+    max_abs: float | None = None
+
+
+def _default_export_parity() -> dict[str, ParityThresholds]:
+    fp = ParityThresholds(min_cosine=0.99999, min_top1_agreement=0.999, max_abs=1e-3)
+    return {
+        "fp32": fp,
+        "dynamic": fp,
+        "fp16": ParityThresholds(min_cosine=0.9995, min_top1_agreement=0.99),
+        # whole-network fake-quant vs ONNX Runtime: cosine ~0.9999, max-abs ~0.06 (see README)
+        "torch_ptq": ParityThresholds(min_cosine=0.999, min_top1_agreement=0.99),
+        "qat": ParityThresholds(min_cosine=0.999, min_top1_agreement=0.99),
+    }
+
+
+@dataclass(frozen=True)
+class Tolerances:
+    """What counts as a regression. Metric tolerances are in *points* (percentage points: 0.5 means
+    a top-1 of 98.1% may drop to 97.6%)."""
+
+    metric_points: float = 0.5
+    fp32_budget_points: Mapping[str, float] = field(
+        default_factory=lambda: {"torch_ptq": 1.0, "qat": 1.0})
+    latency_rel: float = 0.15
+    parity_cosine: float = 0.0005
+    parity_agreement: float = 0.01
+    #: export parity: a mode in PyTorch vs the same mode's exported graph on another backend
+    export_parity: Mapping[str, ParityThresholds] = field(default_factory=_default_export_parity)
+    #: quantization parity: a low-precision mode vs the fp32 reference
+    quant_parity: ParityThresholds = ParityThresholds(min_cosine=0.98, min_top1_agreement=0.95)
+
+    def validate(self) -> None:
+        for mode in list(self.fp32_budget_points) + list(self.export_parity):
+            check_mode(mode)
+        if self.metric_points < 0 or self.latency_rel < 0:
+            raise ConfigError("Tolerances.metric_points and latency_rel must be >= 0")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One model's quantization recipe.
+
+    ``model`` returns the fp32 ``torch.nn.Module`` with weights loaded (in eval mode). ``eval_data``,
+    ``calib_data`` and ``train_data`` return :class:`qatcheck.data.base.Dataset` objects; they are
+    called lazily and at most once per session.
+    """
+
+    name: str
+    task: str
+    model: Callable[[], "torch.nn.Module"]
+    eval_data: Callable[[], "Dataset"]
+    calib_data: Callable[[], "Dataset"]
+    input: InputSpec
+    train_data: Callable[[], "Dataset"] | None = None
+    quant: QuantSettings = QuantSettings()
+    qat: QATSettings = QATSettings()
+    tolerances: Tolerances = Tolerances()
+    modes: tuple[str, ...] = MODES
+    backends: tuple[str, ...] = BACKENDS
+    output_names: tuple[str, ...] = ("logits",)
+    #: free-form identity of the weights (a path, a digest) for the artifact cache key; the
+    #: state dict is hashed as well, so this only speeds up keying.
+    weights_id: str = ""
+    top_k: tuple[int, ...] = (1, 5)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        if not _NAME_RE.match(self.name or ""):
+            raise ConfigError(f"Recipe.name {self.name!r} must be letters, digits, '_' or '.' "
+                              "(it is used in test ids and file names)")
+        if self.task not in TASKS:
+            raise ConfigError(f"Recipe({self.name}).task {self.task!r} is unknown; "
+                              f"choose one of {', '.join(TASKS)}")
+        for m in self.modes:
+            check_mode(m)
+        for b in self.backends:
+            check_backend(b)
+        if "qat" in self.modes and self.train_data is None:
+            raise ConfigError(f"Recipe({self.name}) lists mode 'qat' but has no train_data")
+        if not self.output_names:
+            raise ConfigError(f"Recipe({self.name}).output_names must name the model outputs")
+        self.input.validate()
+        self.quant.validate()
+        self.qat.validate()
+        self.tolerances.validate()

@@ -1,0 +1,1 @@
+"""Tasks: metrics and task-level parity (classification top-k, detection mAP)."""

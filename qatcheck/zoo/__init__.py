@@ -1,0 +1,1 @@
+"""Built-in models, their seeded training scripts, checkpoints and recipes."""
