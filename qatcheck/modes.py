@@ -44,14 +44,17 @@ def unsupported_reason(mode: str, backend: str) -> str | None:
     return None
 
 
-def reference_mode(mode: str) -> str:
-    """The mode whose PyTorch outputs a case is compared with for parity.
+def parity_reference(mode: str, backend: str) -> tuple[str, str] | None:
+    """The PyTorch case a (mode, backend) case is compared with, and the relation's name.
 
-    Modes that exist in PyTorch are compared with the same mode in PyTorch (is the export
-    faithful?); ONNX-only modes are compared with fp32 (how far did quantization move outputs?).
+    - ``export``: the same mode in PyTorch vs its exported graph on another backend (is the
+      export faithful?);
+    - ``quantization``: a low-precision mode vs fp32 (how far did precision move the outputs?).
+      ONNX-only modes have no PyTorch twin, so they are compared with fp32.
+    PyTorch fp32 (and ``dynamic``, which is fp32 at other shapes) is the reference itself: None.
     """
+    if backend == "torch":
+        return None if mode in ("fp32", "dynamic") else ("fp32", "quantization")
     if mode in ONNX_ONLY_MODES:
-        return "fp32"
-    if mode == "dynamic":
-        return "fp32"
-    return mode
+        return ("fp32", "quantization")
+    return (mode, "export")

@@ -194,6 +194,9 @@ class Recipe:
             check_backend(b)
         if "qat" in self.modes and self.train_data is None:
             raise ConfigError(f"Recipe({self.name}) lists mode 'qat' but has no train_data")
+        if "dynamic" in self.modes and not self.input.dynamic:
+            raise ConfigError(f"Recipe({self.name}) lists mode 'dynamic' but InputSpec.dynamic "
+                              "declares no dynamic axis (e.g. {0: (1, 32, 64)} for the batch)")
         if not self.output_names:
             raise ConfigError(f"Recipe({self.name}).output_names must name the model outputs")
         self.input.validate()

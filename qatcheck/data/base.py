@@ -69,3 +69,17 @@ class ArrayDataset:
             h.update(t.tobytes() if isinstance(t, np.ndarray) else repr(list(t)).encode())
             self._fingerprint = h.hexdigest()[:16]
         return self._fingerprint
+
+
+def shuffled_batches(ds: "Dataset", batch_size: int, seed: int) -> Iterator[tuple[np.ndarray, Any]]:
+    """Training batches in an order seeded by ``seed`` (pass ``seed + epoch`` for a new order per
+    epoch). :meth:`ArrayDataset.batches` is deliberately in order, since evaluation and calibration
+    must be reproducible; datasets that cannot be indexed are streamed in their own order."""
+    if not isinstance(ds, ArrayDataset):
+        yield from ds.batches(batch_size)
+        return
+    order = np.random.default_rng(seed).permutation(len(ds))
+    targets = np.asarray(ds.targets) if isinstance(ds.targets, np.ndarray) else None
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        yield ds.images[idx], (targets[idx] if targets is not None else [ds.targets[i] for i in idx])

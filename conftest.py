@@ -1,0 +1,3 @@
+# Top-level conftest: the qatcheck plugin loads through its pytest11 entry point (pip install -e .).
+# Tests of the plugin itself use pytester.
+pytest_plugins = ["pytester"]

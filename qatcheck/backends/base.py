@@ -1,0 +1,74 @@
+"""The common runner interface (after Polygraphy's runners): every backend turns an artifact into
+something that maps a numpy batch to a list of numpy outputs, and can hand out a zero-argument
+callable for timing with inputs already resident on the device.
+
+Backends decide nothing about *what* to build; they only run and time what they are given.
+"""
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+
+@dataclass
+class Artifact:
+    """What a mode produced for one backend family: a torch module or an ONNX file."""
+
+    kind: str  # "torch" | "onnx"
+    precision: str  # "fp32" | "fp16" | "int8"
+    module: Any = None
+    path: Path | None = None
+    digest: str = ""
+    info: dict = field(default_factory=dict)
+
+
+@dataclass
+class TimedCall:
+    """A prepared inference for the latency loop.
+
+    ``run`` executes once and returns when the result is ready (synchronized). ``device_times`` is
+    filled with device-side milliseconds by runners that have them (CUDA events); wall-clock is the
+    fallback.
+    """
+
+    run: Callable[[], None]
+    device_times_ms: list[float] | None = None
+
+
+class Runner(abc.ABC):
+    backend: str = ""
+
+    @property
+    @abc.abstractmethod
+    def device(self) -> str:
+        """Where it executes, e.g. ``cpu``, ``cuda:0``, ``CPUExecutionProvider``."""
+
+    @abc.abstractmethod
+    def infer(self, x: np.ndarray) -> list[np.ndarray]:
+        """Run one batch; outputs in the recipe's output order, as float32 numpy arrays."""
+
+    @abc.abstractmethod
+    def timed_call(self, x: np.ndarray) -> TimedCall: ...
+
+    def versions(self) -> dict[str, str]:
+        """Backend versions that belong in a latency fingerprint."""
+        return {}
+
+
+class Backend(abc.ABC):
+    name: str = ""
+
+    @abc.abstractmethod
+    def unavailable_reason(self) -> str | None:
+        """None when this backend can run here, else a sentence saying why not."""
+
+    @abc.abstractmethod
+    def runner(self, artifact: Artifact) -> Runner: ...
+
+    def accepts(self) -> tuple[str, ...]:
+        """Artifact kinds this backend consumes."""
+        return ("onnx",)

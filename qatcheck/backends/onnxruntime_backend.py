@@ -1,0 +1,84 @@
+"""ONNX Runtime backend: any installed execution provider.
+
+Q/DQ graphs run on the CPU provider as fake-quant (slower than fp32): good for accuracy and parity,
+not for int8 latency claims - the report says so next to such latencies.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from qatcheck.backends.base import Artifact, Backend, Runner, TimedCall
+from qatcheck.errors import ArtifactError, ConfigError
+
+#: providers that do not execute graphs locally
+_NOT_COMPUTE = {"AzureExecutionProvider"}
+_PREFERENCE = ("CUDAExecutionProvider", "CPUExecutionProvider")
+
+
+def compute_providers() -> list[str]:
+    import onnxruntime as ort
+
+    return [p for p in ort.get_available_providers() if p not in _NOT_COMPUTE]
+
+
+def choose_provider(requested: str = "auto") -> str:
+    available = compute_providers()
+    if requested != "auto":
+        if requested not in available:
+            raise ConfigError(f"--qatcheck-ort-provider={requested} is not in this onnxruntime "
+                              f"build; available: {', '.join(available)}")
+        return requested
+    for p in _PREFERENCE:
+        if p in available:
+            return p
+    return available[0]
+
+
+class OrtRunner(Runner):
+    backend = "onnxruntime"
+
+    def __init__(self, path, provider: str, input_name: str | None = None) -> None:
+        import onnxruntime as ort
+
+        self._ort = ort
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(str(path), opts, providers=[provider])
+        except Exception as exc:
+            raise ArtifactError(f"onnxruntime cannot load {path}: {exc}") from exc
+        self.provider = provider
+        self.input_name = input_name or self.session.get_inputs()[0].name
+
+    @property
+    def device(self) -> str:
+        return self.provider
+
+    def infer(self, x: np.ndarray) -> list[np.ndarray]:
+        outs = self.session.run(None, {self.input_name: np.ascontiguousarray(x, dtype=np.float32)})
+        return [np.asarray(o, dtype=np.float32) for o in outs]
+
+    def timed_call(self, x: np.ndarray) -> TimedCall:
+        feed = {self.input_name: np.ascontiguousarray(x, dtype=np.float32)}
+        run = self.session.run
+        return TimedCall(lambda: run(None, feed))
+
+    def versions(self) -> dict[str, str]:
+        return {"onnxruntime": self._ort.__version__, "ort_provider": self.provider}
+
+
+class OrtBackend(Backend):
+    name = "onnxruntime"
+
+    def __init__(self, provider: str = "auto") -> None:
+        self.requested_provider = provider
+
+    def unavailable_reason(self) -> str | None:
+        try:
+            import onnxruntime  # noqa: F401
+        except ImportError as exc:
+            return f"onnxruntime is not installed ({exc}); pip install onnxruntime"
+        return None
+
+    def runner(self, artifact: Artifact) -> Runner:
+        return OrtRunner(artifact.path, choose_provider(self.requested_provider))

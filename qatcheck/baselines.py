@@ -1,0 +1,192 @@
+"""The baseline store: human-readable JSON under ``baselines/``, one file per recipe.
+
+Layout (stable key order, so a baseline update is a small, reviewable diff)::
+
+    {"qatcheck_baseline": 1, "recipe": "digits",
+     "cases": {"torch_ptq-onnxruntime": {
+        "metrics": {"top1": {"value": 0.9815, "tolerance": 0.5}},          # tolerance in points
+        "parity":  {"cosine": {"value": 0.99993, "tolerance": 0.0005}, ...},
+        "latency": {"<fingerprint id>": {"device": "...", "median_ms": {"value": 0.41, "tolerance": 0.15}}}}}}
+
+Updates are staged during the session and written at its end, atomically per file, merged into
+what is there: entries the run did not measure are kept, a hand-set tolerance is kept. A file that
+does not parse or validate is reported by name and field and never rewritten.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from qatcheck.errors import BaselineError
+from qatcheck.fsutil import write_text_atomic
+
+SCHEMA = 1
+SECTIONS = ("metrics", "parity", "latency")
+
+
+@dataclass(frozen=True)
+class Update:
+    """One measured value to store. ``fingerprint`` is set for latency (its device key)."""
+
+    case: str
+    section: str
+    name: str
+    value: float
+    tolerance: float
+    fingerprint: str | None = None
+    device: str | None = None
+
+
+@dataclass(frozen=True)
+class Change:
+    case: str
+    section: str
+    name: str
+    old: float | None
+    new: float
+
+    def describe(self) -> str:
+        where = f"{self.case} {self.section}.{self.name}"
+        if self.old is None:
+            return f"  + {where} = {self.new:.6g}"
+        return f"  ~ {where}: {self.old:.6g} -> {self.new:.6g}"
+
+
+def empty(recipe: str) -> dict[str, Any]:
+    return {"qatcheck_baseline": SCHEMA, "recipe": recipe, "cases": {}}
+
+
+def _fail(path: Path, where: str, what: str) -> BaselineError:
+    return BaselineError(f"baseline file {path}: {where} {what}; fix it by hand or delete the "
+                         "entry and re-record it with --update-baselines")
+
+
+def _check_value(path: Path, where: str, entry: Any) -> None:
+    if not isinstance(entry, dict):
+        raise _fail(path, where, f"must be an object with 'value' and 'tolerance', got {entry!r}")
+    for key in ("value", "tolerance"):
+        v = entry.get(key)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise _fail(path, f"{where}.{key}", f"must be a finite number, got {v!r}")
+    if entry["tolerance"] < 0:
+        raise _fail(path, f"{where}.tolerance", f"must be >= 0, got {entry['tolerance']!r}")
+
+
+def validate(data: Any, path: Path, recipe: str) -> dict[str, Any]:
+    """Check a parsed baseline document; raise one BaselineError naming the first bad field."""
+    if not isinstance(data, dict):
+        raise _fail(path, "top level", "must be a JSON object")
+    if data.get("qatcheck_baseline") != SCHEMA:
+        raise _fail(path, "'qatcheck_baseline'", f"must be {SCHEMA}, got {data.get('qatcheck_baseline')!r}")
+    if data.get("recipe") != recipe:
+        raise _fail(path, "'recipe'", f"must be {recipe!r}, got {data.get('recipe')!r}")
+    cases = data.get("cases")
+    if not isinstance(cases, dict):
+        raise _fail(path, "'cases'", "must be an object")
+    for case, sections in cases.items():
+        if not isinstance(sections, dict):
+            raise _fail(path, f"cases[{case!r}]", "must be an object")
+        for section, entries in sections.items():
+            where = f"cases[{case!r}].{section}"
+            if section not in SECTIONS:
+                raise _fail(path, where, f"is not one of {', '.join(SECTIONS)}")
+            if not isinstance(entries, dict):
+                raise _fail(path, where, "must be an object")
+            for name, entry in entries.items():
+                if section != "latency":
+                    _check_value(path, f"{where}.{name}", entry)
+                    continue
+                if not isinstance(entry, dict):
+                    raise _fail(path, f"{where}.{name}", "must be an object")
+                for stat, value in entry.items():
+                    if stat != "device":
+                        _check_value(path, f"{where}.{name}.{stat}", value)
+    return data
+
+
+def load(path: Path, recipe: str) -> dict[str, Any]:
+    """Read a baseline file (an absent file is an empty store)."""
+    if not path.exists():
+        return empty(recipe)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise BaselineError(f"baseline file {path} is not valid JSON (line {exc.lineno}, column "
+                            f"{exc.colno}: {exc.msg}); fix it or restore it from version control") from exc
+    return validate(data, path, recipe)
+
+
+def lookup(data: dict[str, Any], case: str, section: str, name: str,
+           fingerprint: str | None = None) -> dict[str, Any] | None:
+    entries = data["cases"].get(case, {}).get(section, {})
+    if fingerprint is None:
+        return entries.get(name)
+    return entries.get(fingerprint, {}).get(name)
+
+
+def merge(data: dict[str, Any], updates: list[Update]) -> tuple[dict[str, Any], list[Change]]:
+    """Apply ``updates`` to a copy of ``data``. Untouched entries stay; an existing tolerance wins
+    over the recipe default (it may have been tuned by hand). Returns the new document and what
+    changed (values equal to the stored ones are not reported)."""
+    out = copy.deepcopy(data)
+    changes: list[Change] = []
+    for u in updates:
+        section = out["cases"].setdefault(u.case, {}).setdefault(u.section, {})
+        if u.fingerprint is not None:
+            section = section.setdefault(u.fingerprint, {})
+            if u.device:
+                section["device"] = u.device
+        old = section.get(u.name)
+        tolerance = old["tolerance"] if isinstance(old, dict) and "tolerance" in old else u.tolerance
+        section[u.name] = {"tolerance": tolerance, "value": u.value}
+        old_value = old.get("value") if isinstance(old, dict) else None
+        if old_value != u.value:
+            changes.append(Change(u.case, u.section, u.name, old_value, u.value))
+    return out, changes
+
+
+def dumps(data: dict[str, Any]) -> str:
+    return json.dumps(data, indent=2, sort_keys=True) + "\n"
+
+
+class BaselineStore:
+    """All recipes' baselines under one directory; loads lazily, writes at session end."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        self._data: dict[str, dict[str, Any]] = {}
+        self._pending: dict[str, list[Update]] = {}
+
+    def path(self, recipe: str) -> Path:
+        return self.root / f"{recipe}.json"
+
+    def data(self, recipe: str) -> dict[str, Any]:
+        if recipe not in self._data:
+            self._data[recipe] = load(self.path(recipe), recipe)
+        return self._data[recipe]
+
+    def get(self, recipe: str, case: str, section: str, name: str,
+            fingerprint: str | None = None) -> dict[str, Any] | None:
+        return lookup(self.data(recipe), case, section, name, fingerprint)
+
+    def stage(self, recipe: str, update: Update) -> None:
+        self.data(recipe)  # a malformed file fails now, before anything is measured into it
+        self._pending.setdefault(recipe, []).append(update)
+
+    def commit(self) -> dict[Path, list[Change]]:
+        """Write every recipe with staged updates; returns the changes per file."""
+        written: dict[Path, list[Change]] = {}
+        for recipe, updates in sorted(self._pending.items()):
+            path = self.path(recipe)
+            current = load(path, recipe)  # re-read: another process may have updated it meanwhile
+            new, changes = merge(current, updates)
+            if new != current:
+                write_text_atomic(path, dumps(new))
+            self._data[recipe] = new
+            written[path] = changes
+        self._pending.clear()
+        return written

@@ -1,0 +1,89 @@
+"""Plain ONNX export (fp32, fp16, dynamic) and ONNX loading with errors a user can act on.
+
+The legacy TorchScript exporter (``dynamo=False``) is used on purpose: it names nodes after module
+paths (``/layer1/conv1/Conv``), which is how layer lists map between PyTorch and ONNX, and it is the
+exporter pytorch-quantization's quantizers support.
+"""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+import onnx
+import torch
+
+from qatcheck.errors import ArtifactError
+from qatcheck.fsutil import atomic_path
+from qatcheck.recipe import InputSpec
+
+OPSET = 17
+
+
+def example_input(spec: InputSpec, shape: Sequence[int] | None = None, device: str = "cpu") -> torch.Tensor:
+    dtype = torch.float16 if spec.dtype == "float16" else torch.float32
+    return torch.zeros(tuple(shape or spec.shape), dtype=dtype, device=device)
+
+
+def check_model_accepts(model: torch.nn.Module, spec: InputSpec, where: str = "model") -> None:
+    """Run one forward pass at the spec's shape so a wrong input spec fails here, by name."""
+    x = example_input(spec, device=next(iter(model.parameters()), torch.zeros(())).device.type)
+    try:
+        with torch.no_grad():
+            model(x)
+    except Exception as exc:  # the model decides what it rejects; we only name the spec
+        raise ArtifactError(f"{where} does not accept the recipe's input spec "
+                            f"{spec.name}{tuple(spec.shape)} ({spec.dtype}): {exc}") from exc
+
+
+def dynamic_axes_for(spec: InputSpec, output_names: Sequence[str]) -> dict[str, dict[int, str]]:
+    """Dynamic axes for the export: the spec's dynamic input axes; batch (axis 0) of every output
+    when the batch is dynamic."""
+    axes = {spec.name: {a: f"{spec.name}_d{a}" for a in sorted(spec.dynamic)}}
+    if 0 in spec.dynamic:
+        for out in output_names:
+            axes[out] = {0: f"{spec.name}_d0"}
+    return axes
+
+
+def export_onnx(model: torch.nn.Module, spec: InputSpec, path: str | Path,
+                output_names: Sequence[str], dynamic: bool = False, opset: int = OPSET) -> Path:
+    """Export ``model`` at the spec's (opt) shape; with ``dynamic`` the spec's dynamic axes stay
+    symbolic. Written atomically."""
+    check_model_accepts(model, spec)
+    path = Path(path)
+    with atomic_path(path) as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (example_input(spec),), str(tmp), input_names=[spec.name],
+                          output_names=list(output_names), opset_version=opset,
+                          dynamic_axes=dynamic_axes_for(spec, output_names) if dynamic else None,
+                          do_constant_folding=True, dynamo=False)
+    load_onnx(path)
+    return path
+
+
+def load_onnx(path: str | Path) -> onnx.ModelProto:
+    """Load and check an ONNX file; a missing or corrupt file is one ArtifactError naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"ONNX file not found: {path}")
+    try:
+        model = onnx.load(str(path))
+        onnx.checker.check_model(model)
+    except Exception as exc:
+        raise ArtifactError(f"ONNX file {path} is not a valid model: {exc}") from exc
+    return model
+
+
+def convert_fp16(src: str | Path, dst: str | Path) -> Path:
+    """fp16 weights and compute with fp32 inputs/outputs (``keep_io_types``), so every backend is
+    fed the same fp32 tensors and only the precision inside the graph changes."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = load_onnx(src)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        half = convert_float_to_float16(model, keep_io_types=True)
+    with atomic_path(dst) as tmp:
+        onnx.save(half, str(tmp))
+    return Path(dst)

@@ -1,0 +1,243 @@
+"""The pytest plugin (entry point ``pytest11: qatcheck``).
+
+A suite is an ordinary test module marked with its recipe::
+
+    pytestmark = pytest.mark.qatcheck_recipe(make_recipe())
+
+    def test_accuracy(qcase): qcase.check_accuracy()
+    def test_parity(qcase): qcase.check_parity()
+    def test_latency(qcase, benchmark): qcase.check_latency(benchmark)
+
+``qcase`` is parametrized over the recipe's modes x backends (x shapes for ``dynamic``) with ids
+like ``digits-torch_ptq-onnxruntime``, and every case carries markers named after its mode and
+backend, so ``-k``, ``-m "qat and onnxruntime"`` and ``--lf`` work as usual.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from qatcheck.backends.onnxruntime_backend import OrtBackend
+from qatcheck.backends.tensorrt_backend import TensorRTBackend
+from qatcheck.backends.torch_backend import TorchBackend
+from qatcheck.errors import QatcheckError
+from qatcheck.measurement import Case
+from qatcheck.modes import BACKENDS, MODES
+from qatcheck.session import CheckResult, Options, QatcheckSession
+
+SESSION_KEY = pytest.StashKey[QatcheckSession]()
+MISSING_KEY = pytest.StashKey[list]()
+#: ``--qatcheck-require`` also accepts ``cuda`` (torch must see a GPU)
+REQUIRABLE = (*BACKENDS, "cuda")
+
+
+def _csv(value: str) -> tuple[str, ...]:
+    return tuple(v.strip() for v in value.split(",") if v.strip()) if value else ()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    g = parser.getgroup("qatcheck", "qatcheck: quantization regression checks")
+    g.addoption("--update-baselines", action="store_true", default=False,
+                help="record this run's measurements as the new baselines (merged into baselines/; "
+                     "untouched entries and hand-set tolerances are kept)")
+    g.addoption("--qatcheck-require", default="", metavar="LIST",
+                help=f"comma-separated backends that must be available ({', '.join(REQUIRABLE)}); "
+                     "a missing one fails the session instead of skipping")
+    g.addoption("--qatcheck-modes", default="", metavar="LIST",
+                help=f"only these modes ({', '.join(MODES)})")
+    g.addoption("--qatcheck-backends", default="", metavar="LIST",
+                help=f"only these backends ({', '.join(BACKENDS)})")
+    g.addoption("--qatcheck-baselines", default=None, metavar="DIR",
+                help="baseline directory (default: <rootdir>/baselines)")
+    g.addoption("--qatcheck-reports", default=None, metavar="DIR",
+                help="report directory (default: <rootdir>/reports)")
+    g.addoption("--qatcheck-cache", default=None, metavar="DIR",
+                help="artifact cache directory (default: <rootdir>/.qatcheck_cache)")
+    g.addoption("--qatcheck-no-cache", action="store_true", default=False,
+                help="rebuild every artifact (the cache is still written)")
+    g.addoption("--qatcheck-device", default="auto", metavar="DEV",
+                help="torch device: auto (cuda if available), cpu, cuda, cuda:N")
+    g.addoption("--qatcheck-ort-provider", default="auto", metavar="EP",
+                help="onnxruntime execution provider (auto: CUDA if present, else CPU)")
+    g.addoption("--qatcheck-iterations", type=int, default=200, metavar="N",
+                help="timed iterations per latency case (default 200)")
+    g.addoption("--qatcheck-warmup", type=float, default=0.2, metavar="SECONDS",
+                help="warm-up time before timing (default 0.2 s, like trtexec)")
+    g.addoption("--qatcheck-no-progress", action="store_true", default=False,
+                help="no progress bars")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "qatcheck_recipe(recipe): parametrize the module's `qcase` "
+                                       "fixture over the recipe's modes x backends")
+    for name in MODES:
+        config.addinivalue_line("markers", f"{name}: qatcheck case in mode {name}")
+    for name in BACKENDS:
+        config.addinivalue_line("markers", f"{name}: qatcheck case on backend {name}")
+    root = Path(config.rootpath)
+
+    def opt_path(name: str, default: str) -> Path:
+        value = config.getoption(name)
+        return Path(value) if value else root / default
+
+    unknown = [r for r in _csv(config.getoption("--qatcheck-require")) if r not in REQUIRABLE]
+    if unknown:
+        raise pytest.UsageError(f"--qatcheck-require: unknown name(s) {', '.join(unknown)}; "
+                                f"choose from {', '.join(REQUIRABLE)}")
+    for opt, known in (("--qatcheck-modes", MODES), ("--qatcheck-backends", BACKENDS)):
+        bad = [v for v in _csv(config.getoption(opt)) if v not in known]
+        if bad:
+            raise pytest.UsageError(f"{opt}: unknown name(s) {', '.join(bad)}; choose from {', '.join(known)}")
+    options = Options(
+        baselines_dir=opt_path("--qatcheck-baselines", "baselines"),
+        reports_dir=opt_path("--qatcheck-reports", "reports"),
+        cache_dir=opt_path("--qatcheck-cache", ".qatcheck_cache"),
+        use_cache=not config.getoption("--qatcheck-no-cache"),
+        update_baselines=config.getoption("--update-baselines"),
+        require=_csv(config.getoption("--qatcheck-require")),
+        device=config.getoption("--qatcheck-device"),
+        ort_provider=config.getoption("--qatcheck-ort-provider"),
+        latency_iterations=config.getoption("--qatcheck-iterations"),
+        warmup_s=config.getoption("--qatcheck-warmup"),
+        progress=not config.getoption("--qatcheck-no-progress"),
+    )
+    backends = {"torch": TorchBackend(options.device), "onnxruntime": OrtBackend(options.ort_provider),
+                "tensorrt": TensorRTBackend()}
+    session = QatcheckSession(options, backends)
+    config.stash[SESSION_KEY] = session
+    config.stash[MISSING_KEY] = _missing_required(session, options.require)
+
+
+def _missing_required(session: QatcheckSession, required) -> list[str]:
+    missing = []
+    for name in required:
+        if name == "cuda":
+            import torch
+
+            if not torch.cuda.is_available():
+                missing.append("cuda: torch sees no CUDA device")
+            continue
+        reason = session.unavailable_reason(name)
+        if reason:
+            missing.append(f"{name}: {reason}")
+    return missing
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "qcase" not in metafunc.fixturenames:
+        return
+    marker = metafunc.definition.get_closest_marker("qatcheck_recipe")
+    if marker is None or not marker.args:
+        raise pytest.UsageError(f"{metafunc.definition.nodeid} uses `qcase` but its module has no "
+                                "pytest.mark.qatcheck_recipe(recipe) marker")
+    config = metafunc.config
+    session = config.stash[SESSION_KEY]
+    modes = _csv(config.getoption("--qatcheck-modes")) or None
+    backends = _csv(config.getoption("--qatcheck-backends")) or None
+    params = []
+    for recipe in marker.args:
+        for case in session.cases(recipe, modes, backends):
+            marks = [getattr(pytest.mark, case.mode), getattr(pytest.mark, case.backend)]
+            params.append(pytest.param(case, id=case.id, marks=marks))
+    metafunc.parametrize("qcase", params, indirect=True)
+
+
+class BoundCase:
+    """What a test receives as ``qcase``: the case plus the checks, which fail the test with one
+    readable message (no traceback through qatcheck)."""
+
+    def __init__(self, case: Case, session: QatcheckSession) -> None:
+        self.case = case
+        self.session = session
+
+    @property
+    def id(self) -> str:
+        return self.case.id
+
+    @property
+    def recipe(self):
+        return self.session.recipes[self.case.recipe]
+
+    def measure(self):
+        return self._call(self.session.measure, self.case)
+
+    def _call(self, fn, *args):
+        try:
+            return fn(*args)
+        except QatcheckError as exc:
+            pytest.fail(f"{type(exc).__name__}: {exc}", pytrace=False)
+
+    def _conclude(self, res: CheckResult, what: str) -> CheckResult:
+        if res.failures:
+            pytest.fail(f"{self.case.id} {what} check failed:\n  " + "\n  ".join(res.failures),
+                        pytrace=False)
+        if res.skipped:
+            pytest.skip(res.skipped)
+        return res
+
+    def check_accuracy(self) -> CheckResult:
+        return self._conclude(self._call(self.session.check_accuracy, self.case), "accuracy")
+
+    def check_parity(self) -> CheckResult:
+        return self._conclude(self._call(self.session.check_parity, self.case), "parity")
+
+    def check_latency(self, benchmark=None) -> CheckResult:
+        return self._conclude(self._call(self.session.check_latency, self.case, benchmark), "latency")
+
+
+@pytest.fixture
+def qcase(request: pytest.FixtureRequest) -> BoundCase:
+    case: Case = request.param
+    session = request.config.stash[SESSION_KEY]
+    reason = session.unavailable_reason(case.backend)
+    if reason:
+        if case.backend in session.options.require:
+            pytest.fail(f"backend {case.backend} is required (--qatcheck-require) but not available: "
+                        f"{reason}", pytrace=False)
+        pytest.skip(f"backend {case.backend} unavailable: {reason}")
+    if "cuda" in session.options.require and case.backend == "torch":
+        import torch
+
+        if not torch.cuda.is_available():
+            pytest.fail("cuda is required (--qatcheck-require cuda) but torch sees no GPU", pytrace=False)
+    return BoundCase(case, session)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call):
+    report = yield
+    callspec = getattr(item, "callspec", None)
+    case = callspec.params.get("qcase") if callspec else None
+    if isinstance(case, Case) and (report.when == "call" or report.outcome != "passed"):
+        session = item.config.stash[SESSION_KEY]
+        m = session.measurements.get(case)
+        if m is not None:
+            m.outcomes[item.originalname] = report.outcome
+    return report
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    from qatcheck import report
+
+    config = session.config
+    qs = config.stash.get(SESSION_KEY, None)
+    if qs is None:
+        return
+    qs.summary = report.finish(qs)  # type: ignore[attr-defined]
+    if config.stash[MISSING_KEY] and session.exitstatus == 0:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    qs = config.stash.get(SESSION_KEY, None)
+    summary = getattr(qs, "summary", None)
+    missing = config.stash.get(MISSING_KEY, [])
+    if summary is None and not missing:
+        return
+    tr = terminalreporter
+    if summary is not None and summary.text:
+        tr.section("qatcheck")
+        tr.write(summary.text)
+    for line in missing:
+        tr.write_line(f"qatcheck: required backend missing - {line}", red=True, bold=True)

@@ -1,0 +1,71 @@
+"""Classification: streaming top-k accuracy and top-1 agreement between two backends."""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+
+from qatcheck.errors import DataError
+
+
+class TopKAccuracy:
+    """Counts correct predictions; holds O(1) memory whatever the eval set's size."""
+
+    def __init__(self, ks: Sequence[int] = (1, 5)) -> None:
+        self.ks = tuple(sorted(set(ks)))
+        self.correct = {k: 0 for k in self.ks}
+        self.total = 0
+
+    def update(self, outputs: Sequence[np.ndarray], targets: Any) -> None:
+        logits = outputs[0]
+        labels = np.asarray(targets).astype(np.int64).ravel()
+        if logits.ndim != 2 or logits.shape[0] != labels.shape[0]:
+            raise DataError(f"classification expects logits (N, classes) for {labels.shape[0]} "
+                            f"labels; the model produced {logits.shape}")
+        if labels.size and (labels.min() < 0 or labels.max() >= logits.shape[1]):
+            raise DataError(f"label {int(labels.max())} is outside the model's "
+                            f"{logits.shape[1]} classes")
+        kmax = min(max(self.ks), logits.shape[1])
+        top = np.argsort(-logits, axis=1, kind="stable")[:, :kmax]
+        hits = top == labels[:, None]
+        for k in self.ks:
+            self.correct[k] += int(hits[:, :k].any(axis=1).sum())
+        self.total += labels.shape[0]
+
+    def result(self) -> dict[str, float]:
+        if not self.total:
+            raise DataError("no samples were evaluated (empty eval set?)")
+        return {f"top{k}": self.correct[k] / self.total for k in self.ks}
+
+
+class Top1Agreement:
+    """Share of samples whose arg-max class is the same in both outputs."""
+
+    def __init__(self) -> None:
+        self.same = 0
+        self.total = 0
+
+    def update(self, ref: Sequence[np.ndarray], out: Sequence[np.ndarray]) -> None:
+        a, b = ref[0].argmax(axis=1), out[0].argmax(axis=1)
+        self.same += int((a == b).sum())
+        self.total += a.shape[0]
+
+    def result(self) -> dict[str, float]:
+        return {"top1_agreement": self.same / self.total if self.total else 0.0}
+
+
+class ClassificationTask:
+    name = "classification"
+    agreement_name = "top1_agreement"
+
+    def __init__(self, top_k: Sequence[int] = (1, 5)) -> None:
+        self.top_k = tuple(top_k)
+        self.metric_names = tuple(f"top{k}" for k in self.top_k)
+        self.primary_metric = self.metric_names[0]
+
+    def metric(self) -> TopKAccuracy:
+        return TopKAccuracy(self.top_k)
+
+    def agreement(self) -> Top1Agreement:
+        return Top1Agreement()
+

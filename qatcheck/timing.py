@@ -1,0 +1,85 @@
+"""Latency measured like trtexec: warm up by time, then many timed iterations; report median, p90,
+p99, mean and the coefficient of variation. Device-side times (CUDA events) win over wall-clock
+when a runner provides them.
+
+The timing loop itself runs through pytest-benchmark's ``pedantic`` so ``--benchmark-json``,
+``--benchmark-save`` and ``--benchmark-disable`` keep working.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+
+from qatcheck.backends.base import TimedCall
+
+CV_WARNING = 0.025
+
+
+@dataclass(frozen=True)
+class LatencyStats:
+    median_ms: float
+    mean_ms: float
+    p90_ms: float
+    p99_ms: float
+    min_ms: float
+    cv: float
+    iterations: int
+    batch_size: int
+    clock: str  # "cuda-events" | "wall"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def noisy(self) -> bool:
+        return self.cv > CV_WARNING
+
+
+def stats_from_samples(samples_ms: Sequence[float], batch_size: int, clock: str) -> LatencyStats:
+    a = np.asarray(samples_ms, dtype=np.float64)
+    if a.size == 0:
+        raise ValueError("no latency samples")
+    mean = float(a.mean())
+    return LatencyStats(
+        median_ms=float(np.median(a)), mean_ms=mean,
+        p90_ms=float(np.percentile(a, 90)), p99_ms=float(np.percentile(a, 99)),
+        min_ms=float(a.min()), cv=float(a.std() / mean) if mean > 0 else 0.0,
+        iterations=int(a.size), batch_size=batch_size, clock=clock)
+
+
+def warm_up(run: Callable[[], None], seconds: float, min_runs: int = 3) -> int:
+    """Run until ``seconds`` have passed (and at least ``min_runs`` times): caches, allocators,
+    lazy initialisation and clocks settle before anything is timed."""
+    n, t0 = 0, time.perf_counter()
+    while n < min_runs or time.perf_counter() - t0 < seconds:
+        run()
+        n += 1
+    return n
+
+
+def measure(call: TimedCall, batch_size: int, iterations: int, warmup_s: float,
+            benchmark=None) -> LatencyStats | None:
+    """Time ``call``. With a pytest-benchmark fixture the loop is its ``pedantic`` run and its raw
+    per-round data are the samples; without one a plain perf_counter loop is used. Returns None
+    when pytest-benchmark is disabled (``--benchmark-disable``)."""
+    warm_up(call.run, warmup_s)
+    if call.device_times_ms is not None:
+        call.device_times_ms.clear()
+    if benchmark is not None:
+        if getattr(benchmark, "disabled", False):
+            benchmark(call.run)
+            return None
+        benchmark.pedantic(call.run, rounds=iterations, iterations=1, warmup_rounds=0)
+        wall_ms = [t * 1e3 for t in benchmark.stats.stats.data]
+    else:
+        wall_ms = []
+        for _ in range(iterations):
+            t0 = time.perf_counter()
+            call.run()
+            wall_ms.append((time.perf_counter() - t0) * 1e3)
+    if call.device_times_ms:
+        return stats_from_samples(call.device_times_ms[-iterations:], batch_size, "cuda-events")
+    return stats_from_samples(wall_ms, batch_size, "wall")

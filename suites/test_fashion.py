@@ -1,0 +1,23 @@
+"""Fashion-MNIST suite (optional): skipped with the reason when dataset-fashion-mnist is missing."""
+import pytest
+
+from qatcheck.data.fashion_mnist import fashion_mnist_available
+from qatcheck.zoo.recipes import fashion_recipe
+
+_missing = fashion_mnist_available()
+if _missing:
+    pytest.skip(_missing, allow_module_level=True)
+
+pytestmark = pytest.mark.qatcheck_recipe(fashion_recipe())
+
+
+def test_accuracy(qcase):
+    qcase.check_accuracy()
+
+
+def test_parity(qcase):
+    qcase.check_parity()
+
+
+def test_latency(qcase, benchmark):
+    qcase.check_latency(benchmark)
