@@ -132,7 +132,7 @@ class QatcheckSession:
         if recipe_name not in self._builders:
             state = RecipeState(self.recipes[recipe_name])
             self._states[recipe_name] = state
-            self._builders[recipe_name] = ArtifactBuilder(state, self.cache, self.options.progress)
+            self._builders[recipe_name] = ArtifactBuilder(state, self.cache, self._show_progress())
         return self._builders[recipe_name]
 
     def runner(self, case: Case) -> Runner:
@@ -148,12 +148,16 @@ class QatcheckSession:
         return self.recipes[case.recipe].input.profile()[case.shape]
 
     # ---- measuring --------------------------------------------------------------------------
+    def _show_progress(self) -> bool:
+        """Progress bars only on an interactive terminal: in CI logs they are noise."""
+        stream = sys.__stderr__
+        return self.options.progress and stream is not None and stream.isatty()
+
     def _progress(self, total: int, desc: str):
         from tqdm import tqdm
 
-        stream = sys.__stderr__
-        enabled = self.options.progress and stream is not None and stream.isatty()
-        return tqdm(total=total, desc=desc, leave=False, file=stream, disable=not enabled, unit="batch")
+        return tqdm(total=total, desc=desc, leave=False, file=sys.__stderr__,
+                    disable=not self._show_progress(), unit="batch")
 
     def measure(self, case: Case) -> Measurement:
         """Evaluate the case over the whole eval set (streaming), with parity against its

@@ -24,14 +24,14 @@ def digits_recipe(checkpoint: str | Path | None = None, **overrides) -> Recipe:
         eval_data=lambda: digits_split("val"),
         calib_data=lambda: digits_split("calib"),
         train_data=lambda: digits_split("train"),
-        # batch 32 at 16x16; the dynamic profile covers batch 1..128 and 16..24 pixels
-        input=InputSpec(name="input", shape=(32, 1, 16, 16),
-                        dynamic={0: (1, 32, 128), 2: (16, 16, 24), 3: (16, 16, 24)}),
-        # entropy (TensorRT's default) clips the classifier input hard on this model: trt_ptq
-        # loses ~14 points and `partial` keeps `fc` in higher precision to recover them; the
-        # pytorch-quantization path uses mse, which keeps the drop under a point without help.
-        quant=QuantSettings(calibrator="entropy", torch_calibrator="mse", calib_batches=8,
-                            keep_precision=("fc",)),
+        # batch 32 at 16x16; the dynamic profile covers batch 1..128. H/W stay fixed: the net was
+        # trained at 16x16 and loses ~25 points at 24x24, which says nothing about deployment.
+        input=InputSpec(name="input", shape=(32, 1, 16, 16), dynamic={0: (1, 32, 128)}),
+        # Calibrators measured on this model (top-1, fp32 99.26%): trt_ptq entropy 84.8 (the
+        # classifier input is clipped hard), minmax and percentile 99.26; torch_ptq entropy 85.0,
+        # max / percentile / mse 99.26. Entropy is the one to avoid here.
+        quant=QuantSettings(calibrator="percentile", torch_calibrator="mse", calib_batches=8,
+                            keep_precision=("stem.conv", "fc")),
         qat=QATSettings(epochs=2, lr=1e-4, batch_size=64),
         tolerances=Tolerances(metric_points=0.5),
         weights_id=str(ckpt),
