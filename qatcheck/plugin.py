@@ -166,7 +166,9 @@ class BoundCase:
         try:
             return fn(*args)
         except QatcheckError as exc:
-            pytest.fail(f"{type(exc).__name__}: {exc}", pytrace=False)
+            message = f"{type(exc).__name__}: {exc}"
+        # outside the except block, so the report shows one line, not a chained traceback
+        pytest.fail(message, pytrace=False)
 
     def _conclude(self, res: CheckResult, what: str) -> CheckResult:
         if res.failures:

@@ -8,6 +8,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from qatcheck.errors import BaselineError
 from qatcheck.fsutil import write_text_atomic
 from qatcheck.measurement import Case, Measurement
 from qatcheck.tasks import make_task
@@ -41,7 +42,10 @@ def rows_for(session, recipe_name: str) -> tuple[list[str], list[list[str]], lis
         c = m.case
         fp32 = session.measurements.get(Case(c.recipe, "fp32", c.backend))
         d_fp32 = (m.metrics[p] - fp32.metrics[p]) * 100 if fp32 and c.mode != "fp32" else None
-        base = session.store.get(c.recipe, c.key, "metrics", p)
+        try:
+            base = session.store.get(c.recipe, c.key, "metrics", p)
+        except BaselineError:  # already reported by every check that read it
+            base = None
         d_base = (m.metrics[p] - base["value"]) * 100 if base else None
         lat = m.latency.median_ms if m.latency else None
         speed = (fp32.latency.median_ms / lat if fp32 and fp32.latency and lat and c.mode != "fp32"
@@ -130,7 +134,11 @@ def finish(session) -> Summary:
         except Exception as exc:  # a chart is a nicety; never fail a session over it
             out.write(f"(chart not written: {exc})\n")
     if session.options.update_baselines:
-        written = session.store.commit()
+        try:
+            written = session.store.commit()
+        except BaselineError as exc:
+            written = {}
+            out.write(f"baselines NOT updated: {exc}\n")
         summary.baseline_changes = written
         for path, changes in written.items():
             out.write(f"baselines updated: {path} ({len(changes)} changed)\n")

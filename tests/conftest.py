@@ -1,0 +1,20 @@
+"""Import the heavy stack once, up front: pytester's in-process runs restore ``sys.modules``
+afterwards, and C extensions (numpy.fft, torch, onnxruntime) cannot be imported twice."""
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot  # noqa: E402,F401
+import numpy.fft  # noqa: E402,F401
+import onnxruntime  # noqa: E402,F401
+import onnxruntime.transformers.float16  # noqa: E402,F401
+import rich.console  # noqa: E402,F401
+import sklearn.datasets  # noqa: E402,F401
+import sklearn.model_selection  # noqa: E402,F401
+import torch  # noqa: E402,F401
+
+import qatcheck.artifacts  # noqa: E402,F401
+import qatcheck.build.onnx_ptq  # noqa: E402,F401
+import qatcheck.build.qat  # noqa: E402,F401
+import qatcheck.build.torch_quant  # noqa: E402,F401
+import qatcheck.report  # noqa: E402,F401
+import qatcheck.zoo.recipes  # noqa: E402,F401

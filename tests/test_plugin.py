@@ -1,0 +1,184 @@
+"""The plugin end to end (pytester): each check fails on a planted regression with a readable
+message, and ``--update-baselines`` then makes the same run pass.
+
+The suites here run the real digits recipe (real calibration, real ONNX Runtime sessions) on a
+few modes; the artifact cache is shared between tests so each artifact is built once.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+SUITE = '''
+import os
+import pytest
+from qatcheck.recipe import QuantSettings
+from qatcheck.zoo.recipes import digits_recipe
+
+overrides = {overrides}
+pytestmark = pytest.mark.qatcheck_recipe(digits_recipe(modes={modes!r}, backends={backends!r}, **overrides))
+
+def test_accuracy(qcase):
+    qcase.check_accuracy()
+
+def test_parity(qcase):
+    qcase.check_parity()
+
+def test_latency(qcase, benchmark):
+    qcase.check_latency(benchmark)
+'''
+
+
+@pytest.fixture(scope="module")
+def shared_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("qatcheck-cache")
+
+
+def write_suite(pytester, modes=("fp32",), backends=("torch", "onnxruntime"), overrides="{}"):
+    pytester.makepyfile(test_suite=SUITE.format(modes=tuple(modes), backends=tuple(backends),
+                                                overrides=overrides))
+
+
+def run(pytester, cache: Path, *args: str):
+    return pytester.runpytest_inprocess("-p", "no:cacheprovider", f"--rootdir={pytester.path}", "--qatcheck-cache", str(cache),
+                                        "--qatcheck-iterations", "30", "--qatcheck-warmup", "0.05",
+                                        "--benchmark-disable-gc", *args)
+
+
+def baseline(pytester) -> dict:
+    return json.loads((pytester.path / "baselines" / "digits.json").read_text())
+
+
+def test_ids_and_markers_select_cases(pytester, shared_cache):
+    write_suite(pytester, modes=("fp32", "torch_ptq", "qat"))
+    result = run(pytester, shared_cache, "--co", "-q")
+    out = result.stdout.str()
+    assert "test_accuracy[digits-torch_ptq-onnxruntime]" in out
+    assert "test_latency[digits-qat-torch]" in out and "tensorrt" not in out
+    result = run(pytester, shared_cache, "--co", "-q", "-m", "qat and onnxruntime")
+    result.stdout.fnmatch_lines(["*test_accuracy?digits-qat-onnxruntime?", "*3/18 tests collected*"])
+
+
+def test_missing_baseline_fails_then_update_makes_it_pass(pytester, shared_cache):
+    write_suite(pytester)
+    result = run(pytester, shared_cache, "-k", "accuracy")
+    result.assert_outcomes(failed=2)
+    result.stdout.fnmatch_lines(["*no baseline for fp32-torch metrics.top1*record it with --update-baselines*"])
+    result = run(pytester, shared_cache, "-k", "accuracy", "--update-baselines")
+    result.assert_outcomes(passed=2)
+    result.stdout.fnmatch_lines(["*baselines updated:*digits.json*", "*+ fp32-torch metrics.top1 = 0.99*"])
+    stored = baseline(pytester)["cases"]["fp32-onnxruntime"]["metrics"]["top1"]
+    assert stored["tolerance"] == 0.5 and 0.98 < stored["value"] <= 1.0
+    result = run(pytester, shared_cache, "-k", "accuracy")
+    result.assert_outcomes(passed=2)
+    result.stdout.fnmatch_lines(["*artifact cache*: 0 built*"])
+
+
+def test_tampered_baseline_fails_and_update_restores(pytester, shared_cache):
+    write_suite(pytester)
+    run(pytester, shared_cache, "-k", "accuracy", "--update-baselines").assert_outcomes(passed=2)
+    data = baseline(pytester)
+    data["cases"]["fp32-onnxruntime"]["metrics"]["top1"]["value"] = 1.0  # claims 100%
+    data["cases"]["fp32-torch"]["metrics"]["top5"]["tolerance"] = 0.0     # hand-tuned: kept
+    (pytester.path / "baselines" / "digits.json").write_text(json.dumps(data))
+    result = run(pytester, shared_cache, "-k", "accuracy")
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(["*digits-fp32-onnxruntime accuracy check failed:*",
+                                 "*top1 99.*% is below the baseline 100.00% by 0.7* points (tolerance 0.5 points)*"])
+    result = run(pytester, shared_cache, "-k", "accuracy", "--update-baselines")
+    result.stdout.fnmatch_lines(["*~ fp32-onnxruntime metrics.top1: 1 -> 0.99*"])
+    assert baseline(pytester)["cases"]["fp32-torch"]["metrics"]["top5"]["tolerance"] == 0.0
+    run(pytester, shared_cache, "-k", "accuracy").assert_outcomes(passed=2)
+
+
+def test_bad_calibration_range_fails_accuracy(pytester, shared_cache):
+    """percentile 55 clips almost every activation: the fp32 budget catches it."""
+    write_suite(pytester, modes=("fp32", "torch_ptq"), backends=("onnxruntime",),
+                overrides='{"quant": QuantSettings(torch_calibrator="percentile", percentile=55.0)}')
+    result = run(pytester, shared_cache, "-k", "accuracy and torch_ptq", "--update-baselines")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*digits-torch_ptq-onnxruntime accuracy check failed:*",
+                                 "*top1 *% is *points below fp32 99.26% on onnxruntime (budget 1 points)*"])
+
+
+def test_perturbed_qdq_scale_fails_parity(pytester, shared_cache):
+    """A broken scale in the exported Q/DQ graph: ONNX Runtime no longer matches PyTorch fake-quant."""
+    from qatcheck.build.onnx_ptq import scale_qdq
+
+    write_suite(pytester, modes=("torch_ptq",), backends=("torch", "onnxruntime"))
+    cache = pytester.path / "own-cache"
+    result = run(pytester, cache, "-k", "parity", "--update-baselines")
+    result.assert_outcomes(passed=2)
+    [onnx_file] = cache.glob("digits-torch_ptq-*.onnx")
+    assert scale_qdq(onnx_file, onnx_file, "layer2", 8.0)
+    result = run(pytester, cache, "-k", "parity")
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(["*digits-torch_ptq-onnxruntime parity check failed:*",
+                                 "*cosine 0.* vs torch torch_ptq (export) is below the floor 0.999*"])
+
+
+def test_planted_slowdown_fails_latency_on_same_fingerprint(pytester, shared_cache):
+    """A 20 ms sleep in forward() on a sub-millisecond model: the latency check must fail."""
+    write_suite(pytester, backends=("torch",))
+    pytester.makeconftest('''
+import os, time, torch
+import qatcheck.backends.torch_backend as tb
+if os.environ.get("PLANT_SLOWDOWN"):
+    _infer = tb.TorchRunner.timed_call
+    def slow(self, x):
+        call = _infer(self, x)
+        inner = call.run
+        def run():
+            time.sleep(0.02)
+            inner()
+        call.run = run
+        return call
+    tb.TorchRunner.timed_call = slow
+''')
+    result = run(pytester, shared_cache, "-k", "latency")
+    result.assert_outcomes(skipped=1)
+    result.stdout.no_fnmatch_line("*failed*")
+    result = run(pytester, shared_cache, "-k", "latency", "-rs")
+    result.stdout.fnmatch_lines(["*no latency baseline for fp32-torch on this device*--update-baselines*"])
+    run(pytester, shared_cache, "-k", "latency", "--update-baselines").assert_outcomes(passed=1)
+    import os
+
+    os.environ["PLANT_SLOWDOWN"] = "1"
+    try:
+        result = run(pytester, shared_cache, "-k", "latency", "-p", "conftest")
+    finally:
+        del os.environ["PLANT_SLOWDOWN"]
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*digits-fp32-torch latency check failed:*",
+                                 "*median latency * ms is +*% vs the baseline * ms on this device (tolerance +15%*"])
+
+
+def test_required_backend_missing_fails_session(pytester, shared_cache):
+    write_suite(pytester, modes=("fp32",), backends=("tensorrt",))
+    result = run(pytester, shared_cache, "-k", "accuracy")
+    result.assert_outcomes(skipped=1)
+    assert result.ret == 0
+    result = run(pytester, shared_cache, "-k", "accuracy", "--qatcheck-require", "tensorrt")
+    result.assert_outcomes(errors=1)
+    assert result.ret == 1
+    result.stdout.fnmatch_lines(["*backend tensorrt is required (--qatcheck-require) but not available*",
+                                 "*qatcheck: required backend missing - tensorrt*"])
+
+
+def test_malformed_baseline_is_named_and_never_rewritten(pytester, shared_cache):
+    write_suite(pytester)
+    path = pytester.path / "baselines" / "digits.json"
+    path.parent.mkdir()
+    path.write_text('{"qatcheck_baseline": 1, "recipe": "digits", "cases": {"fp32-torch": '
+                    '{"metrics": {"top1": {"value": "high", "tolerance": 0.5}}}}}')
+    before = path.read_bytes()
+    for extra in ((), ("--update-baselines",)):
+        result = run(pytester, shared_cache, "-k", "accuracy", *extra)
+        result.stdout.fnmatch_lines(["*BaselineError: baseline file *digits.json: "
+                                     "cases?'fp32-torch'?.metrics.top1.value must be a finite number, got 'high'*"])
+        result.assert_outcomes(failed=2)
+        result.stdout.no_fnmatch_line("*During handling of the above exception*")
+        result.stdout.no_fnmatch_line("*INTERNALERROR*")
+        assert path.read_bytes() == before
