@@ -53,7 +53,9 @@ def fashion_recipe(root: str | Path | None = None, **overrides) -> Recipe:
         calib_data=lambda: fashion_mnist_split("calib", root),
         train_data=lambda: fashion_mnist_split("train", root),
         input=InputSpec(name="input", shape=(64, 1, 28, 28), dynamic={0: (1, 64, 256)}),
-        quant=QuantSettings(calibrator="entropy", torch_calibrator="entropy", calib_batches=8,
+        # measured top-1 (fp32 90.09%): entropy 80.5 (trt_ptq) / 77.3 (torch_ptq); percentile 90.01,
+        # minmax 90.16, mse 90.07, max 90.20 - entropy clips this family's classifier input
+        quant=QuantSettings(calibrator="percentile", torch_calibrator="mse", calib_batches=8,
                             keep_precision=("stem.conv", "fc")),
         qat=QATSettings(epochs=1, lr=1e-4, batch_size=128, max_batches_per_epoch=100),
         weights_id=str(FASHION_CHECKPOINT),
