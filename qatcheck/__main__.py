@@ -1,0 +1,149 @@
+"""``python -m qatcheck``: commands that regenerate qatcheck's reports outside pytest.
+
+    python -m qatcheck sensitivity --recipe qatcheck.zoo.recipes:digits_recipe \\
+        [--path onnx|torch] [--calibrator entropy] [--max-samples N] [--only-quantized] \\
+        [--budget-points 0.5 | --budget-relative 0.99] [--reports DIR] [--cache DIR] [--no-cache]
+
+Errors a user can act on (unknown recipe spec, calibrator, layer...) print one line and exit 2.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import time
+from typing import Sequence
+
+from qatcheck.errors import ConfigError, QatcheckError
+
+
+def load_recipe(spec: str):
+    """``"package.module:callable"`` -> the Recipe the callable returns (a Recipe object named by
+    the spec is accepted as is)."""
+    from qatcheck.recipe import Recipe
+
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise ConfigError(f"recipe spec {spec!r} must be 'module:callable', e.g. "
+                          "'qatcheck.zoo.recipes:digits_recipe'")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(f"recipe spec {spec!r}: cannot import module {module_name!r}: {exc}") from exc
+    obj = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            public = sorted(n for n in dir(module) if n.endswith("recipe") and not n.startswith("_"))
+            raise ConfigError(f"recipe spec {spec!r}: module {module_name!r} has no attribute "
+                              f"{attr!r}" + (f"; recipe factories there: {', '.join(public)}"
+                                             if public else ""))
+        obj = getattr(obj, part)
+    recipe = obj if isinstance(obj, Recipe) else None
+    if recipe is None:
+        if not callable(obj):
+            raise ConfigError(f"recipe spec {spec!r} names a {type(obj).__name__}, not a callable "
+                              "returning a Recipe")
+        try:
+            recipe = obj()
+        except QatcheckError:
+            raise
+        except Exception as exc:
+            raise ConfigError(f"recipe spec {spec!r}: calling {attr}() failed: "
+                              f"{type(exc).__name__}: {exc}") from exc
+    if not isinstance(recipe, Recipe):
+        raise ConfigError(f"recipe spec {spec!r} returned {type(recipe).__name__}, not a "
+                          "qatcheck.recipe.Recipe")
+    return recipe
+
+
+def _render(header: Sequence[str], rows: Sequence[Sequence[str]], title: str) -> str:
+    import io
+
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for h in header:
+        table.add_column(h, overflow="fold")
+    for row in rows:
+        table.add_row(*row)
+    buf = io.StringIO()
+    Console(file=buf, width=160, force_terminal=False, color_system=None).print(table)
+    return buf.getvalue()
+
+
+def cmd_sensitivity(args: argparse.Namespace) -> int:
+    from qatcheck import sensitivity as S
+
+    budget = None
+    if args.budget_points is not None or args.budget_relative is not None:
+        budget = S.Budget(points=args.budget_points, relative=args.budget_relative)
+    recipe = S.with_calibrator(load_recipe(args.recipe), args.calibrator, args.path)
+    runner = S.SensitivityRunner(recipe, args.path, args.cache, use_cache=not args.no_cache,
+                                 progress=not args.no_progress)
+    t0 = time.perf_counter()
+    prof = S.profile(runner, args.path, max_samples=args.max_samples,
+                     only_quantized=args.only_quantized, progress=not args.no_progress)
+    t_prof = time.perf_counter() - t0
+    header, rows = S.table_rows(prof, args.top)
+    title = (f"{prof.recipe}: {prof.mode} sensitivity ({prof.path} path, calibrator {prof.calibrator}, "
+             f"{prof.samples} samples; fp32 {prof.fp32 * 100:.2f}%, {prof.mode} {prof.ptq * 100:.2f}%)")
+    print(_render(header, rows, title), end="")
+    src = "cache" if prof.cached else f"{prof.evaluations} evaluations"
+    print(f"profile: {t_prof:.2f} s ({src})")
+    result = None
+    if budget is not None:
+        t1 = time.perf_counter()
+        result = S.choose_layers(runner, budget, args.path, prof=prof, progress=not args.no_progress)
+        print(result.message)
+        print(f"budget search: {time.perf_counter() - t1:.2f} s, {len(result.steps)} full "
+              f"evaluation(s) of the partial model on {result.samples} samples")
+        if result.met:
+            print(f"chosen layers: {', '.join(result.layers) if result.layers else '(none)'}")
+    for path in S.write_reports(prof, args.reports, result):
+        print(f"wrote {path}")
+    return 0 if result is None or result.met else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m qatcheck", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("sensitivity", help="per-layer sensitivity profile and budgeted partial "
+                       "quantization (writes reports/<recipe>-sensitivity.{json,png})")
+    s.add_argument("--recipe", required=True, help="'module:callable' returning a Recipe, e.g. "
+                   "qatcheck.zoo.recipes:digits_recipe")
+    s.add_argument("--path", choices=("onnx", "torch"), default="onnx",
+                   help="onnx: trt_ptq on ONNX Runtime (default); torch: torch_ptq in PyTorch")
+    s.add_argument("--calibrator", default=None, help="override the recipe's calibrator for the "
+                   "chosen path (onnx: minmax/entropy/percentile; torch: max/entropy/mse/percentile)")
+    s.add_argument("--max-samples", type=int, default=256,
+                   help="eval samples the profile runs on (default 256; 0 = all)")
+    s.add_argument("--only-quantized", action="store_true",
+                   help="also profile each layer quantized alone (doubles the evaluations)")
+    g = s.add_mutually_exclusive_group()
+    g.add_argument("--budget-points", type=float, default=None,
+                   help="allowed drop vs fp32 in percentage points (e.g. 0.5)")
+    g.add_argument("--budget-relative", type=float, default=None,
+                   help="fraction of fp32 to keep (e.g. 0.99)")
+    s.add_argument("--top", type=int, default=None, help="show only the N most sensitive layers")
+    s.add_argument("--reports", default="reports", help="report directory (default reports/)")
+    s.add_argument("--cache", default=".qatcheck_cache", help="artifact cache (default .qatcheck_cache)")
+    s.add_argument("--no-cache", action="store_true", help="recompute everything")
+    s.add_argument("--no-progress", action="store_true", help="no progress bars")
+    s.set_defaults(func=cmd_sensitivity)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "max_samples", None) == 0:
+        args.max_samples = None
+    try:
+        return args.func(args)
+    except QatcheckError as exc:
+        print(f"qatcheck {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
