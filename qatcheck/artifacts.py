@@ -76,7 +76,13 @@ class RecipeState:
 
     def _dataset(self, field: str) -> Dataset:
         factory = getattr(self.recipe, field)
-        ds = factory()
+        try:
+            ds = factory()
+        except (ArtifactError, DataError):
+            raise
+        except Exception as exc:
+            raise DataError(f"Recipe({self.recipe.name}).{field} failed to load its data: "
+                            f"{type(exc).__name__}: {exc}") from exc
         if len(ds) == 0:
             raise DataError(f"Recipe({self.recipe.name}).{field} is empty")
         first, _ = next(iter(ds.batches(1)))
@@ -102,11 +108,15 @@ class RecipeState:
 class ArtifactBuilder:
     """Builds (or finds in the cache) each mode's artifacts for one recipe."""
 
-    def __init__(self, state: RecipeState, cache: ArtifactCache, progress: bool = False) -> None:
+    def __init__(self, state: RecipeState, cache: ArtifactCache, progress: bool = False,
+                 device: str = "cpu") -> None:
         self.state = state
         self.recipe = state.recipe
         self.cache = cache
         self.progress = progress
+        #: where calibration and QAT fine-tuning run (part of those artifacts' cache keys: CUDA
+        #: and CPU kernels round differently, so their results are different artifacts)
+        self.device = device
         self._torch: dict[str, Artifact] = {}
         self._onnx: dict[str, Artifact] = {}
 
@@ -119,15 +129,22 @@ class ArtifactBuilder:
                  "outputs": list(r.output_names), "versions": library_versions()}
         if mode in ("trt_ptq", "partial", "torch_ptq", "qat"):
             parts["quant"] = repr(r.quant)
-            parts["calib"] = self.state.calib_data.fingerprint()
+            parts["calib"] = self.calib_id()
+        if mode in ("torch_ptq", "qat"):
+            parts["device"] = self.device.split(":")[0]
         if mode == "qat":
             parts["qat"] = repr(r.qat)
             parts["train"] = self.state.train_data.fingerprint()
         return parts
 
-    def _calib_batches(self) -> Iterator[np.ndarray]:
+    def calib_batches(self) -> Iterator[np.ndarray]:
+        """The recipe's calibration batches at the opt shape (also fed to TensorRT's calibrators)."""
         r = self.recipe
         return fixed_batches(self.state.calib_data, r.input.batch_size, r.quant.calib_batches)
+
+    def calib_id(self) -> str:
+        """Fingerprint of the calibration data (keys calibrated artifacts and TensorRT caches)."""
+        return self.state.calib_data.fingerprint()
 
     # ---- torch ------------------------------------------------------------------------------
     def _torch_quant_config(self):
@@ -142,7 +159,7 @@ class ArtifactBuilder:
 
         def build_ptq(path: Path) -> None:
             qm = torch_quant.quantize_model(self.state.model, cfg)
-            torch_quant.calibrate(qm, self._calib_batches(), cfg, progress=self.progress)
+            torch_quant.calibrate(qm, self.calib_batches(), cfg, device=self.device, progress=self.progress)
             torch_quant.save_quantized(qm, path, cfg)
 
         def build_qat(path: Path) -> None:
@@ -154,6 +171,7 @@ class ArtifactBuilder:
             finetune(qm, lambda: shuffled_batches(self.state.train_data, q.batch_size, next(epochs)),
                      QATConfig(epochs=q.epochs, lr=q.lr, batch_size=q.batch_size,
                                max_batches_per_epoch=q.max_batches_per_epoch),
+                     loss_fn=getattr(self.recipe, "loss", None), device=self.device,
                      progress=self.progress)
             torch_quant.save_quantized(qm, path, cfg)
 
@@ -211,7 +229,7 @@ class ArtifactBuilder:
                 info["kept"] = list(q.keep_precision)
 
             def build_ptq(path: Path) -> None:
-                quantize_onnx(src, path, self._calib_batches(), cfg, input_name=r.input.name,
+                quantize_onnx(src, path, self.calib_batches(), cfg, input_name=r.input.name,
                               progress=self.progress)
             return self.cache.get_or_build(name, parts, ".onnx", build_ptq), info
         if mode in ("torch_ptq", "qat"):

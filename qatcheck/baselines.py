@@ -114,6 +114,9 @@ def load(path: Path, recipe: str) -> dict[str, Any]:
         return empty(recipe)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise BaselineError(f"baseline file {path} is not UTF-8 text ({exc.reason} at byte {exc.start}); "
+                            "save it as UTF-8 or restore it from version control") from exc
     except json.JSONDecodeError as exc:
         raise BaselineError(f"baseline file {path} is not valid JSON (line {exc.lineno}, column "
                             f"{exc.colno}: {exc.msg}); fix it or restore it from version control") from exc
@@ -150,7 +153,7 @@ def merge(data: dict[str, Any], updates: list[Update]) -> tuple[dict[str, Any], 
 
 
 def dumps(data: dict[str, Any]) -> str:
-    return json.dumps(data, indent=2, sort_keys=True) + "\n"
+    return json.dumps(data, indent=2, sort_keys=True, allow_nan=False) + "\n"
 
 
 class BaselineStore:
@@ -184,6 +187,12 @@ class BaselineStore:
             path = self.path(recipe)
             current = load(path, recipe)  # re-read: another process may have updated it meanwhile
             new, changes = merge(current, updates)
+            # what we write must load again: a NaN measurement is refused here, not stored
+            try:
+                validate(new, path, recipe)
+            except BaselineError as exc:
+                raise BaselineError(f"refusing to update {path}: a measured value is invalid ({exc}); "
+                                    "the file is left as it was") from exc
             if new != current:
                 write_text_atomic(path, dumps(new))
             self._data[recipe] = new

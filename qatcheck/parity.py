@@ -33,11 +33,16 @@ class ParityAccumulator:
         self.out_sq += float(o @ o)
         diff = np.abs(r - o)
         if diff.size:
-            self.max_abs = max(self.max_abs, float(diff.max()))
+            # np.max propagates NaN (Python's max() would silently keep the old value)
+            self.max_abs = float(np.max([self.max_abs, diff.max()]))
             self.abs_sum += float(diff.sum())
             self.count += diff.size
 
     def result(self) -> dict[str, float]:
+        """A non-finite output (fp16 overflow, NaN) must never read as agreement: its cosine is 0."""
+        if not all(np.isfinite(v) for v in (self.dot, self.ref_sq, self.out_sq)):
+            return {"cosine": 0.0, "max_abs": float("inf") if np.isfinite(self.max_abs) else self.max_abs,
+                    "mean_abs": float("inf")}
         denom = np.sqrt(self.ref_sq) * np.sqrt(self.out_sq)
         cosine = float(self.dot / denom) if denom > 0 else (1.0 if self.ref_sq == self.out_sq else 0.0)
         return {"cosine": cosine, "max_abs": self.max_abs,

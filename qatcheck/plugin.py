@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from qatcheck.backends.cuda_timing import CUDA_GRAPH_CHOICES
 from qatcheck.backends.onnxruntime_backend import OrtBackend
 from qatcheck.backends.tensorrt_backend import TensorRTBackend
 from qatcheck.backends.torch_backend import TorchBackend
@@ -66,6 +67,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                 help="warm-up time before timing (default 0.2 s, like trtexec)")
     g.addoption("--qatcheck-no-progress", action="store_true", default=False,
                 help="no progress bars")
+    g.addoption("--qatcheck-cuda-graph", default="auto", choices=CUDA_GRAPH_CHOICES,
+                help="CUDA latency: time CUDA-graph replays (trtexec's GPU compute time); auto falls "
+                     "back to eager CUDA events when capture fails, off always uses eager events")
+    g.addoption("--qatcheck-trt-ptq", default="auto", choices=("auto", "native", "qdq"),
+                help="TensorRT trt_ptq/partial: native = TensorRT's own calibrator and per-layer "
+                     "precision (TensorRT <= 10 only), qdq = build qatcheck's explicit Q/DQ ONNX, "
+                     "auto = native where TensorRT still has it, else qdq")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -101,9 +109,12 @@ def pytest_configure(config: pytest.Config) -> None:
         latency_iterations=config.getoption("--qatcheck-iterations"),
         warmup_s=config.getoption("--qatcheck-warmup"),
         progress=not config.getoption("--qatcheck-no-progress"),
+        cuda_graph=config.getoption("--qatcheck-cuda-graph"),
+        trt_ptq=config.getoption("--qatcheck-trt-ptq"),
     )
-    backends = {"torch": TorchBackend(options.device), "onnxruntime": OrtBackend(options.ort_provider),
-                "tensorrt": TensorRTBackend()}
+    backends = {"torch": TorchBackend(options.device, options.cuda_graph),
+                "onnxruntime": OrtBackend(options.ort_provider),
+                "tensorrt": TensorRTBackend(options.trt_ptq, options.cuda_graph)}
     session = QatcheckSession(options, backends)
     config.stash[SESSION_KEY] = session
     config.stash[MISSING_KEY] = _missing_required(session, options.require)
@@ -186,6 +197,11 @@ class BoundCase:
 
     def check_latency(self, benchmark=None) -> CheckResult:
         return self._conclude(self._call(self.session.check_latency, self.case, benchmark), "latency")
+
+    def check_precision(self, **expect) -> CheckResult:
+        """TensorRT precision audit, e.g. ``qcase.check_precision(conv="int8", max_reformats=4)``;
+        skips on other backends (they have no engine to inspect)."""
+        return self._conclude(self._call(self.session.check_precision, self.case, expect), "precision")
 
 
 @pytest.fixture

@@ -145,10 +145,18 @@ class Tolerances:
     quant_parity: ParityThresholds = ParityThresholds(min_cosine=0.98, min_top1_agreement=0.95)
 
     def validate(self) -> None:
-        for mode in list(self.fp32_budget_points) + list(self.export_parity):
-            check_mode(mode)
-        if self.metric_points < 0 or self.latency_rel < 0:
-            raise ConfigError("Tolerances.metric_points and latency_rel must be >= 0")
+        for field_name in ("fp32_budget_points", "export_parity"):
+            for mode in getattr(self, field_name):
+                if mode not in MODES:
+                    raise ConfigError(f"Tolerances.{field_name} names unknown mode {mode!r}; "
+                                      f"choose from {', '.join(MODES)}")
+        for mode, points in self.fp32_budget_points.items():
+            if not points >= 0:
+                raise ConfigError(f"Tolerances.fp32_budget_points[{mode!r}] must be >= 0; got {points!r}")
+        for field_name in ("metric_points", "latency_rel", "parity_cosine", "parity_agreement"):
+            value = getattr(self, field_name)
+            if not value >= 0:  # also rejects NaN
+                raise ConfigError(f"Tolerances.{field_name} must be >= 0; got {value!r}")
 
 
 @dataclass(frozen=True)

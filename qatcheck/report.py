@@ -11,7 +11,6 @@ from pathlib import Path
 from qatcheck.errors import BaselineError
 from qatcheck.fsutil import write_text_atomic
 from qatcheck.measurement import Case, Measurement
-from qatcheck.tasks import make_task
 
 COLUMNS_HEAD = ("Mode", "Backend", "Calibrator")
 COLUMNS_TAIL = ("Δ fp32 (pt)", "Δ baseline (pt)", "p50 ms", "Speedup", "Parity (cos / agree)", "Verdict")
@@ -24,6 +23,15 @@ class Summary:
     baseline_changes: dict = field(default_factory=dict)
 
 
+#: column titles as the sample repos' tables write them (values are in percent / points)
+METRIC_LABELS = {"top1": "top-1", "top5": "top-5", "map50_95": "mAP@.5:.95", "map50": "mAP@.5",
+                 "ap_small": "AP small", "ap_medium": "AP medium", "ap_large": "AP large"}
+
+
+def metric_label(name: str) -> str:
+    return METRIC_LABELS.get(name, name)
+
+
 def _fmt_metric(v: float | None) -> str:
     return "-" if v is None else f"{v * 100:.2f}" if v <= 1.0 else f"{v:.3f}"
 
@@ -31,11 +39,11 @@ def _fmt_metric(v: float | None) -> str:
 def rows_for(session, recipe_name: str) -> tuple[list[str], list[list[str]], list[dict]]:
     """Header, table rows and JSON records for one recipe, in case order."""
     recipe = session.recipes[recipe_name]
-    task = make_task(recipe)
+    task = session.task(recipe_name)
     ms = sorted((m for c, m in session.measurements.items() if c.recipe == recipe_name),
                 key=lambda m: (recipe.modes.index(m.case.mode), m.case.backend,
                                ("min", "opt", "max").index(m.case.shape)))
-    header = [*COLUMNS_HEAD, *task.metric_names, *COLUMNS_TAIL]
+    header = [*COLUMNS_HEAD, *map(metric_label, task.metric_names), *COLUMNS_TAIL]
     rows, records = [], []
     p = task.primary_metric
     for m in ms:
@@ -130,7 +138,7 @@ def finish(session) -> Summary:
         summary.files += [md, js]
         try:
             summary.files.append(chart(reports / f"{name}.png", f"qatcheck: {name}", header, rows,
-                                       make_task(session.recipes[name]).primary_metric))
+                                       metric_label(session.task(name).primary_metric)))
         except Exception as exc:  # a chart is a nicety; never fail a session over it
             out.write(f"(chart not written: {exc})\n")
     if session.options.update_baselines:

@@ -433,7 +433,7 @@ class SensitivityRunner:
         self.state = RecipeState(recipe)
         self.builder = ArtifactBuilder(self.state, self.cache, progress=False)
         self.progress = progress
-        self.task = make_task(recipe)
+        self.task = make_task(recipe, lambda: self.state.eval_data)
         self.evaluations = 0  # subset + full evaluations run by this object
         self._path = None
 

@@ -5,6 +5,7 @@ logic can be used (and tested) without pytest.
 """
 from __future__ import annotations
 
+import math
 import sys
 import time
 import warnings
@@ -44,6 +45,10 @@ class Options:
     latency_iterations: int = 200
     warmup_s: float = 0.2
     progress: bool = True
+    #: CUDA timing: replay a captured CUDA graph (auto: fall back to eager events if capture fails)
+    cuda_graph: str = "auto"
+    #: TensorRT int8 form for trt_ptq/partial: auto | native (TensorRT calibrator) | qdq
+    trt_ptq: str = "auto"
 
 
 @dataclass
@@ -98,6 +103,7 @@ class QatcheckSession:
         self._states: dict[str, RecipeState] = {}
         self._builders: dict[str, ArtifactBuilder] = {}
         self._runners: dict[tuple, Runner] = {}
+        self._tasks: dict[str, object] = {}
         self.measurements: dict[Case, Measurement] = {}
         self.check_results: dict[tuple[Case, str], CheckResult] = {}
 
@@ -132,17 +138,48 @@ class QatcheckSession:
         if recipe_name not in self._builders:
             state = RecipeState(self.recipes[recipe_name])
             self._states[recipe_name] = state
-            self._builders[recipe_name] = ArtifactBuilder(state, self.cache, self._show_progress())
+            self._builders[recipe_name] = ArtifactBuilder(state, self.cache, self._show_progress(),
+                                                          device=self._train_device())
         return self._builders[recipe_name]
+
+    def _train_device(self) -> str:
+        """Where calibration and QAT run: the torch backend's device (CUDA when present)."""
+        from qatcheck.backends.torch_backend import resolve_device
+
+        return resolve_device(self.options.device)
+
+    def task(self, recipe_name: str):
+        """The recipe's task, built once (detection needs the eval set's ground truth)."""
+        if recipe_name not in self._tasks:
+            self.builder(recipe_name)
+            self._tasks[recipe_name] = make_task(self.recipes[recipe_name],
+                                                 lambda: self._states[recipe_name].eval_data)
+        return self._tasks[recipe_name]
 
     def runner(self, case: Case) -> Runner:
         key = (case.recipe, case.mode, case.backend)
         if key not in self._runners:
             backend = self.backends[case.backend]
             b = self.builder(case.recipe)
-            art = b.torch_artifact(case.mode) if "torch" in backend.accepts() else b.onnx_artifact(case.mode)
-            self._runners[key] = backend.runner(art)
+            if "torch" in backend.accepts():
+                self._runners[key] = backend.runner(b.torch_artifact(case.mode))
+            elif case.backend == "tensorrt":
+                self._runners[key] = backend.runner(b.onnx_artifact(case.mode), self._trt_context(case))
+            else:
+                self._runners[key] = backend.runner(b.onnx_artifact(case.mode))
         return self._runners[key]
+
+    def _trt_context(self, case: Case):
+        """What the TensorRT backend needs to plan a build: it may build from another mode's ONNX
+        (fp32 ONNX + TensorRT's own calibrator on TensorRT <= 10) and calibrate itself."""
+        from qatcheck.backends.tensorrt_backend import BuildContext
+
+        b = self.builder(case.recipe)
+        return BuildContext(recipe=self.recipes[case.recipe], mode=case.mode,
+                            cache_dir=self.options.cache_dir, onnx_artifact=b.onnx_artifact,
+                            calib_batches=b.calib_batches, calib_id=b.calib_id(),
+                            use_cache=self.options.use_cache, ptq_form=self.options.trt_ptq,
+                            cuda_graph=self.options.cuda_graph)
 
     def shape(self, case: Case) -> tuple[int, ...]:
         return self.recipes[case.recipe].input.profile()[case.shape]
@@ -165,7 +202,7 @@ class QatcheckSession:
         if case in self.measurements:
             return self.measurements[case]
         recipe = self.recipes[case.recipe]
-        task = make_task(recipe)
+        task = self.task(case.recipe)
         runner = self.runner(case)
         ref = parity_reference(case.mode, case.backend)
         ref_runner = self.runner(Case(case.recipe, ref[0], "torch", case.shape)) if ref else None
@@ -179,6 +216,8 @@ class QatcheckSession:
             for x, y in data.batches(shape[0]):
                 xb, n = pad_batch(resize(x, shape[2:]), shape[0])
                 outs = [o[:n] for o in runner.infer(xb)]
+                if bar.n == 0 and hasattr(task, "check_model"):
+                    task.check_model(outs)  # e.g. a detector's class count vs the data's
                 metric.update(outs, y)
                 if ref_runner is not None:
                     routs = [o[:n] for o in ref_runner.infer(xb)]
@@ -190,8 +229,7 @@ class QatcheckSession:
                 bar.update()
         m = Measurement(case=case, calibrator=calibrator_for(recipe, case.mode), device=runner.device,
                         shape=tuple(shape), metrics=metric.result(),
-                        artifact=self.builder(case.recipe).onnx_artifact(case.mode).digest
-                        if case.backend != "torch" else "",
+                        artifact=self._artifact_digest(case, runner),
                         eval_samples=len(data), eval_seconds=time.perf_counter() - t0)
         if ref_runner is not None:
             par = parities[0].result()
@@ -202,6 +240,15 @@ class QatcheckSession:
             m.parity_reference = f"torch {ref[0]} ({ref[1]})"
         self.measurements[case] = m
         return m
+
+    def _artifact_digest(self, case: Case, runner: Runner) -> str:
+        """What was measured: the ONNX file's digest (TensorRT: the engine's plan key)."""
+        if case.backend == "torch":
+            return ""
+        plan = getattr(runner, "plan", None)
+        if plan is not None and getattr(plan, "cache_key", None):
+            return plan.cache_key
+        return self.builder(case.recipe).onnx_artifact(case.mode).digest
 
     # ---- checks -----------------------------------------------------------------------------
     def _stage(self, case: Case, section: str, name: str, value: float, tolerance: float,
@@ -215,7 +262,7 @@ class QatcheckSession:
 
     def check_accuracy(self, case: Case) -> CheckResult:
         recipe = self.recipes[case.recipe]
-        task = make_task(recipe)
+        task = self.task(case.recipe)
         m = self.measure(case)
         res = CheckResult()
         tol = recipe.tolerances
@@ -254,7 +301,7 @@ class QatcheckSession:
 
     def check_parity(self, case: Case) -> CheckResult:
         recipe = self.recipes[case.recipe]
-        task = make_task(recipe)
+        task = self.task(case.recipe)
         m = self.measure(case)
         res = CheckResult()
         thr = self.parity_thresholds(case)
@@ -264,6 +311,12 @@ class QatcheckSession:
             return res
         p, agree = m.parity, task.agreement_name
         vs = f"vs {m.parity_reference}"
+        bad = [k for k in ("cosine", agree, "max_abs") if not math.isfinite(p.get(k, 0.0))]
+        if bad:  # NaN compares False against every floor: it must fail explicitly
+            res.failures.append(f"non-finite parity {', '.join(f'{k}={p[k]}' for k in bad)} {vs}: the "
+                                "outputs contain NaN or inf (fp16 overflow, a zero scale?)")
+            self.check_results[(case, "parity")] = res
+            return res
         if p["cosine"] < thr.min_cosine - EPS:
             res.failures.append(f"cosine {p['cosine']:.6f} {vs} is below the floor {thr.min_cosine}")
         if p[agree] < thr.min_top1_agreement - EPS:
@@ -293,7 +346,10 @@ class QatcheckSession:
         shape = self.shape(case)
         x, _ = next(iter(self._states[case.recipe].eval_data.batches(shape[0])))
         x, _ = pad_batch(resize(x, shape[2:]), shape[0])
-        stats = timing.measure(runner.timed_call(x), shape[0], self.options.latency_iterations,
+        call = runner.timed_call(x)
+        if getattr(call, "note", ""):
+            res.notes.append(call.note)
+        stats = timing.measure(call, shape[0], self.options.latency_iterations,
                                self.options.warmup_s, benchmark)
         if stats is None:
             res.skipped = "latency not measured: pytest-benchmark is disabled (--benchmark-disable)"
@@ -323,4 +379,32 @@ class QatcheckSession:
                     f"vs the baseline {base['value']:.4f} ms on this device (tolerance "
                     f"+{base['tolerance']:.0%}; p90 {stats.p90_ms:.4f} ms, CV {stats.cv:.1%})")
         self.check_results[(case, "latency")] = res
+        return res
+
+    def check_precision(self, case: Case, expect: dict) -> CheckResult:
+        """The TensorRT precision audit against a recipe's expectation.
+
+        ``expect`` maps a layer kind (``conv``, ``gemm``) to the precision(s) it must run in, plus
+        optional ``max_reformats``; layers the recipe keeps in higher precision are exempt. Other
+        backends have no engine to inspect: the check skips there.
+        """
+        from qatcheck.backends.trt_audit import PrecisionAuditError
+
+        res = CheckResult()
+        audit = getattr(self.runner(case), "audit", None) if case.backend == "tensorrt" else None
+        if audit is None:
+            res.skipped = f"{case.backend} has no engine precision audit (TensorRT only)"
+        else:
+            expect = dict(expect)
+            max_reformats = expect.pop("max_reformats", None)
+            kept = self.recipes[case.recipe].quant.keep_precision if case.mode == "partial" else ()
+            res.notes.append(audit.describe())
+            try:
+                for kind, precision in expect.items():
+                    audit.assert_all(kind, precision, except_layers=kept)
+                if max_reformats is not None:
+                    audit.assert_reformats(int(max_reformats))
+            except PrecisionAuditError as exc:
+                res.failures.append(f"{exc} [{audit.describe()}]")
+        self.check_results[(case, "precision")] = res
         return res

@@ -28,7 +28,7 @@ class LatencyStats:
     cv: float
     iterations: int
     batch_size: int
-    clock: str  # "cuda-events" | "wall"
+    clock: str  # "cuda-events" | "cuda-graph" | "wall"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -80,6 +80,7 @@ def measure(call: TimedCall, batch_size: int, iterations: int, warmup_s: float,
             t0 = time.perf_counter()
             call.run()
             wall_ms.append((time.perf_counter() - t0) * 1e3)
-    if call.device_times_ms:
-        return stats_from_samples(call.device_times_ms[-iterations:], batch_size, "cuda-events")
+    if call.device_times_ms:  # CUDA events, eager or around a CUDA-graph replay
+        clock = getattr(call, "clock", None) or "cuda-events"
+        return stats_from_samples(call.device_times_ms[-iterations:], batch_size, clock)
     return stats_from_samples(wall_ms, batch_size, "wall")

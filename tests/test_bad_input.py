@@ -78,9 +78,6 @@ def test_qat_with_train_data_and_dynamic_with_axes_are_fine():
     assert r.input.profile()["max"] == (8, 1, 4, 4)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: Tolerances.validate reuses check_mode, whose message "
-                   "('unknown mode ...') does not say it came from Tolerances.fp32_budget_points, so the "
-                   "user looks for the typo in Recipe.modes")
 def test_unknown_mode_in_tolerances_names_the_tolerance_field():
     with pytest.raises(ConfigError, match="fp32_budget_points"):
         recipe(tolerances=Tolerances(fp32_budget_points={"torch-ptq": 1.0}))
@@ -208,9 +205,6 @@ def test_digits_recipe_with_a_missing_checkpoint_names_the_file(tmp_path):
         RecipeState(digits_recipe(checkpoint=tmp_path / "nope.pt")).model
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: RecipeState._dataset calls the data factory unguarded; "
-                   "a factory that raises (missing folder, bad path) escapes as a raw exception that "
-                   "names neither the recipe nor the field, unlike Recipe.model")
 def test_data_factory_that_raises_names_the_recipe_and_field():
     def factory():
         raise FileNotFoundError("/data/imagenet/val")

@@ -225,9 +225,6 @@ def test_non_finite_value_is_rejected(tmp_path):
         load(p, "r")
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: baselines.load only catches JSONDecodeError; a file that "
-                   "is not UTF-8 (e.g. saved as UTF-16 by an editor/PowerShell) raises a raw "
-                   "UnicodeDecodeError that names neither the file nor the problem")
 def test_non_utf8_file_is_a_baseline_error_naming_it(tmp_path):
     p = tmp_path / "r.json"
     p.write_bytes(json.dumps(_good()).encode("utf-16"))
@@ -319,9 +316,6 @@ def test_interrupted_commit_leaves_the_old_file_intact(tmp_path, monkeypatch, wh
     assert os.path.exists(p)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: BaselineStore.commit writes the merged document without "
-                   "validating it, so a non-finite measurement (e.g. a NaN cosine) is written as "
-                   "'NaN' and the store then refuses to load its own file")
 def test_commit_never_writes_a_file_it_cannot_load(tmp_path):
     store = BaselineStore(tmp_path)
     store.stage("r", Update("fp16-onnxruntime", "parity", "cosine", float("nan"), 0.0005))
@@ -512,17 +506,11 @@ def test_update_baselines_stages_and_commits_every_section(tmp_path):
     assert again.check_accuracy(case).ok and again.check_parity(case).ok and again.check_latency(case).ok
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: Tolerances.validate checks metric_points and latency_rel "
-                   "but not parity_cosine / parity_agreement; a negative one is accepted, written into "
-                   "the baseline by --update-baselines, and the store then rejects its own file")
 def test_negative_parity_tolerance_is_a_config_error():
     with pytest.raises(ConfigError, match="parity_cosine"):
         Tolerances(parity_cosine=-0.001).validate()
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a NaN parity statistic (e.g. cosine of fp16 outputs that "
-                   "overflowed to inf) compares False against every floor and baseline, so "
-                   "check_parity passes it")
 def test_nan_parity_is_never_a_pass(tmp_path):
     session, case = make_session(tmp_path, tolerances=Tolerances(
         export_parity={"fp32": ParityThresholds(min_cosine=0.999, min_top1_agreement=0.99)}))

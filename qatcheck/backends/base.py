@@ -37,6 +37,11 @@ class TimedCall:
 
     run: Callable[[], None]
     device_times_ms: list[float] | None = None
+    #: which clock ``device_times_ms`` come from (``cuda-events``, ``cuda-graph``); baselines are
+    #: only compared under the same clock (it is part of the runner's fingerprint)
+    clock: str = ""
+    #: why timing deviates from what was asked (e.g. CUDA-graph capture failed); shown in the report
+    note: str = ""
 
 
 class Runner(abc.ABC):
@@ -67,7 +72,9 @@ class Backend(abc.ABC):
         """None when this backend can run here, else a sentence saying why not."""
 
     @abc.abstractmethod
-    def runner(self, artifact: Artifact) -> Runner: ...
+    def runner(self, artifact: Artifact, context: Any = None) -> Runner:
+        """A runner for ``artifact``. ``context`` carries what a backend that builds its own
+        artifacts needs (TensorRT: a ``BuildContext``); the others ignore it."""
 
     def accepts(self) -> tuple[str, ...]:
         """Artifact kinds this backend consumes."""

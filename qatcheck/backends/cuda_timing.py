@@ -19,7 +19,6 @@ Capture can fail (ops that synchronise with the host, data-dependent shapes, CPU
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Callable
 
 from qatcheck.backends.base import TimedCall
@@ -30,15 +29,7 @@ GRAPH_CLOCK = "cuda-graph"
 CUDA_GRAPH_CHOICES = ("auto", "on", "off")
 
 
-@dataclass
-class CudaTimedCall(TimedCall):
-    """A TimedCall that also says which clock its device times come from, and why."""
-
-    clock: str = EAGER_CLOCK
-    note: str = ""
-
-
-def eager_timed_call(fn: Callable[[], Any]) -> CudaTimedCall:
+def eager_timed_call(fn: Callable[[], Any]) -> TimedCall:
     """One event pair around each eager call; synchronises on the end event."""
     import torch
 
@@ -52,7 +43,7 @@ def eager_timed_call(fn: Callable[[], Any]) -> CudaTimedCall:
             end.record()
         end.synchronize()
         times.append(start.elapsed_time(end))
-    return CudaTimedCall(run, times, clock=EAGER_CLOCK)
+    return TimedCall(run, times, clock=EAGER_CLOCK)
 
 
 def capture_graph(fn: Callable[[], Any], warmup_iters: int = 3):
@@ -77,7 +68,7 @@ def capture_graph(fn: Callable[[], Any], warmup_iters: int = 3):
     return graph, out
 
 
-def graph_timed_call(fn: Callable[[], Any], warmup_iters: int = 3) -> CudaTimedCall:
+def graph_timed_call(fn: Callable[[], Any], warmup_iters: int = 3) -> TimedCall:
     """One event pair around each replay of ``fn`` captured as a CUDA graph (trtexec-like GPU
     compute time). Raises whatever capture raises; :func:`timed_call` handles the fallback."""
     import torch
@@ -92,12 +83,12 @@ def graph_timed_call(fn: Callable[[], Any], warmup_iters: int = 3) -> CudaTimedC
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end))
-    call = CudaTimedCall(run, times, clock=GRAPH_CLOCK)
+    call = TimedCall(run, times, clock=GRAPH_CLOCK)
     call.graph = graph  # keep the graph (and its memory pool) alive with the call
     return call
 
 
-def timed_call(fn: Callable[[], Any], cuda_graph: str = "auto") -> CudaTimedCall:
+def timed_call(fn: Callable[[], Any], cuda_graph: str = "auto") -> TimedCall:
     """The timed call for a CUDA forward ``fn``.
 
     ``cuda_graph``: ``off`` eager events; ``on`` graph replay, failing if capture fails; ``auto``

@@ -80,5 +80,5 @@ class OrtBackend(Backend):
             return f"onnxruntime is not installed ({exc}); pip install onnxruntime"
         return None
 
-    def runner(self, artifact: Artifact) -> Runner:
+    def runner(self, artifact: Artifact, context=None) -> Runner:
         return OrtRunner(artifact.path, choose_provider(self.requested_provider))

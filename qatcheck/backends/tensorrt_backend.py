@@ -35,7 +35,7 @@ class BuildContext:
 
     ``onnx_artifact`` is ``ArtifactBuilder.onnx_artifact`` (the plan may build from another mode's
     ONNX: the fp32 one for TensorRT's own calibrator on <= 10, the fp16 one on 11);
-    ``calib_batches`` yields fixed-shape calibration batches (``ArtifactBuilder._calib_batches``);
+    ``calib_batches`` yields fixed-shape calibration batches (``ArtifactBuilder.calib_batches``);
     ``calib_id`` is the calibration data's fingerprint.
     """
 

@@ -21,11 +21,13 @@ def resolve_device(requested: str = "auto") -> str:
 class TorchRunner(Runner):
     backend = "torch"
 
-    def __init__(self, module, precision: str, device: str) -> None:
+    def __init__(self, module, precision: str, device: str, cuda_graph: str = "auto") -> None:
         import torch
 
         self._torch = torch
         self._device = device
+        self.cuda_graph = cuda_graph
+        self._clock = "wall"
         self.dtype = torch.float16 if precision == "fp16" else torch.float32
         self.module = module.to(device=device, dtype=self.dtype).eval()
 
@@ -50,22 +52,21 @@ class TorchRunner(Runner):
             def run() -> None:
                 with torch.inference_mode():
                     module(xt)
-            return TimedCall(run)
-        times: list[float] = []
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            self._clock = "wall"
+            return TimedCall(run, clock="wall")
+        from qatcheck.backends import cuda_timing
 
-        def run_cuda() -> None:
-            with torch.inference_mode():
-                start.record()
-                module(xt)
-                end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        return TimedCall(run_cuda, times)
+        # CUDA events around a CUDA-graph replay (trtexec's GPU compute time); eager events when
+        # --qatcheck-cuda-graph off or capture fails (the call's note says so)
+        call = cuda_timing.timed_call(lambda: module(xt), self.cuda_graph)
+        self._clock = call.clock
+        return call
 
     def versions(self) -> dict[str, str]:
+        """What a latency baseline depends on besides the device; the clock is included so eager
+        and graph-replay figures are never compared with each other."""
         torch = self._torch
-        v = {"torch": torch.__version__, "torch_threads": str(torch.get_num_threads())}
+        v = {"torch": torch.__version__, "torch_threads": str(torch.get_num_threads()), "timing": self._clock}
         if self._device.startswith("cuda"):
             v["cuda"] = str(torch.version.cuda)
         return v
@@ -74,8 +75,9 @@ class TorchRunner(Runner):
 class TorchBackend(Backend):
     name = "torch"
 
-    def __init__(self, device: str = "auto") -> None:
+    def __init__(self, device: str = "auto", cuda_graph: str = "auto") -> None:
         self.requested_device = device
+        self.cuda_graph = cuda_graph
 
     def unavailable_reason(self) -> str | None:
         try:
@@ -87,5 +89,6 @@ class TorchBackend(Backend):
     def accepts(self) -> tuple[str, ...]:
         return ("torch",)
 
-    def runner(self, artifact: Artifact) -> Runner:
-        return TorchRunner(artifact.module, artifact.precision, resolve_device(self.requested_device))
+    def runner(self, artifact: Artifact, context=None) -> Runner:
+        return TorchRunner(artifact.module, artifact.precision, resolve_device(self.requested_device),
+                           self.cuda_graph)

@@ -22,9 +22,10 @@ class TopKAccuracy:
         if logits.ndim != 2 or logits.shape[0] != labels.shape[0]:
             raise DataError(f"classification expects logits (N, classes) for {labels.shape[0]} "
                             f"labels; the model produced {logits.shape}")
-        if labels.size and (labels.min() < 0 or labels.max() >= logits.shape[1]):
-            raise DataError(f"label {int(labels.max())} is outside the model's "
-                            f"{logits.shape[1]} classes")
+        bad = labels[(labels < 0) | (labels >= logits.shape[1])]
+        if bad.size:
+            raise DataError(f"label {int(bad[0])} is outside the model's "
+                            f"{logits.shape[1]} classes (0..{logits.shape[1] - 1})")
         kmax = min(max(self.ks), logits.shape[1])
         top = np.argsort(-logits, axis=1, kind="stable")[:, :kmax]
         hits = top == labels[:, None]
