@@ -2,7 +2,13 @@
 
     python -m qatcheck sensitivity --recipe qatcheck.zoo.recipes:digits_recipe \\
         [--path onnx|torch] [--calibrator entropy] [--max-samples N] [--only-quantized] \\
-        [--budget-points 0.5 | --budget-relative 0.99] [--reports DIR] [--cache DIR] [--no-cache]
+        [--budget-points 0.5 | --budget-relative 0.99] [--write-keep FILE] [--reports DIR] \\
+        [--cache DIR] [--no-cache]
+
+    python -m qatcheck lint model.onnx [--ignore REGEX ...]
+
+``lint`` checks a Q/DQ ONNX against TensorRT's placement rules (qatcheck.build.qdq_lint) and exits
+1 when it has findings.
 
 Errors a user can act on (unknown recipe spec, calibrator, layer...) print one line and exit 2.
 """
@@ -100,9 +106,23 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
               f"evaluation(s) of the partial model on {result.samples} samples")
         if result.met:
             print(f"chosen layers: {', '.join(result.layers) if result.layers else '(none)'}")
+            if args.write_keep:
+                keep = S.keep_list(prof, result)
+                print(f"wrote {S.write_keep_list(keep, args.write_keep)} (the recipe's keep_precision)")
     for path in S.write_reports(prof, args.reports, result):
         print(f"wrote {path}")
     return 0 if result is None or result.met else 1
+
+
+def cmd_lint(args: argparse.Namespace) -> int:
+    from qatcheck.build.qdq_lint import lint_qdq
+
+    failed = 0
+    for path in args.onnx:
+        report = lint_qdq(path, ignore=args.ignore)
+        print(report)
+        failed += not report.ok
+    return 1 if failed else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -126,11 +146,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--budget-relative", type=float, default=None,
                    help="fraction of fp32 to keep (e.g. 0.99)")
     s.add_argument("--top", type=int, default=None, help="show only the N most sensitive layers")
+    s.add_argument("--write-keep", default=None, metavar="FILE",
+                   help="with a budget: write the chosen layers and why to FILE (JSON a recipe reads "
+                        "with qatcheck.sensitivity.load_keep_list)")
     s.add_argument("--reports", default="reports", help="report directory (default reports/)")
     s.add_argument("--cache", default=".qatcheck_cache", help="artifact cache (default .qatcheck_cache)")
     s.add_argument("--no-cache", action="store_true", help="recompute everything")
     s.add_argument("--no-progress", action="store_true", help="no progress bars")
     s.set_defaults(func=cmd_sensitivity)
+    lint = sub.add_parser("lint", help="check Q/DQ ONNX graphs: Concat inputs with different scales, "
+                          "Adds with an unquantized input (exit 1 on findings)")
+    lint.add_argument("onnx", nargs="+", help="Q/DQ ONNX file(s)")
+    lint.add_argument("--ignore", action="append", default=[], metavar="REGEX",
+                      help="skip Adds / Concats whose node name matches (repeatable)")
+    lint.set_defaults(func=cmd_lint)
     return parser
 
 

@@ -171,7 +171,7 @@ class ArtifactBuilder:
             finetune(qm, lambda: shuffled_batches(self.state.train_data, q.batch_size, next(epochs)),
                      QATConfig(epochs=q.epochs, lr=q.lr, batch_size=q.batch_size,
                                max_batches_per_epoch=q.max_batches_per_epoch),
-                     loss_fn=getattr(self.recipe, "loss", None), device=self.device,
+                     loss_fn=self.recipe.loss, device=self.device,
                      progress=self.progress)
             torch_quant.save_quantized(qm, path, cfg)
 

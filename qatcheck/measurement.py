@@ -49,6 +49,9 @@ class Measurement:
     eval_samples: int = 0
     eval_seconds: float = 0.0
     outcomes: dict[str, str] = field(default_factory=dict)
+    #: what a reader of the table should know (timing fell back to eager events, fake-quant
+    #: latency on a CPU provider, a noisy machine); printed under the table and kept in the JSON
+    notes: list[str] = field(default_factory=list)
 
     @property
     def verdict(self) -> str:

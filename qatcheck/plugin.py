@@ -62,11 +62,17 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g.addoption("--qatcheck-ort-provider", default="auto", metavar="EP",
                 help="onnxruntime execution provider (auto: CUDA if present, else CPU)")
     g.addoption("--qatcheck-iterations", type=int, default=200, metavar="N",
-                help="timed iterations per latency case (default 200)")
+                help="timed iterations per latency case (default 200; fewer when --qatcheck-duration "
+                     "runs out first, at least 20)")
+    g.addoption("--qatcheck-duration", type=float, default=3.0, metavar="SECONDS",
+                help="cap on each case's timed loop, like trtexec --duration (default 3 s; 0 = no cap)")
     g.addoption("--qatcheck-warmup", type=float, default=0.2, metavar="SECONDS",
                 help="warm-up time before timing (default 0.2 s, like trtexec)")
     g.addoption("--qatcheck-no-progress", action="store_true", default=False,
                 help="no progress bars")
+    g.addoption("--qatcheck-coco-root", default=None, metavar="DIR",
+                help="COCO folder (val2017/ + annotations/) for recipes that use "
+                     "qatcheck.data.coco.coco_val2017()")
     g.addoption("--qatcheck-cuda-graph", default="auto", choices=CUDA_GRAPH_CHOICES,
                 help="CUDA latency: time CUDA-graph replays (trtexec's GPU compute time); auto falls "
                      "back to eager CUDA events when capture fails, off always uses eager events")
@@ -84,6 +90,13 @@ def pytest_configure(config: pytest.Config) -> None:
     for name in BACKENDS:
         config.addinivalue_line("markers", f"{name}: qatcheck case on backend {name}")
     root = Path(config.rootpath)
+    coco_root = config.getoption("--qatcheck-coco-root")
+    if coco_root:  # recipe factories run later, lazily: they read it from the environment
+        import os
+
+        from qatcheck.data.coco import COCO_ROOT_ENV
+
+        os.environ[COCO_ROOT_ENV] = str(Path(coco_root).resolve())
 
     def opt_path(name: str, default: str) -> Path:
         value = config.getoption(name)
@@ -108,6 +121,7 @@ def pytest_configure(config: pytest.Config) -> None:
         ort_provider=config.getoption("--qatcheck-ort-provider"),
         latency_iterations=config.getoption("--qatcheck-iterations"),
         warmup_s=config.getoption("--qatcheck-warmup"),
+        latency_duration_s=config.getoption("--qatcheck-duration") or None,
         progress=not config.getoption("--qatcheck-no-progress"),
         cuda_graph=config.getoption("--qatcheck-cuda-graph"),
         trt_ptq=config.getoption("--qatcheck-trt-ptq"),

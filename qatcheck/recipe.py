@@ -16,6 +16,7 @@ from qatcheck.modes import BACKENDS, MODES, ONNX_CALIBRATORS, TORCH_CALIBRATORS,
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
+    from qatcheck.build.qdq_rules import QDQRules
     from qatcheck.data.base import Dataset
 
 TASKS = ("classification", "detection")
@@ -70,7 +71,10 @@ class QuantSettings:
     search, TensorRT's entropy calibration) or percentile. ``torch_calibrator`` drives
     pytorch-quantization (``torch_ptq``, ``qat``): max, entropy, mse or percentile.
     ``keep_precision`` lists the layers (PyTorch module names, e.g. ``"stem.conv"``) that ``partial``
-    keeps in higher precision.
+    keeps in higher precision. ``qdq_rules`` (:class:`qatcheck.build.qdq_rules.QDQRules`) declares
+    the Q/DQ placement rules of the pytorch-quantization modes: quantized residual-Add inputs, one
+    shared quantizer per Concat / MaxPool, a module-name ignore policy; None keeps
+    pytorch-quantization's placement (a Q/DQ in front of each conv / linear / pooling input).
     """
 
     calibrator: str = "entropy"
@@ -79,6 +83,10 @@ class QuantSettings:
     calib_batches: int = 8
     per_channel: bool = True
     keep_precision: tuple[str, ...] = ()
+    #: why each kept layer is kept (from the sensitivity command's keep file; shown in the report).
+    #: Not part of the artifact cache key: it explains the list, it does not change the build.
+    keep_precision_why: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
+    qdq_rules: QDQRules | None = None
 
     def validate(self) -> None:
         if self.calibrator not in ONNX_CALIBRATORS:
@@ -91,6 +99,12 @@ class QuantSettings:
             raise ConfigError(f"QuantSettings.percentile must be in (50, 100]; got {self.percentile}")
         if self.calib_batches < 1:
             raise ConfigError(f"QuantSettings.calib_batches must be >= 1; got {self.calib_batches}")
+        if self.qdq_rules is not None:
+            from qatcheck.build.qdq_rules import QDQRules
+
+            if not isinstance(self.qdq_rules, QDQRules):
+                raise ConfigError(f"QuantSettings.qdq_rules must be a qatcheck.build.qdq_rules.QDQRules "
+                                  f"or None; got {type(self.qdq_rules).__name__}")
 
 
 @dataclass(frozen=True)
@@ -185,6 +199,12 @@ class Recipe:
     #: state dict is hashed as well, so this only speeds up keying.
     weights_id: str = ""
     top_k: tuple[int, ...] = (1, 5)
+    #: detection: how raw head outputs become boxes (a name in qatcheck.tasks.detection.DECODERS,
+    #: or a Decoder object); the same decoder serves every backend
+    decoder: object = "centernet"
+    #: QAT loss ``loss(outputs, targets) -> scalar tensor``; None = cross-entropy on int labels
+    #: (classification). Detection recipes pass their training loss.
+    loss: Callable | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -202,6 +222,9 @@ class Recipe:
             check_backend(b)
         if "qat" in self.modes and self.train_data is None:
             raise ConfigError(f"Recipe({self.name}) lists mode 'qat' but has no train_data")
+        if "qat" in self.modes and self.task == "detection" and self.loss is None:
+            raise ConfigError(f"Recipe({self.name}) lists mode 'qat' for a detection task but sets "
+                              "no Recipe.loss (the training loss QAT fine-tunes with)")
         if "dynamic" in self.modes and not self.input.dynamic:
             raise ConfigError(f"Recipe({self.name}) lists mode 'dynamic' but InputSpec.dynamic "
                               "declares no dynamic axis (e.g. {0: (1, 32, 64)} for the batch)")

@@ -56,8 +56,10 @@ def rows_for(session, recipe_name: str) -> tuple[list[str], list[list[str]], lis
             base = None
         d_base = (m.metrics[p] - base["value"]) * 100 if base else None
         lat = m.latency.median_ms if m.latency else None
+        # a speedup compares the same input shape on the same device fingerprint
         speed = (fp32.latency.median_ms / lat if fp32 and fp32.latency and lat and c.mode != "fp32"
-                 and fp32.fingerprint_id == m.fingerprint_id else None)
+                 and fp32.fingerprint_id == m.fingerprint_id and tuple(fp32.shape) == tuple(m.shape)
+                 else None)
         par = (f"{m.parity['cosine']:.5f} / {m.parity[task.agreement_name]:.1%}" if m.parity else "ref")
         mode = c.mode if c.shape == "opt" and c.mode != "dynamic" else f"{c.mode} {c.shape} {'x'.join(map(str, m.shape))}"
         rows.append([mode, c.backend, m.calibrator, *[_fmt_metric(m.metrics.get(n)) for n in task.metric_names],
@@ -67,6 +69,36 @@ def rows_for(session, recipe_name: str) -> tuple[list[str], list[list[str]], lis
         records.append({**m.to_dict(), "delta_fp32_points": d_fp32, "delta_baseline_points": d_base,
                         "speedup_vs_fp32": speed})
     return header, rows, records
+
+
+NO_REASON = ("listed in QuantSettings.keep_precision without a recorded reason (`python -m qatcheck "
+             "sensitivity --recipe <module:callable> --budget-points 0.5 --write-keep FILE` records one)")
+
+
+def kept_layers(session, recipe_name: str) -> dict[str, str]:
+    """The layers ``partial`` keeps in higher precision, each with why (empty if no partial ran)."""
+    if not any(c.recipe == recipe_name and c.mode == "partial" for c in session.measurements):
+        return {}
+    q = session.recipes[recipe_name].quant
+    return {layer: q.keep_precision_why.get(layer, NO_REASON) for layer in q.keep_precision}
+
+
+def notes_text(session, recipe_name: str) -> str:
+    """Per-case notes (timing fallbacks, fake-quant latency, noise), each distinct note once."""
+    seen: dict[str, list[str]] = {}
+    for c, m in session.measurements.items():
+        if c.recipe == recipe_name:
+            for note in m.notes:
+                seen.setdefault(note, []).append(c.key)
+    return "".join(f"note ({', '.join(keys)}): {note}\n" for note, keys in seen.items())
+
+
+def kept_text(kept: dict[str, str]) -> str:
+    if not kept:
+        return ""
+    lines = [f"partial keeps {len(kept)} layer(s) in higher precision:"]
+    lines += [f"  - {layer}: {why}" for layer, why in kept.items()]
+    return "\n".join(lines) + "\n"
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
@@ -129,12 +161,18 @@ def finish(session) -> Summary:
         header, rows, records = rows_for(session, name)
         if not rows:
             continue
+        kept = kept_layers(session, name)
         out.write(terminal_table(f"qatcheck: {name}", header, rows))
+        notes = notes_text(session, name)
+        out.write(kept_text(kept) + notes)
         reports.mkdir(parents=True, exist_ok=True)
         md = reports / f"{name}.md"
-        write_text_atomic(md, f"# qatcheck report: {name}\n\n" + markdown_table(header, rows))
+        write_text_atomic(md, f"# qatcheck report: {name}\n\n" + markdown_table(header, rows)
+                          + ("\n" + kept_text(kept) if kept else "")
+                          + ("\n" + notes.replace("\n", "\n\n") if notes else ""))
         js = reports / f"{name}.json"
-        write_text_atomic(js, json.dumps({"recipe": name, "cases": records}, indent=2, default=str) + "\n")
+        write_text_atomic(js, json.dumps({"recipe": name, "cases": records, "keep_precision": kept},
+                                         indent=2, default=str) + "\n")
         summary.files += [md, js]
         try:
             summary.files.append(chart(reports / f"{name}.png", f"qatcheck: {name}", header, rows,

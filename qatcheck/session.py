@@ -44,6 +44,8 @@ class Options:
     ort_provider: str = "auto"
     latency_iterations: int = 200
     warmup_s: float = 0.2
+    #: cap on the timed loop per case (seconds; None = always ``latency_iterations``)
+    latency_duration_s: float | None = 3.0
     progress: bool = True
     #: CUDA timing: replay a captured CUDA graph (auto: fall back to eager events if capture fails)
     cuda_graph: str = "auto"
@@ -350,7 +352,7 @@ class QatcheckSession:
         if getattr(call, "note", ""):
             res.notes.append(call.note)
         stats = timing.measure(call, shape[0], self.options.latency_iterations,
-                               self.options.warmup_s, benchmark)
+                               self.options.warmup_s, benchmark, self.options.latency_duration_s)
         if stats is None:
             res.skipped = "latency not measured: pytest-benchmark is disabled (--benchmark-disable)"
             self.check_results[(case, "latency")] = res
@@ -358,10 +360,12 @@ class QatcheckSession:
         fp = fpr.device_fingerprint(runner.device, runner.versions())
         fid = fpr.fingerprint_id(fp)
         m.latency, m.fingerprint, m.fingerprint_id = stats, fp, fid
+        m.notes = res.notes  # the same list: notes added below reach the report too
         if stats.noisy:
             msg = (f"{case.id}: latency CV {stats.cv:.1%} exceeds {timing.CV_WARNING:.1%}; the machine "
                    "is noisy, medians are less trustworthy")
-            res.notes.append(msg)
+            res.notes.append(f"latency CV above {timing.CV_WARNING:.1%}: the machine is noisy, medians "
+                             "are less trustworthy")
             warnings.warn(msg, stacklevel=2)
         if case.mode in INT8_MODES and runner.device == "CPUExecutionProvider":
             res.notes.append("int8 Q/DQ on onnxruntime CPU runs as fake-quant: not an int8 latency")

@@ -16,6 +16,8 @@ import numpy as np
 from qatcheck.backends.base import TimedCall
 
 CV_WARNING = 0.025
+#: fewest timed iterations when a duration caps the loop (p90 needs a few samples to mean anything)
+MIN_ITERATIONS = 20
 
 
 @dataclass(frozen=True)
@@ -60,12 +62,26 @@ def warm_up(run: Callable[[], None], seconds: float, min_runs: int = 3) -> int:
     return n
 
 
+def rounds_for(iterations: int, duration_s: float | None, seconds_per_call: float,
+               min_iterations: int = MIN_ITERATIONS) -> int:
+    """How many timed iterations: ``iterations``, or - with ``duration_s`` - as many as fit in that
+    time (trtexec's ``--duration``), at least ``min_iterations`` and at most ``iterations``. A
+    200 ms model then costs seconds, not minutes, while a 1 ms model still gets all 200 samples."""
+    if duration_s is None or seconds_per_call <= 0:
+        return iterations
+    fit = int(duration_s / seconds_per_call)
+    return max(min(iterations, min_iterations), min(iterations, fit))
+
+
 def measure(call: TimedCall, batch_size: int, iterations: int, warmup_s: float,
-            benchmark=None) -> LatencyStats | None:
+            benchmark=None, duration_s: float | None = None) -> LatencyStats | None:
     """Time ``call``. With a pytest-benchmark fixture the loop is its ``pedantic`` run and its raw
     per-round data are the samples; without one a plain perf_counter loop is used. Returns None
-    when pytest-benchmark is disabled (``--benchmark-disable``)."""
-    warm_up(call.run, warmup_s)
+    when pytest-benchmark is disabled (``--benchmark-disable``). ``duration_s`` caps the timed
+    loop's length (see :func:`rounds_for`); ``iterations`` is then the maximum."""
+    t0 = time.perf_counter()
+    n = warm_up(call.run, warmup_s)
+    iterations = rounds_for(iterations, duration_s, (time.perf_counter() - t0) / n)
     if call.device_times_ms is not None:
         call.device_times_ms.clear()
     if benchmark is not None:

@@ -7,18 +7,7 @@ The data (COCO JSON + PNGs) are generated once, deterministically, under
 """
 import pytest
 
+from qatcheck.standard import test_accuracy, test_latency, test_parity  # noqa: F401
 from qatcheck.zoo.recipes import detection_recipe
 
 pytestmark = pytest.mark.qatcheck_recipe(detection_recipe())
-
-
-def test_accuracy(qcase):
-    qcase.check_accuracy()
-
-
-def test_parity(qcase):
-    qcase.check_parity()
-
-
-def test_latency(qcase, benchmark):
-    qcase.check_latency(benchmark)

@@ -2,6 +2,7 @@
 import pytest
 
 from qatcheck.data.fashion_mnist import fashion_mnist_available
+from qatcheck.standard import test_accuracy, test_latency, test_parity  # noqa: F401
 from qatcheck.zoo.recipes import fashion_recipe
 
 _missing = fashion_mnist_available()
@@ -10,14 +11,3 @@ if _missing:
 
 pytestmark = pytest.mark.qatcheck_recipe(fashion_recipe())
 
-
-def test_accuracy(qcase):
-    qcase.check_accuracy()
-
-
-def test_parity(qcase):
-    qcase.check_parity()
-
-
-def test_latency(qcase, benchmark):
-    qcase.check_latency(benchmark)

@@ -399,3 +399,36 @@ def test_markdown_table():
     assert lines[3] == "| qat | onnxruntime | 98.90 |"
     assert all(line.count("|") == 4 for line in lines)
     assert markdown_table(["a"], []) == "| a |\n|---|\n"
+
+
+def test_rounds_for_caps_by_duration_within_bounds():
+    assert timing.rounds_for(200, None, 0.5) == 200  # no cap: the iterations asked for
+    assert timing.rounds_for(200, 3.0, 0.001) == 200  # fast model: all of them fit
+    assert timing.rounds_for(200, 3.0, 0.05) == 60  # 3 s / 50 ms
+    assert timing.rounds_for(200, 3.0, 1.0) == timing.MIN_ITERATIONS  # slow: never below the floor
+    assert timing.rounds_for(10, 3.0, 1.0) == 10  # ...unless fewer were asked for
+
+
+def test_measure_with_duration_takes_fewer_rounds_for_a_slow_call():
+    import time as _t
+
+    n = []
+    s = timing.measure(TimedCall(lambda: (n.append(1), _t.sleep(0.002))), batch_size=1, iterations=500,
+                       warmup_s=0.0, duration_s=0.05)
+    assert timing.MIN_ITERATIONS <= s.iterations < 500
+
+
+def test_atomic_writes_get_ordinary_permissions(tmp_path):
+    """Baselines and reports are shared files: not the 0600 of a private temp file."""
+    import os
+    import stat
+
+    from qatcheck.fsutil import write_text_atomic
+
+    p = tmp_path / "b.json"
+    old = os.umask(0o022)
+    try:
+        write_text_atomic(p, "{}")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(p.stat().st_mode) == 0o644

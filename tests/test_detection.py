@@ -271,3 +271,22 @@ def test_detection_recipe_matches_the_model() -> None:
     r = detection_recipe()
     assert r.task == "detection" and r.output_names == ("heatmap", "size", "offset")
     assert r.input.shape[1:] == (1, dd.IMAGE_SIZE, dd.IMAGE_SIZE)
+
+
+def test_coco_val2017_layout_and_root_errors(tmp_path: Path, monkeypatch) -> None:
+    """coco_val2017 reads the standard layout from --qatcheck-coco-root's variable, and says what is
+    missing when the folder is not a COCO root."""
+    from qatcheck.data.coco import COCO_ROOT_ENV, coco_val2017
+
+    monkeypatch.delenv(COCO_ROOT_ENV, raising=False)
+    with pytest.raises(DataError, match="--qatcheck-coco-root"):
+        coco_val2017()
+    img_dir, ann = _fixture(tmp_path)
+    with pytest.raises(DataError, match="val2017"):
+        coco_val2017(tmp_path)
+    img_dir.rename(tmp_path / "val2017")
+    (tmp_path / "annotations").mkdir()
+    ann.rename(tmp_path / "annotations" / "instances_val2017.json")
+    monkeypatch.setenv(COCO_ROOT_ENV, str(tmp_path))
+    ds = coco_val2017(input_size=(32, 32))
+    assert len(ds) == 2 and ds.name == "coco-val2017" and list(ds.category_ids) == [3, 5]

@@ -182,3 +182,42 @@ def test_malformed_baseline_is_named_and_never_rewritten(pytester, shared_cache)
         result.stdout.no_fnmatch_line("*During handling of the above exception*")
         result.stdout.no_fnmatch_line("*INTERNALERROR*")
         assert path.read_bytes() == before
+
+
+def test_partial_budget_fails_when_the_kept_layer_is_dropped(pytester, shared_cache):
+    """The budget case of issue 5: digits + entropy loses ~14 points in trt_ptq; keeping stem.conv
+    (the sensitivity command's choice) recovers it. Drop the kept layer (a planted regression: a
+    keep list edited by mistake) and the partial case fails its fp32 budget, naming the numbers;
+    the report lists the kept layers and why."""
+    entropy = ('{"quant": QuantSettings(calibrator="entropy", keep_precision=KEEP, '
+               'keep_precision_why={"stem.conv": "planted reason"}), '
+               '"tolerances": __import__("qatcheck.recipe", fromlist=["Tolerances"]).Tolerances('
+               'fp32_budget_points={"partial": 0.5})}')
+    for keep, outcome in ((("stem.conv",), "passed"), ((), "failed")):
+        pytester.makepyfile(test_suite=SUITE.replace("overrides = {overrides}", f"KEEP = {keep!r}\noverrides = {{overrides}}")
+                            .format(modes=("fp32", "partial"), backends=("onnxruntime",), overrides=entropy))
+        result = run(pytester, shared_cache, "-k", "accuracy", "--update-baselines")
+        outcomes = {k: v for k, v in result.parseoutcomes().items() if k in ("passed", "failed")}
+        if outcome == "passed":
+            assert outcomes == {"passed": 2}, result.stdout.str()
+            result.stdout.fnmatch_lines(["*partial keeps 1 layer(s) in higher precision:*",
+                                         "*- stem.conv: planted reason*"])
+        else:
+            assert outcomes == {"passed": 1, "failed": 1}, result.stdout.str()
+            result.stdout.fnmatch_lines(["*digits-partial-onnxruntime accuracy check failed:*",
+                                         "*top1 8?.??% is 1?.?? points below fp32 99.26% on onnxruntime "
+                                         "(budget 0.5 points)*"])
+
+
+def test_standard_checks_imported_into_a_suite_are_parametrized(pytester, shared_cache):
+    """``from qatcheck.standard import ...`` gives a suite the standard checks, parametrized by
+    the importing module's recipe marker, with the usual ids."""
+    pytester.makepyfile(test_std='''
+import pytest
+from qatcheck.standard import test_accuracy, test_latency, test_parity, test_precision  # noqa: F401
+from qatcheck.zoo.recipes import digits_recipe
+pytestmark = pytest.mark.qatcheck_recipe(digits_recipe(modes=("fp32", "trt_ptq"), backends=("onnxruntime",)))
+''')
+    result = run(pytester, shared_cache, "--co", "-q")
+    result.stdout.fnmatch_lines(["*test_accuracy?digits-fp32-onnxruntime?", "*test_precision?digits-trt_ptq-onnxruntime?",
+                                 "*8 tests collected*"])

@@ -108,6 +108,7 @@ def timed_call(fn: Callable[[], Any], cuda_graph: str = "auto") -> TimedCall:
 
         torch.cuda.synchronize()
         call = eager_timed_call(fn)
-        call.note = (f"CUDA graph capture failed ({type(exc).__name__}: {str(exc)[:160]}); timed with "
+        reason = " ".join(str(exc).split())[:160]  # one line: it goes into a table note
+        call.note = (f"CUDA graph capture failed ({type(exc).__name__}: {reason}); timed with "
                      "eager CUDA events, which include kernel-launch gaps")
         return call

@@ -1,6 +1,8 @@
 """PyTorch backend: fp32, fp16 and fake-quant modules on CPU or CUDA."""
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 
 from qatcheck.backends.base import Artifact, Backend, Runner, TimedCall
@@ -16,6 +18,24 @@ def resolve_device(requested: str = "auto") -> str:
 
         raise ConfigError(f"--qatcheck-device={requested} but torch sees no CUDA device")
     return requested
+
+
+@contextlib.contextmanager
+def strict_fp32(enabled: bool):
+    """fp32 means fp32: PyTorch runs CUDA convolutions in TF32 by default (10-bit mantissa), which
+    moves outputs by ~1e-3..1e-2 and would make the fp32 *reference* disagree with an exact fp32
+    ONNX Runtime run. TF32 is switched off while a fp32 module runs, and restored afterwards."""
+    if not enabled:
+        yield
+        return
+    import torch
+
+    saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 class TorchRunner(Runner):
@@ -38,8 +58,12 @@ class TorchRunner(Runner):
     def _to_device(self, x: np.ndarray):
         return self._torch.from_numpy(np.ascontiguousarray(x)).to(self._device, self.dtype)
 
+    @property
+    def _strict(self) -> bool:
+        return self._device.startswith("cuda") and self.dtype == self._torch.float32
+
     def infer(self, x: np.ndarray) -> list[np.ndarray]:
-        with self._torch.inference_mode():
+        with self._torch.inference_mode(), strict_fp32(self._strict):
             out = self.module(self._to_device(x))
         outs = out if isinstance(out, (tuple, list)) else (out,)
         return [o.detach().float().cpu().numpy() for o in outs]
@@ -58,7 +82,12 @@ class TorchRunner(Runner):
 
         # CUDA events around a CUDA-graph replay (trtexec's GPU compute time); eager events when
         # --qatcheck-cuda-graph off or capture fails (the call's note says so)
-        call = cuda_timing.timed_call(lambda: module(xt), self.cuda_graph)
+        strict = self._strict
+
+        def forward():
+            with strict_fp32(strict):
+                return module(xt)
+        call = cuda_timing.timed_call(forward, self.cuda_graph)
         self._clock = call.clock
         return call
 

@@ -40,6 +40,7 @@ from qatcheck.fsutil import atomic_path
 from qatcheck.modes import TORCH_CALIBRATORS
 
 if TYPE_CHECKING:  # pragma: no cover
+    from qatcheck.build.qdq_rules import QDQRules
     from qatcheck.recipe import QuantSettings
 
 __all__ = [
@@ -88,7 +89,9 @@ class TorchQuantConfig:
     ``per_channel=False``) max. ``exclude`` holds regexes, full-matched against module names, whose
     quantizers stay disabled (the layer runs in fp32 and gets no Q/DQ). ``num_bins`` sizes the
     activation histograms; entropy calibration costs O(num_bins**2) Python steps per quantizer
-    (~1.4 s at 2048 on a laptop CPU), so small test models may want fewer bins.
+    (~1.4 s at 2048 on a laptop CPU), so small test models may want fewer bins. ``qdq_rules``
+    (:class:`qatcheck.build.qdq_rules.QDQRules`) adds TensorRT's placement rules for residual Adds,
+    Concats and MaxPools and the ``ignore`` policy; None keeps pytorch-quantization's placement.
     """
 
     calibrator: str = "entropy"
@@ -96,6 +99,7 @@ class TorchQuantConfig:
     per_channel: bool = True
     exclude: tuple[str, ...] = ()
     num_bins: int = 2048
+    qdq_rules: QDQRules | None = None
 
     def __post_init__(self) -> None:
         if self.calibrator not in TORCH_CALIBRATORS:
@@ -114,6 +118,12 @@ class TorchQuantConfig:
             except re.error as exc:
                 raise ConfigError(f"TorchQuantConfig.exclude pattern {pattern!r} is not a valid "
                                   f"regex: {exc}") from None
+        if self.qdq_rules is not None:
+            from qatcheck.build.qdq_rules import QDQRules
+
+            if not isinstance(self.qdq_rules, QDQRules):
+                raise ConfigError(f"TorchQuantConfig.qdq_rules must be a QDQRules or None; "
+                                  f"got {type(self.qdq_rules).__name__}")
 
     @property
     def histogram(self) -> bool:
@@ -124,7 +134,8 @@ class TorchQuantConfig:
     def from_settings(cls, quant: QuantSettings, exclude: Sequence[str] = ()) -> TorchQuantConfig:
         """The config a recipe's :class:`~qatcheck.recipe.QuantSettings` asks for."""
         return cls(calibrator=quant.torch_calibrator, percentile=quant.percentile,
-                   per_channel=quant.per_channel, exclude=tuple(exclude))
+                   per_channel=quant.per_channel, exclude=tuple(exclude),
+                   qdq_rules=quant.qdq_rules)
 
 
 @contextlib.contextmanager
@@ -163,6 +174,17 @@ def _device_of(module: nn.Module) -> torch.device:
     return tensor.device if tensor is not None else torch.device("cpu")
 
 
+def _new_input_quantizer(config: TorchQuantConfig) -> TensorQuantizer:
+    """A per-tensor activation quantizer with the config's calibrator (layers' inputs and the
+    quantizers the Q/DQ placement rules add)."""
+    desc_input = QuantDescriptor(num_bits=8, calib_method="histogram" if config.histogram else "max")
+    quantizer = TensorQuantizer(desc_input)
+    if config.histogram:
+        quantizer._calibrator = calib.HistogramCalibrator(
+            num_bits=8, axis=None, unsigned=False, num_bins=config.num_bins)
+    return quantizer
+
+
 def _make_quant_module(module: nn.Module, config: TorchQuantConfig) -> nn.Module:
     """The Quant* twin of ``module``, sharing its parameters and attributes.
 
@@ -174,15 +196,10 @@ def _make_quant_module(module: nn.Module, config: TorchQuantConfig) -> nn.Module
     qmodule = quant_cls.__new__(quant_cls)
     qmodule.__dict__.update({k: (copy.copy(v) if isinstance(v, dict) else v)
                              for k, v in vars(module).items()})
-    desc_input = QuantDescriptor(num_bits=8, calib_method="histogram" if config.histogram else "max")
-    input_quantizer = TensorQuantizer(desc_input)
-    if config.histogram:
-        input_quantizer._calibrator = calib.HistogramCalibrator(
-            num_bits=8, axis=None, unsigned=False, num_bins=config.num_bins)
     # What QuantMixin.init_quantizer sets; it is not called because it insists on being invoked
     # from an ``__init__`` frame (it inspects the call stack).
     qmodule._fake_quant = True
-    qmodule._input_quantizer = input_quantizer
+    qmodule._input_quantizer = _new_input_quantizer(config)
     if isinstance(qmodule, QuantMixin):
         axis = ((1,) if isinstance(module, _CHANNEL_SECOND) else (0,)) if config.per_channel else None
         qmodule._weight_quantizer = TensorQuantizer(
@@ -196,7 +213,10 @@ def quantize_model(model: nn.Module, config: TorchQuantConfig) -> nn.Module:
     Only exact types in ``_QUANT_MAP`` are replaced: a subclass of ``nn.Conv2d`` may override
     ``forward`` (weight standardization, custom padding), and swapping it would silently drop that.
     Excluded modules are replaced too but their quantizers are disabled, so module names and
-    state-dict keys do not depend on ``exclude``.
+    state-dict keys do not depend on ``exclude``. ``config.qdq_rules`` is applied last (after
+    ``exclude``, whose layers no rule re-enables): see :mod:`qatcheck.build.qdq_rules`. Every
+    quantizer a rule adds is a submodule, so calibration, QAT, export and
+    :func:`save_quantized` / :func:`load_quantized` all see it.
     """
     qmodel = copy.deepcopy(model)
     replaced: dict[int, nn.Module] = {}
@@ -213,6 +233,11 @@ def quantize_model(model: nn.Module, config: TorchQuantConfig) -> nn.Module:
         raise ConfigError(f"{type(model).__name__} has no layer pytorch-quantization can quantize "
                           f"(supported: {', '.join(t.__name__ for t in _QUANT_MAP)})")
     _apply_exclude(qmodel, quantizable, config.exclude)
+    if config.qdq_rules is not None:
+        from qatcheck.build.qdq_rules import apply_qdq_rules
+
+        for line in apply_qdq_rules(qmodel, config.qdq_rules, lambda: _new_input_quantizer(config)):
+            log.debug("Q/DQ rule: %s", line)
     return qmodel
 
 

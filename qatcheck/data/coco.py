@@ -279,3 +279,31 @@ class CocoDataset:
     def __repr__(self) -> str:
         return (f"CocoDataset({self.name!r}, {len(self)} images, {self.num_classes} classes, "
                 f"input {self.input_size}, letterbox={self.letterbox})")
+
+
+#: where ``--qatcheck-coco-root`` puts its value for recipe factories (read lazily, when a case runs)
+COCO_ROOT_ENV = "QATCHECK_COCO_ROOT"
+
+
+def coco_val2017(root: str | Path | None = None, **kwargs: Any) -> CocoDataset:
+    """COCO val2017 from its standard layout: ``<root>/val2017/*.jpg`` and
+    ``<root>/annotations/instances_val2017.json``.
+
+    ``root`` defaults to ``--qatcheck-coco-root`` (environment variable ``QATCHECK_COCO_ROOT``), so
+    a recipe can name the data without a path in the code; ``kwargs`` go to :class:`CocoDataset`
+    (``input_size``, ``max_images`` for a quick subset, ...).
+    """
+    import os
+
+    value = root if root is not None else os.environ.get(COCO_ROOT_ENV)
+    if not value:
+        raise DataError("no COCO root given: pass --qatcheck-coco-root DIR (or set "
+                        f"{COCO_ROOT_ENV}) pointing at the folder holding val2017/ and annotations/")
+    base = Path(value).expanduser()
+    images, ann = base / "val2017", base / "annotations" / "instances_val2017.json"
+    for p in (images, ann):
+        if not p.exists():
+            raise DataError(f"COCO root {base}: {p} does not exist (expected val2017/ and "
+                            "annotations/instances_val2017.json)")
+    kwargs.setdefault("name", "coco-val2017")
+    return CocoDataset(images, ann, **kwargs)

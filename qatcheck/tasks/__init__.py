@@ -22,6 +22,6 @@ def make_task(recipe, eval_data: Callable[[], Any] | None = None):
 
         if eval_data is None:
             raise ConfigError(f"Recipe({recipe.name}): a detection task needs the eval data")
-        return DetectionTask.for_dataset(eval_data(), decoder=getattr(recipe, "decoder", "centernet"))
+        return DetectionTask.for_dataset(eval_data(), decoder=recipe.decoder)
     raise ConfigError(f"Recipe({recipe.name}).task {recipe.task!r} is not supported by this "
                       "version of qatcheck")

@@ -7,8 +7,10 @@ maps boxes back to the original image with each target's ``scale`` / ``pad`` (se
 :mod:`qatcheck.data.coco`) and scores them with pycocotools' COCOeval, the reference
 implementation the published numbers come from.
 
-Adding a head format (YOLO, say) means writing a class with ``num_classes(outputs)`` and
-``decode(outputs)`` and registering it in :data:`DECODERS`.
+Head formats: ``"centernet"`` (:class:`CenterNetDecoder`, the built-in DigitDetector) and ``"yolov8"``
+(:class:`YoloV8Decoder`, ultralytics' anchor-free Detect head, raw per-level maps). Adding one means
+writing a class with ``num_classes(outputs)`` and ``decode(outputs)`` and registering it in
+:data:`DECODERS`.
 """
 from __future__ import annotations
 
@@ -120,8 +122,98 @@ class CenterNetDecoder:
         return out
 
 
+class YoloV8Decoder:
+    """Anchor-free YOLOv8 heads (ultralytics ``Detect``, raw): one map per level, (N, 4 * reg_max + C,
+    h, w), finest level first. Channels ``[0, 4 * reg_max)`` are the DFL logits of the distances
+    (left, top, right, bottom) from the cell centre, ``reg_max`` bins each, in cells; the remaining
+    ``C`` channels are class logits (see :mod:`qatcheck.zoo.yolo`).
+
+    ``strides`` are the levels' strides in input pixels; None infers them from the map sizes with
+    the coarsest level at ``top_stride`` (32: P5, true of every P3-P5 and P2-P5 ultralytics yaml, so
+    yolov8n gives 8, 16, 32 and yolov8n-p2 4, 8, 16, 32; pass ``strides`` for a P6 model).
+
+    Decoding follows ultralytics' validator: the distance is the softmax expectation over the bins,
+    boxes are ``centre -/+ distance`` times the stride, class scores the sigmoid of the logits;
+    every (anchor, class) pair above ``score_threshold`` is a candidate (multi-label), the
+    ``pre_nms_top_k`` best go through class-wise NMS at ``nms_iou`` and ``max_detections`` remain
+    (COCO's 100)."""
+
+    def __init__(self, strides: Sequence[int] | None = None, reg_max: int = 16, score_threshold: float = 0.001,
+                 nms_iou: float = 0.7, max_detections: int = 100, pre_nms_top_k: int = 1000,
+                 top_stride: int = 32) -> None:
+        self.strides = tuple(float(s) for s in strides) if strides is not None else None
+        if (self.strides is not None and (not self.strides or any(s <= 0 for s in self.strides))) or top_stride <= 0:
+            raise ConfigError(f"YoloV8Decoder strides must be positive; got {strides}, top_stride {top_stride}")
+        self.top_stride = float(top_stride)
+        if int(reg_max) < 1:
+            raise ConfigError(f"YoloV8Decoder reg_max must be >= 1; got {reg_max}")
+        self.reg_max = int(reg_max)
+        self.score_threshold, self.nms_iou = float(score_threshold), float(nms_iou)
+        self.max_detections, self.pre_nms_top_k = int(max_detections), int(pre_nms_top_k)
+
+    def __repr__(self) -> str:
+        return (f"YoloV8Decoder(strides={self.strides}, reg_max={self.reg_max}, score_threshold="
+                f"{self.score_threshold}, nms_iou={self.nms_iou}, max_detections={self.max_detections})")
+
+    def level_strides(self, outputs: Sequence[np.ndarray]) -> tuple[float, ...]:
+        """The stride of each output map (given, or inferred from the map heights)."""
+        if self.strides is not None:
+            return self.strides
+        coarsest = float(np.shape(outputs[-1])[2])
+        return tuple(self.top_stride * coarsest / float(np.shape(o)[2]) for o in outputs)
+
+    def _check(self, outputs: Sequence[np.ndarray]) -> list[np.ndarray]:
+        if not len(outputs) or (self.strides is not None and len(outputs) != len(self.strides)):
+            raise DataError(f"the YOLOv8 decoder needs {len(self.strides or ()) or 'one or more'} "
+                            f"outputs (one raw map per stride {self.strides or ''}); the model "
+                            f"produced {len(outputs)}")
+        maps = [np.asarray(o, np.float32) for o in outputs]
+        shapes = [m.shape for m in maps]
+        box = 4 * self.reg_max
+        if any(m.ndim != 4 for m in maps) or len({s[:2] for s in shapes}) != 1 or shapes[0][1] <= box:
+            raise DataError(f"YOLOv8 heads must be (N, 4*reg_max + classes, h, w) with one N and channel "
+                            f"count per level and more than {box} channels (reg_max {self.reg_max}); "
+                            f"got {shapes}")
+        return maps
+
+    def num_classes(self, outputs: Sequence[np.ndarray]) -> int:
+        return int(self._check(outputs)[0].shape[1] - 4 * self.reg_max)
+
+    def decode(self, outputs: Sequence[np.ndarray]) -> list[Detections]:
+        import torch
+
+        maps = self._check(outputs)
+        n, channels = maps[0].shape[:2]
+        r, c = self.reg_max, channels - 4 * self.reg_max
+        boxes, scores = [], []
+        with torch.no_grad():
+            bins = torch.arange(r, dtype=torch.float32)
+            for m, stride in zip(maps, self.level_strides(maps)):
+                t = torch.from_numpy(m)
+                h, w = t.shape[2:]
+                dist = (t[:, :4 * r].reshape(n, 4, r, h * w).softmax(2) * bins[:, None]).sum(2)  # N,4,hw
+                ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float32) + 0.5,
+                                        torch.arange(w, dtype=torch.float32) + 0.5, indexing="ij")
+                cx, cy = xs.reshape(-1), ys.reshape(-1)
+                boxes.append(torch.stack([cx - dist[:, 0], cy - dist[:, 1], cx + dist[:, 2], cy + dist[:, 3]],
+                                         2) * stride)  # N,hw,4
+                scores.append(torch.sigmoid(t[:, 4 * r:].reshape(n, c, h * w)).transpose(1, 2))  # N,hw,C
+            all_boxes, all_scores = torch.cat(boxes, 1).numpy(), torch.cat(scores, 1).numpy()
+        out = []
+        for i in range(n):
+            anchor, cls = np.nonzero(all_scores[i] >= self.score_threshold)
+            s = all_scores[i][anchor, cls]
+            if len(s) > self.pre_nms_top_k:
+                top = np.argsort(-s, kind="stable")[: self.pre_nms_top_k]
+                anchor, cls, s = anchor[top], cls[top], s[top]
+            b, labels = all_boxes[i][anchor], cls.astype(np.int64)
+            k = nms(b, s, labels, self.nms_iou)[: self.max_detections]
+            out.append(Detections(b[k].reshape(-1, 4).astype(np.float32), s[k].astype(np.float32), labels[k]))
+        return out
+
+
 #: head format name -> decoder factory (keyword arguments come from the recipe)
-DECODERS: dict[str, Callable[..., Decoder]] = {"centernet": CenterNetDecoder}
+DECODERS: dict[str, Callable[..., Decoder]] = {"centernet": CenterNetDecoder, "yolov8": YoloV8Decoder}
 
 
 def make_decoder(spec: str | Decoder | Mapping[str, Any] = "centernet") -> Decoder:

@@ -1,0 +1,40 @@
+"""The standard checks, for suites to import instead of writing them again::
+
+    import pytest
+    from qatcheck.standard import test_accuracy, test_latency, test_parity  # noqa: F401
+
+    pytestmark = pytest.mark.qatcheck_recipe(my_recipe())
+
+pytest collects imported test functions as the importing module's own, so the module's
+``qatcheck_recipe`` marker parametrizes them and their ids read ``test_accuracy[digits-fp32-torch]``.
+A suite that needs something else writes its own functions with the ``qcase`` fixture.
+"""
+from __future__ import annotations
+
+import pytest
+
+#: modes whose engines should run in int8 (the TensorRT precision audit applies to them)
+INT8_MODES = ("trt_ptq", "partial", "torch_ptq", "qat")
+
+
+def test_accuracy(qcase):
+    """The task metric over the full eval set vs its baseline (and the fp32 budget, if any)."""
+    qcase.check_accuracy()
+
+
+def test_parity(qcase):
+    """Outputs vs the case's PyTorch reference: cosine, max-abs, task-level agreement."""
+    qcase.check_parity()
+
+
+def test_latency(qcase, benchmark):
+    """Median latency vs the baseline recorded on this device fingerprint."""
+    qcase.check_latency(benchmark)
+
+
+def test_precision(qcase):
+    """On TensorRT: every conv of an int8 engine runs in int8 (layers the recipe keeps in higher
+    precision excepted). Skips on backends without an engine to inspect."""
+    if qcase.case.mode not in INT8_MODES:
+        pytest.skip(f"{qcase.case.mode} is not an int8 mode")
+    qcase.check_precision(conv="int8")
