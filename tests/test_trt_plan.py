@@ -315,3 +315,30 @@ def test_audit_edge_cases():
 def test_frozen_plans_are_hashable_and_copyable():
     p = plan("partial", V10)
     assert copy.deepcopy(p) == p and hash(p.pins)
+
+
+def test_session_precision_check_fails_on_a_dropped_int8_layer(tmp_path):
+    """The suite-level check (``qcase.check_precision(conv="int8")``) on a TensorRT case reads the
+    runner's audit: a conv that fell back to fp32 fails with its name; a kept layer is excused on
+    ``partial``; other backends skip without building anything."""
+    from qatcheck.measurement import Case
+    from qatcheck.recipe import InputSpec, QuantSettings, Recipe
+    from qatcheck.session import Options, QatcheckSession
+
+    class AuditedRunner:  # what TrtRunner offers the check: an ``audit``
+        def __init__(self, planted: bool) -> None:
+            self.audit = parse_engine_info(engine_json(planted_fp32_conv=planted))
+
+    recipe = Recipe(name="r", task="classification", model=lambda: None, eval_data=lambda: None,
+                    calib_data=lambda: None, input=InputSpec(shape=(2, 1, 4, 4)),
+                    modes=("trt_ptq", "partial"), backends=("tensorrt", "onnxruntime"),
+                    quant=QuantSettings(keep_precision=("layer1.0.conv2",)))
+    session = QatcheckSession(Options(baselines_dir=tmp_path, cache_dir=tmp_path), {})
+    session.register(recipe)
+    session._runners[("r", "trt_ptq", "tensorrt")] = AuditedRunner(planted=True)
+    session._runners[("r", "partial", "tensorrt")] = AuditedRunner(planted=True)
+    res = session.check_precision(Case("r", "trt_ptq", "tensorrt"), {"conv": "int8"})
+    assert not res.ok and "'/layer1/layer1.0/conv2/Conv' runs fp32" in res.failures[0]
+    assert session.check_precision(Case("r", "partial", "tensorrt"), {"conv": "int8"}).ok
+    skipped = session.check_precision(Case("r", "trt_ptq", "onnxruntime"), {"conv": "int8"})
+    assert skipped.ok and "TensorRT only" in skipped.skipped
