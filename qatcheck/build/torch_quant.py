@@ -174,14 +174,49 @@ def _device_of(module: nn.Module) -> torch.device:
     return tensor.device if tensor is not None else torch.device("cpu")
 
 
-def _new_input_quantizer(config: TorchQuantConfig) -> TensorQuantizer:
-    """A per-tensor activation quantizer with the config's calibrator (layers' inputs and the
-    quantizers the Q/DQ placement rules add)."""
+class _BoundedHistogramCalibrator(calib.HistogramCalibrator):
+    """pytorch-quantization's histogram, kept within ``num_bins .. 2 * num_bins`` bins.
+
+    The library's histogram keeps its first bin width and appends bins whenever a tensor exceeds
+    the range seen so far. A quantizer shared by several tensors (the Q/DQ placement rules: every
+    input of a Concat) is typically fed a narrow tensor first and a wide one next, so it grows to
+    tens of thousands of bins, and the entropy / mse searches are quadratic in the bin count
+    (minutes per quantizer). Here adjacent bins are merged pairwise whenever the count passes
+    ``2 * num_bins``: the range stays covered, the resolution never drops below ``num_bins`` bins.
+    Used for the quantizers the rules add; layer input quantizers keep the library's histogram.
+    """
+
+    def __init__(self, num_bits: int, axis: Any, unsigned: bool, num_bins: int = 2048) -> None:
+        super().__init__(num_bits, axis, unsigned, num_bins=num_bins)
+        self._base_bins = int(num_bins)
+
+    def collect(self, x: torch.Tensor) -> None:
+        super().collect(x)
+        hist = self._calib_hist
+        while hist.numel() > 2 * self._base_bins:
+            if hist.numel() % 2:
+                hist = torch.cat([hist, hist.new_zeros(1)])
+            hist = hist.view(-1, 2).sum(1)
+            width = float(self._calib_bin_edges[1] - self._calib_bin_edges[0]) * 2
+            self._num_bins = hist.numel()
+            self._calib_bin_edges = torch.arange(self._num_bins + 1, dtype=torch.float32,
+                                                 device=hist.device) * width
+        self._calib_hist = hist
+
+    def reset(self) -> None:
+        super().reset()
+        self._num_bins = self._base_bins
+
+
+def _new_input_quantizer(config: TorchQuantConfig, shared: bool = False) -> TensorQuantizer:
+    """A per-tensor activation quantizer with the config's calibrator: layers' inputs, and with
+    ``shared`` the quantizers the Q/DQ placement rules add (bounded histogram, see
+    :class:`_BoundedHistogramCalibrator`)."""
     desc_input = QuantDescriptor(num_bits=8, calib_method="histogram" if config.histogram else "max")
     quantizer = TensorQuantizer(desc_input)
     if config.histogram:
-        quantizer._calibrator = calib.HistogramCalibrator(
-            num_bits=8, axis=None, unsigned=False, num_bins=config.num_bins)
+        cls = _BoundedHistogramCalibrator if shared else calib.HistogramCalibrator
+        quantizer._calibrator = cls(num_bits=8, axis=None, unsigned=False, num_bins=config.num_bins)
     return quantizer
 
 
@@ -236,7 +271,7 @@ def quantize_model(model: nn.Module, config: TorchQuantConfig) -> nn.Module:
     if config.qdq_rules is not None:
         from qatcheck.build.qdq_rules import apply_qdq_rules
 
-        for line in apply_qdq_rules(qmodel, config.qdq_rules, lambda: _new_input_quantizer(config)):
+        for line in apply_qdq_rules(qmodel, config.qdq_rules, lambda: _new_input_quantizer(config, shared=True)):
             log.debug("Q/DQ rule: %s", line)
     return qmodel
 
