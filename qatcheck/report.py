@@ -10,7 +10,7 @@ from pathlib import Path
 
 from qatcheck.errors import BaselineError
 from qatcheck.fsutil import write_text_atomic
-from qatcheck.measurement import Case, Measurement
+from qatcheck.measurement import Case
 
 COLUMNS_HEAD = ("Mode", "Backend", "Calibrator")
 COLUMNS_TAIL = ("Δ fp32 (pt)", "Δ baseline (pt)", "p50 ms", "Speedup", "Parity (cos / agree)", "Verdict")

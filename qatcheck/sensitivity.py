@@ -28,7 +28,6 @@ worth of the subset are treated as ties so that noise does not outrank a real co
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import math
 import sys
@@ -834,7 +833,7 @@ def _plot(prof: Profile, out: Path, budget: BudgetResult | None) -> None:
         ax.barh(labels, [(r.only_drop_points or 0.0) for r in rows][::-1], color=colors)
         ax.set_xlabel(f"{prof.metric} drop (points), only this layer quantized")
     fig.suptitle(f"{prof.recipe}: {prof.mode} sensitivity ({prof.calibrator}, {prof.samples} samples)"
-                 + (f"; red = kept for budget" if chosen else ""), fontsize=10)
+                 + ("; red = kept for budget" if chosen else ""), fontsize=10)
     fig.tight_layout()
     with atomic_path(out) as tmp:
         fig.savefig(tmp, format="png", dpi=110)

@@ -119,15 +119,9 @@ def load_digit_detector(checkpoint: str | Path | None = None) -> DigitDetector:
     except (KeyError, TypeError, ValueError) as exc:
         raise ArtifactError(f"checkpoint {path}: meta['arch'] = {arch!r} is not a DigitDetector "
                             f"configuration ({exc})") from exc
-    state, expected = ckpt["state_dict"], model.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    wrong = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in expected.items()
-             if k in state and isinstance(state[k], torch.Tensor) and state[k].shape != v.shape]
-    if missing or unexpected or wrong:
-        parts = [f"{label} {items[:5]}{' ...' if len(items) > 5 else ''}"
-                 for label, items in (("missing keys", missing), ("unexpected keys", unexpected),
-                                      ("wrong shapes", wrong)) if items]
-        raise ArtifactError(f"checkpoint {path} does not match DigitDetector({arch}): " + "; ".join(parts))
+    from qatcheck.zoo.checkpoint import check_state_dict
+
+    state = ckpt["state_dict"]
+    check_state_dict(path, state, model, f"DigitDetector({arch})")
     model.load_state_dict(state, strict=True)
     return model.eval()

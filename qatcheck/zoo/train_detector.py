@@ -99,7 +99,8 @@ def centernet_loss(outputs: Sequence[torch.Tensor], targets: Sequence[dict]) -> 
     return dense_loss(outputs, t)
 
 
-def _load_split(ds) -> tuple[torch.Tensor, list[dict]]:
+def load_split(ds) -> tuple[torch.Tensor, list[dict]]:
+    """A whole (small) detection split in memory: inputs as one tensor, targets as a list."""
     xs, ys = [], []
     for x, y in ds.batches(512):
         xs.append(x)
@@ -108,12 +109,13 @@ def _load_split(ds) -> tuple[torch.Tensor, list[dict]]:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, ds, batch_size: int = 200) -> dict[str, float]:
-    """COCO metrics of ``model`` on ``ds`` through the shared task code (model left in eval mode)."""
+def evaluate(model: nn.Module, ds, batch_size: int = 200, decoder: str = "centernet") -> dict[str, float]:
+    """COCO metrics of ``model`` on ``ds`` through the shared task code (model left in eval mode);
+    the training scripts report exactly what the suites will measure."""
     from qatcheck.tasks.detection import DetectionTask
 
     model.eval()
-    task = DetectionTask.for_dataset(ds)
+    task = DetectionTask.for_dataset(ds, decoder)
     metric = task.metric()
     for x, y in ds.batches(batch_size):
         metric.update([o.numpy() for o in model(torch.from_numpy(x))], y)
@@ -129,7 +131,7 @@ def train(epochs: int = EPOCHS, out: Path | None = None, seed: int = 0, threads:
         torch.set_num_threads(threads)
     seed_everything(seed)
     train_ds, val_ds = digit_detection_split("train", root), digit_detection_split("val", root)
-    x_all, y_all = _load_split(train_ds)
+    x_all, y_all = load_split(train_ds)
     model = DigitDetector(num_classes=train_ds.num_classes)
     with torch.no_grad():
         out_hw = tuple(model(x_all[:1])[0].shape[2:])

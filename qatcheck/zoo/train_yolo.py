@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from qatcheck.zoo.train_detector import evaluate as _evaluate, load_split
 from qatcheck.zoo.yolo import (
     DEFAULT_CFG,
     YOLO_CHECKPOINT,
@@ -72,25 +73,9 @@ class EMA:
                 v.copy_(src[k])
 
 
-def _load_split(ds) -> tuple[torch.Tensor, list[dict]]:
-    xs, ys = [], []
-    for x, y in ds.batches(512):
-        xs.append(x)
-        ys.extend(y)
-    return torch.from_numpy(np.concatenate(xs)), ys
-
-
-@torch.no_grad()
 def evaluate(model: nn.Module, ds, batch_size: int = 100) -> dict[str, float]:
-    """COCO metrics of ``model`` on ``ds`` through the shared task code (model left in eval mode)."""
-    from qatcheck.tasks.detection import DetectionTask
-
-    model.eval()
-    task = DetectionTask.for_dataset(ds, "yolov8")
-    metric = task.metric()
-    for x, y in ds.batches(batch_size):
-        metric.update([o.numpy() for o in model(torch.from_numpy(x))], y)
-    return metric.result()
+    """COCO metrics through the shared task code with the ``yolov8`` decoder."""
+    return _evaluate(model, ds, batch_size, decoder="yolov8")
 
 
 def stored_model(model: YoloRaw) -> YoloRaw:
@@ -112,7 +97,7 @@ def train(epochs: int = EPOCHS, out: Path | None = None, seed: int = 0, threads:
         torch.set_num_threads(threads)
     seed_everything(seed)
     train_ds, val_ds = digit_detection_split("train", root), digit_detection_split("val", root)
-    x_all, y_all = _load_split(train_ds)
+    x_all, y_all = load_split(train_ds)
     model = build_yolo(cfg, num_classes=train_ds.num_classes, in_channels=int(x_all.shape[1]))
     criterion = YoloLoss(model.num_classes, model.reg_max, model.strides)
     ema = EMA(model)

@@ -194,16 +194,9 @@ def build_yolo(cfg: str = DEFAULT_CFG, num_classes: int = 10, in_channels: int =
 
 
 def _check_state(path: Path, state: dict, model: nn.Module, arch: dict) -> None:
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    wrong = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in expected.items()
-             if k in state and isinstance(state[k], torch.Tensor) and state[k].shape != v.shape]
-    if missing or unexpected or wrong:
-        parts = [f"{label} {items[:5]}{' ...' if len(items) > 5 else ''}"
-                 for label, items in (("missing keys", missing), ("unexpected keys", unexpected),
-                                      ("wrong shapes", wrong)) if items]
-        raise ArtifactError(f"checkpoint {path} does not match YoloRaw({arch}): " + "; ".join(parts))
+    from qatcheck.zoo.checkpoint import check_state_dict
+
+    check_state_dict(path, state, model, f"YoloRaw({arch})")
 
 
 def load_digit_yolo(checkpoint: str | Path | None = None, fuse: bool = True) -> YoloRaw:

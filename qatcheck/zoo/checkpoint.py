@@ -1,0 +1,29 @@
+"""Checking a checkpoint's state dict against the model it is loaded into.
+
+Why not just ``load_state_dict(strict=True)``: its error lists every key, which for a wrong
+architecture is hundreds of lines. A user needs the file, the model it was meant for and the first
+few mismatches.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from qatcheck.errors import ArtifactError
+
+
+def check_state_dict(path: Path, state: dict, model: nn.Module, what: str) -> None:
+    """ArtifactError naming ``path`` and ``what`` (e.g. ``DigitDetector({...})``) when ``state`` has
+    missing or unexpected keys or tensors of the wrong shape for ``model``."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    wrong = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in expected.items()
+             if k in state and isinstance(state[k], torch.Tensor) and state[k].shape != v.shape]
+    if missing or unexpected or wrong:
+        parts = [f"{label} {items[:5]}{' ...' if len(items) > 5 else ''}"
+                 for label, items in (("missing keys", missing), ("unexpected keys", unexpected),
+                                      ("wrong shapes", wrong)) if items]
+        raise ArtifactError(f"checkpoint {path} does not match {what}: " + "; ".join(parts))
