@@ -10,7 +10,8 @@ import onnxruntime.transformers.float16  # noqa: E402,F401
 import rich.console  # noqa: E402,F401
 import sklearn.datasets  # noqa: E402,F401
 import sklearn.model_selection  # noqa: E402,F401
-import torch  # noqa: E402,F401
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 import qatcheck.artifacts  # noqa: E402,F401
 import qatcheck.build.onnx_ptq  # noqa: E402,F401
@@ -18,3 +19,13 @@ import qatcheck.build.qat  # noqa: E402,F401
 import qatcheck.build.torch_quant  # noqa: E402,F401
 import qatcheck.report  # noqa: E402,F401
 import qatcheck.zoo.recipes  # noqa: E402,F401
+
+
+@pytest.fixture(scope="module")
+def single_thread_module():
+    """One intra-op thread for a module of tiny-model tests: on a busy 2-core box PyTorch's two
+    OpenMP threads are up to 10x slower than one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

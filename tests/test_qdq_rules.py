@@ -121,11 +121,8 @@ class TinyYolo(nn.Module):
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _single_thread(single_thread_module):
+    """Intra-op threads only add overhead on models this small (see tests/conftest.py)."""
 
 
 @pytest.fixture(scope="module")

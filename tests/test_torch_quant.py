@@ -57,12 +57,8 @@ class ResNetTiny(nn.Module):
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _single_thread():
-    """Intra-op threads only add overhead on models this small (10x slower on a busy 2-core box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _single_thread(single_thread_module):
+    """Intra-op threads only add overhead on models this small (see tests/conftest.py)."""
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,14 @@ import torch
 from torch import nn
 
 from qatcheck.errors import ArtifactError
+from qatcheck.fsutil import atomic_path
+
+
+def save_checkpoint(out: Path, state_dict: dict, meta: dict) -> None:
+    """``{"state_dict", "meta"}`` written atomically: an interrupted training run never leaves a
+    half-written checkpoint in the zoo."""
+    with atomic_path(out) as tmp:
+        torch.save({"state_dict": state_dict, "meta": meta}, tmp)
 
 
 def check_state_dict(path: Path, state: dict, model: nn.Module, what: str) -> None:

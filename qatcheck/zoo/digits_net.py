@@ -124,18 +124,10 @@ def load_net(checkpoint: str | Path, default_arch: str = "digits") -> DigitsNet:
     except (KeyError, TypeError, ValueError) as exc:
         raise ArtifactError(f"checkpoint {path}: meta['arch'] = {arch!r} is not a DigitsNet "
                             f"configuration ({exc})") from exc
+    from qatcheck.zoo.checkpoint import check_state_dict
+
     state = ckpt["state_dict"]
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    wrong_shape = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in expected.items()
-                   if k in state and isinstance(state[k], torch.Tensor) and state[k].shape != v.shape]
-    if missing or unexpected or wrong_shape:
-        parts = [f"{label} {items[:5]}{' ...' if len(items) > 5 else ''}"
-                 for label, items in (("missing keys", missing), ("unexpected keys", unexpected),
-                                      ("wrong shapes", wrong_shape)) if items]
-        raise ArtifactError(f"checkpoint {path} does not match DigitsNet(widths={model.widths}): "
-                            + "; ".join(parts))
+    check_state_dict(path, state, model, f"DigitsNet(widths={model.widths})")
     model.load_state_dict(state, strict=True)
     return model.eval()
 

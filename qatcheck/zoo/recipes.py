@@ -110,6 +110,17 @@ _DETECTION_KEEP_WHY = {
 }
 
 
+def _digit_detection_data(root: str | Path | None) -> dict:
+    """The data and input fields both built-in detectors share: the generated digit-detection
+    splits (64x64 grayscale), batch 16, dynamic batch 1..32."""
+    from qatcheck.data.digit_detection import digit_detection_split
+
+    return dict(eval_data=lambda: digit_detection_split("val", root),
+                calib_data=lambda: digit_detection_split("calib", root),
+                train_data=lambda: digit_detection_split("train", root),
+                input=InputSpec(name="input", shape=(16, 1, 64, 64), dynamic={0: (1, 16, 32)}))
+
+
 def _centernet_loss(outputs, targets):
     """The detector's training loss, imported on first use (keeps importing recipes cheap)."""
     from qatcheck.zoo.train_detector import centernet_loss
@@ -122,7 +133,6 @@ def detection_recipe(checkpoint: str | Path | None = None, root: str | Path | No
     """The built-in detection recipe: the CenterNet-style DigitDetector on digits pasted onto
     scikit-image photos (64x64 grayscale, 10 classes, COCO-format data generated once under
     ``root``, default ``~/.cache/qatcheck/digit_detection``)."""
-    from qatcheck.data.digit_detection import digit_detection_split
     from qatcheck.zoo.digit_detector import DETECTOR_CHECKPOINT, OUTPUT_NAMES, load_digit_detector
 
     ckpt = Path(checkpoint) if checkpoint else DETECTOR_CHECKPOINT
@@ -130,10 +140,7 @@ def detection_recipe(checkpoint: str | Path | None = None, root: str | Path | No
         name="digitdet",
         task="detection",
         model=lambda: load_digit_detector(ckpt),
-        eval_data=lambda: digit_detection_split("val", root),
-        calib_data=lambda: digit_detection_split("calib", root),
-        train_data=lambda: digit_detection_split("train", root),
-        input=InputSpec(name="input", shape=(16, 1, 64, 64), dynamic={0: (1, 16, 32)}),
+        **_digit_detection_data(root),
         output_names=OUTPUT_NAMES,
         # measured on the val split (mAP@.5:.95, fp32 65.30): torch_ptq max 65.14, entropy 65.16,
         # mse 65.15, percentile 65.27; trt_ptq (ONNX Q/DQ, ORT CPU) minmax 65.12, entropy 65.44,
@@ -172,7 +179,6 @@ def yolo_recipe(checkpoint: str | Path | None = None, root: str | Path | None = 
     import importlib.util
 
     from qatcheck.build.qdq_rules import QDQRules
-    from qatcheck.data.digit_detection import digit_detection_split
     from qatcheck.errors import ConfigError
     from qatcheck.zoo.yolo import INSTALL_HINT, OUTPUT_NAMES, YOLO_CHECKPOINT
 
@@ -190,10 +196,7 @@ def yolo_recipe(checkpoint: str | Path | None = None, root: str | Path | None = 
         name="digityolo",
         task="detection",
         model=model,
-        eval_data=lambda: digit_detection_split("val", root),
-        calib_data=lambda: digit_detection_split("calib", root),
-        train_data=lambda: digit_detection_split("train", root),
-        input=InputSpec(name="input", shape=(16, 1, 64, 64), dynamic={0: (1, 16, 32)}),
+        **_digit_detection_data(root),
         output_names=OUTPUT_NAMES,
         # measured on the val split (benchmarks/YOLO_RESULTS.md; mAP@.5:.95, fp32 73.94, ONNX Runtime):
         # torch_ptq percentile 73.92, mse 73.66, max 73.49 (entropy: > 15 min of KL search at 2048

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from qatcheck.zoo.checkpoint import save_checkpoint
 from qatcheck.zoo.digit_detector import DETECTOR_CHECKPOINT, STRIDE, DigitDetector
 from qatcheck.zoo.train_digits import seed_everything
 
@@ -172,10 +173,7 @@ def train(epochs: int = EPOCHS, out: Path | None = None, seed: int = 0, threads:
         "torch": str(torch.__version__), "threads": torch.get_num_threads(),
         "train_seconds": round(seconds, 1), "machine": platform.machine(),
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(out.suffix + ".tmp")
-    torch.save({"state_dict": model.state_dict(), "meta": meta}, tmp)
-    tmp.replace(out)
+    save_checkpoint(out, model.state_dict(), meta)
     print(f"saved {out} ({out.stat().st_size / 1024:.0f} KB): val mAP@.5:.95 {metrics['map50_95']:.4f}, "
           f"mAP@.5 {metrics['map50']:.4f} in {seconds:.1f}s on {torch.get_num_threads()} thread(s)")
     return model, meta

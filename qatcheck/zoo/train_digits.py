@@ -132,10 +132,9 @@ def train(dataset: str, epochs: int | None = None, out: Path | None = None, seed
         "torch": str(torch.__version__), "threads": torch.get_num_threads(),  # str: TorchVersion breaks weights_only loads
         "train_seconds": round(seconds, 1), "machine": platform.machine(),
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(out.suffix + ".tmp")
-    torch.save({"state_dict": model.state_dict(), "meta": meta}, tmp)
-    tmp.replace(out)  # atomic: an interrupted run never leaves a half-written checkpoint
+    from qatcheck.zoo.checkpoint import save_checkpoint
+
+    save_checkpoint(out, model.state_dict(), meta)
     print(f"saved {out} ({out.stat().st_size / 1024:.0f} KB): val top-1 {val_top1:.2f}% "
           f"in {seconds:.1f}s on {torch.get_num_threads()} thread(s)")
     return model, meta

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from qatcheck.zoo.checkpoint import save_checkpoint
 from qatcheck.zoo.train_detector import evaluate as _evaluate, load_split
 from qatcheck.zoo.yolo import (
     DEFAULT_CFG,
@@ -144,10 +145,7 @@ def train(epochs: int = EPOCHS, out: Path | None = None, seed: int = 0, threads:
         "torch": str(torch.__version__), "ultralytics": str(ultralytics.__version__),
         "threads": torch.get_num_threads(), "train_seconds": round(seconds, 1), "machine": platform.machine(),
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(out.suffix + ".tmp")
-    torch.save({"state_dict": compact_state_dict(ema.model), "meta": meta}, tmp)
-    tmp.replace(out)
+    save_checkpoint(out, compact_state_dict(ema.model), meta)
     print(f"saved {out} ({out.stat().st_size / 1e6:.2f} MB): val mAP@.5:.95 {metrics['map50_95']:.4f}, "
           f"mAP@.5 {metrics['map50']:.4f} in {seconds:.1f}s on {torch.get_num_threads()} thread(s)")
     return final, meta
