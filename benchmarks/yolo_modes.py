@@ -12,7 +12,7 @@ them on the val split. ``box_match`` compares each case's boxes with a reference
 batches: an ONNX Runtime case with the same mode in PyTorch (export parity; ``trt_ptq`` exists only
 as ONNX and is compared with PyTorch fp32), a PyTorch int8 case with PyTorch fp32 (quantization
 parity). The Q/DQ modes are also built without the placement rules (``QuantSettings.qdq_rules =
-None``) to show what the rules change; ``lint`` is ``qatcheck.build.qdq_lint.lint_qdq`` on each Q/DQ
+None``) to show what the rules change; ``lint`` is ``qatcheck.quantize.qdq_lint.lint_qdq`` on each Q/DQ
 ONNX (findings, then Q/DQ pairs). ``--torch-calibrators`` / ``--onnx-calibrators`` add torch_ptq /
 trt_ptq rows (ONNX Runtime only) for other calibrators than the recipe's.
 """
@@ -29,7 +29,7 @@ import torch
 from qatcheck.artifacts import ArtifactBuilder, RecipeState
 from qatcheck.backends.onnxruntime_backend import OrtBackend
 from qatcheck.backends.torch_backend import TorchBackend
-from qatcheck.build.qdq_lint import lint_qdq
+from qatcheck.quantize.qdq_lint import lint_qdq
 from qatcheck.cache import ArtifactCache
 from qatcheck.tasks.detection import DetectionTask
 from qatcheck.zoo.recipes import yolo_recipe

@@ -7,7 +7,7 @@
 
     python -m qatcheck lint model.onnx [--ignore REGEX ...]
 
-``lint`` checks a Q/DQ ONNX against TensorRT's placement rules (qatcheck.build.qdq_lint) and exits
+``lint`` checks a Q/DQ ONNX against TensorRT's placement rules (qatcheck.quantize.qdq_lint) and exits
 1 when it has findings.
 
 Errors a user can act on (unknown recipe spec, calibrator, layer...) print one line and exit 2.
@@ -79,7 +79,9 @@ def _render(header: Sequence[str], rows: Sequence[Sequence[str]], title: str) ->
 
 
 def cmd_sensitivity(args: argparse.Namespace) -> int:
-    from qatcheck import sensitivity as S
+    from qatcheck.analysis import sensitivity as S
+    from qatcheck.analysis.keeplist import keep_list, write_keep_list
+    from qatcheck.analysis.sensitivity_report import table_rows, write_reports
 
     budget = None
     if args.budget_points is not None or args.budget_relative is not None:
@@ -91,7 +93,7 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
     prof = S.profile(runner, args.path, max_samples=args.max_samples,
                      only_quantized=args.only_quantized, progress=not args.no_progress)
     t_prof = time.perf_counter() - t0
-    header, rows = S.table_rows(prof, args.top)
+    header, rows = table_rows(prof, args.top)
     title = (f"{prof.recipe}: {prof.mode} sensitivity ({prof.path} path, calibrator {prof.calibrator}, "
              f"{prof.samples} samples; fp32 {prof.fp32 * 100:.2f}%, {prof.mode} {prof.ptq * 100:.2f}%)")
     print(_render(header, rows, title), end="")
@@ -107,15 +109,15 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
         if result.met:
             print(f"chosen layers: {', '.join(result.layers) if result.layers else '(none)'}")
             if args.write_keep:
-                keep = S.keep_list(prof, result)
-                print(f"wrote {S.write_keep_list(keep, args.write_keep)} (the recipe's keep_precision)")
-    for path in S.write_reports(prof, args.reports, result):
+                keep = keep_list(prof, result)
+                print(f"wrote {write_keep_list(keep, args.write_keep)} (the recipe's keep_precision)")
+    for path in write_reports(prof, args.reports, result):
         print(f"wrote {path}")
     return 0 if result is None or result.met else 1
 
 
 def cmd_lint(args: argparse.Namespace) -> int:
-    from qatcheck.build.qdq_lint import lint_qdq
+    from qatcheck.quantize.qdq_lint import lint_qdq
 
     failed = 0
     for path in args.onnx:
@@ -148,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--top", type=int, default=None, help="show only the N most sensitive layers")
     s.add_argument("--write-keep", default=None, metavar="FILE",
                    help="with a budget: write the chosen layers and why to FILE (JSON a recipe reads "
-                        "with qatcheck.sensitivity.load_keep_list)")
+                        "with qatcheck.analysis.keeplist.load_keep_list)")
     s.add_argument("--reports", default="reports", help="report directory (default reports/)")
     s.add_argument("--cache", default=".qatcheck_cache", help="artifact cache (default .qatcheck_cache)")
     s.add_argument("--no-cache", action="store_true", help="recompute everything")

@@ -1,42 +1,34 @@
 """Mode -> artifacts: what each mode builds, keyed into the artifact cache.
 
 This is backend-neutral: it decides *what* exists for a mode (a torch module, a plain / fp16 /
-Q/DQ / dynamic ONNX file) and *how it was made* (calibrator, excluded layers). Backends only run
-the result.
+Q/DQ ONNX file, static or with the recipe's dynamic axes) and *how it was made* (calibrator,
+excluded layers). Which builder a mode uses and what enters its cache key come from its row in the
+mode table (:mod:`qatcheck.modes`); the builder functions below are the ones the built-in rows name.
+Backends only run the result.
 """
 from __future__ import annotations
 
 import copy
 import hashlib
+import inspect
 from functools import cached_property
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import torch
 
 from qatcheck.backends.base import Artifact
-from qatcheck.build import export
 from qatcheck.cache import ArtifactCache, library_versions
 from qatcheck.data.base import Dataset, shuffled_batches
+from qatcheck.data.batching import fixed_batches
 from qatcheck.errors import ArtifactError, DataError
 from qatcheck.fsutil import file_digest
+from qatcheck.modes import ModeSpec, resolve, spec as mode_spec
+from qatcheck.quantize import export
 from qatcheck.recipe import Recipe
 
-PRECISION = {"fp32": "fp32", "dynamic": "fp32", "fp16": "fp16"}
-
-
-def fixed_batches(ds: Dataset, batch_size: int, limit: int | None = None) -> Iterator[np.ndarray]:
-    """Batches of exactly ``batch_size`` inputs (static-shape graphs need them): a short final
-    batch is filled by wrapping around to the first samples, which is harmless for calibration."""
-    head = None
-    for x, _ in ds.batches(batch_size, limit):
-        if head is None:
-            head = x
-        if len(x) < batch_size:
-            reps = int(np.ceil(batch_size / len(head))) + 1
-            x = np.concatenate([x, *([head] * reps)])[:batch_size]
-        yield x
+__all__ = ["ArtifactBuilder", "RecipeState", "fixed_batches", "state_digest"]
 
 
 def state_digest(model: torch.nn.Module) -> str:
@@ -46,6 +38,17 @@ def state_digest(model: torch.nn.Module) -> str:
         h.update(name.encode())
         h.update(t.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def code_digest(fn: Any) -> str:
+    """Digest of a callable's source (the QAT loss): editing it rebuilds what it trained."""
+    if fn is None:
+        return "none"
+    try:
+        src = inspect.getsource(fn)
+    except (OSError, TypeError):
+        src = f"{getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', repr(fn))}"
+    return hashlib.sha256(src.encode()).hexdigest()[:16]
 
 
 class RecipeState:
@@ -85,10 +88,13 @@ class RecipeState:
                             f"{type(exc).__name__}: {exc}") from exc
         if len(ds) == 0:
             raise DataError(f"Recipe({self.recipe.name}).{field} is empty")
-        first, _ = next(iter(ds.batches(1)))
-        if tuple(first.shape[1:]) != tuple(self.recipe.input.shape[1:]):
+        first = next(iter(ds.batches(1)), None)
+        if first is None:
+            raise DataError(f"Recipe({self.recipe.name}).{field} ({ds.name}) has len() {len(ds)} but "
+                            "yields no batches")
+        if tuple(first[0].shape[1:]) != tuple(self.recipe.input.shape[1:]):
             raise DataError(f"Recipe({self.recipe.name}).{field} ({ds.name}) yields inputs of shape "
-                            f"{tuple(first.shape[1:])} per sample, but InputSpec.shape is "
+                            f"{tuple(first[0].shape[1:])} per sample, but InputSpec.shape is "
                             f"{tuple(self.recipe.input.shape)}")
         return ds
 
@@ -106,7 +112,7 @@ class RecipeState:
 
 
 class ArtifactBuilder:
-    """Builds (or finds in the cache) each mode's artifacts for one recipe."""
+    """Builds (or finds in the cache) each mode's artifacts for one recipe, as its row says."""
 
     def __init__(self, state: RecipeState, cache: ArtifactCache, progress: bool = False,
                  device: str = "cpu") -> None:
@@ -118,23 +124,30 @@ class ArtifactBuilder:
         #: and CPU kernels round differently, so their results are different artifacts)
         self.device = device
         self._torch: dict[str, Artifact] = {}
-        self._onnx: dict[str, Artifact] = {}
+        self._onnx: dict[tuple[str, bool], Artifact] = {}
 
     # ---- cache keys ---------------------------------------------------------------------------
-    def _parts(self, mode: str) -> dict:
+    def _field(self, name: str) -> Any:
+        special = {"calib_data": self.calib_id, "train_data": lambda: self.state.train_data.fingerprint(),
+                   "device": lambda: self.device.split(":")[0], "loss": lambda: code_digest(self.recipe.loss)}
+        if name in special:
+            return special[name]()
+        value: Any = self.recipe
+        for part in name.split("."):
+            value = getattr(value, part)
+        return repr(value)
+
+    def key_parts(self, spec: ModeSpec, dynamic: bool = False) -> dict:
+        """What the mode's artifact depends on: the weights, the input spec, the outputs, the
+        library versions, whether it has dynamic axes, and the row's ``key_fields``."""
         r = self.recipe
-        parts = {"recipe": r.name, "mode": mode, "weights": self.state.weights,
+        parts = {"recipe": r.name, "mode": spec.name, "weights": self.state.weights,
                  "input": [r.input.name, list(r.input.shape), r.input.dtype,
                            sorted((k, list(v)) for k, v in r.input.dynamic.items())],
                  "outputs": list(r.output_names), "versions": library_versions()}
-        if mode in ("trt_ptq", "partial", "torch_ptq", "qat"):
-            parts["quant"] = repr(r.quant)
-            parts["calib"] = self.calib_id()
-        if mode in ("torch_ptq", "qat"):
-            parts["device"] = self.device.split(":")[0]
-        if mode == "qat":
-            parts["qat"] = repr(r.qat)
-            parts["train"] = self.state.train_data.fingerprint()
+        if dynamic:
+            parts["dynamic"] = True
+        parts.update({f: self._field(f) for f in spec.key_fields})
         return parts
 
     def calib_batches(self) -> Iterator[np.ndarray]:
@@ -146,99 +159,132 @@ class ArtifactBuilder:
         """Fingerprint of the calibration data (keys calibrated artifacts and TensorRT caches)."""
         return self.state.calib_data.fingerprint()
 
-    # ---- torch ------------------------------------------------------------------------------
+    # ---- artifacts ----------------------------------------------------------------------------
+    def _variant(self, mode: str, dynamic: bool) -> tuple[ModeSpec, bool]:
+        """A profile-only mode (``dynamic``) is its base mode built with dynamic axes."""
+        spec = mode_spec(mode)
+        if spec.variant_of:
+            return mode_spec(spec.variant_of), True
+        return spec, dynamic
+
+    def torch_artifact(self, mode: str) -> Artifact:
+        """A fresh-per-runner torch module for the mode (fp16 conversion happens in the runner)."""
+        spec, _ = self._variant(mode, False)
+        if spec.name not in self._torch:
+            if not spec.has_torch:
+                raise ArtifactError(f"mode {mode!r} has no PyTorch form (it exists only as an ONNX graph)")
+            module, path = resolve(spec.torch_builder)(self, spec)
+            digest = file_digest(path) if path is not None else self.state.weights[-16:]
+            self._torch[spec.name] = Artifact("torch", spec.precision, module=module.eval(), path=path,
+                                              digest=digest)
+        # every runner gets its own copy: the fp16 runner converts in place
+        a = self._torch[spec.name]
+        return Artifact(a.kind, a.precision, module=copy.deepcopy(a.module), path=a.path, digest=a.digest)
+
+    def onnx_artifact(self, mode: str, dynamic: bool = False) -> Artifact:
+        """The mode's ONNX file; with ``dynamic`` exported with the recipe's dynamic axes."""
+        spec, dynamic = self._variant(mode, dynamic)
+        if dynamic and not self.recipe.input.dynamic:
+            raise ArtifactError(f"Recipe({self.recipe.name}): a dynamic {spec.name} ONNX needs "
+                                "InputSpec.dynamic axes")
+        if (spec.name, dynamic) not in self._onnx:
+            info: dict = {}
+
+            def build(path: Path) -> None:
+                info.update(resolve(spec.onnx_builder)(self, spec, path, dynamic) or {})
+            name = f"{self.recipe.name}-{spec.name}" + ("-dyn" if dynamic else "")
+            path = self.cache.get_or_build(name, self.key_parts(spec, dynamic), ".onnx", build)
+            if spec.calibrator_field:
+                info.setdefault("calibrator", getattr(self.recipe.quant, spec.calibrator_field))
+            if spec.keeps_layers:
+                info.setdefault("kept", list(self.recipe.quant.keep_precision))
+            self._onnx[(spec.name, dynamic)] = Artifact("onnx", spec.precision, path=path,
+                                                         digest=file_digest(path), info=info)
+        return self._onnx[(spec.name, dynamic)]
+
+    def _cached_state(self, spec: ModeSpec, build) -> Path:
+        return self.cache.get_or_build(f"{self.recipe.name}-{spec.name}-state", self.key_parts(spec),
+                                       ".pt", build)
+
     def _torch_quant_config(self):
-        from qatcheck.build.torch_quant import TorchQuantConfig
+        from qatcheck.quantize.torch_quant import TorchQuantConfig
 
         return TorchQuantConfig.from_settings(self.recipe.quant)
 
-    def _quantized_state(self, mode: str) -> Path:
-        from qatcheck.build import torch_quant
+    def _load_quantized(self, path: Path) -> torch.nn.Module:
+        from qatcheck.quantize import torch_quant
 
-        cfg = self._torch_quant_config()
+        return torch_quant.load_quantized(copy.deepcopy(self.state.model), self._torch_quant_config(), path)
 
-        def build_ptq(path: Path) -> None:
-            qm = torch_quant.quantize_model(self.state.model, cfg)
-            torch_quant.calibrate(qm, self.calib_batches(), cfg, device=self.device, progress=self.progress)
-            torch_quant.save_quantized(qm, path, cfg)
 
-        def build_qat(path: Path) -> None:
-            from qatcheck.build.qat import QATConfig, finetune
+# ---- the builders the built-in mode rows name ---------------------------------------------------
+def plain_module(b: ArtifactBuilder, spec: ModeSpec) -> tuple[torch.nn.Module, None]:
+    """fp32 / fp16: the recipe's model (the torch runner converts to the mode's precision)."""
+    return copy.deepcopy(b.state.model), None
 
-            qm = self.torch_artifact("torch_ptq").module
-            q = self.recipe.qat
-            epochs = iter(range(1 << 30))
-            finetune(qm, lambda: shuffled_batches(self.state.train_data, q.batch_size, next(epochs)),
-                     QATConfig(epochs=q.epochs, lr=q.lr, batch_size=q.batch_size,
-                               max_batches_per_epoch=q.max_batches_per_epoch),
-                     loss_fn=self.recipe.loss, device=self.device,
-                     progress=self.progress)
-            torch_quant.save_quantized(qm, path, cfg)
 
-        build = build_ptq if mode == "torch_ptq" else build_qat
-        return self.cache.get_or_build(f"{self.recipe.name}-{mode}-state", self._parts(mode), ".pt", build)
+def ptq_module(b: ArtifactBuilder, spec: ModeSpec) -> tuple[torch.nn.Module, Path]:
+    """pytorch-quantization Q/DQ modules, calibrated on the recipe's calibration batches."""
+    from qatcheck.quantize import torch_quant
 
-    def torch_artifact(self, mode: str) -> Artifact:
-        """A fresh-per-session torch module for the mode (fp16 conversion happens in the runner)."""
-        if mode not in self._torch:
-            if mode in ("torch_ptq", "qat"):
-                from qatcheck.build import torch_quant
+    cfg = b._torch_quant_config()
 
-                path = self._quantized_state(mode)
-                module = torch_quant.load_quantized(copy.deepcopy(self.state.model),
-                                                    self._torch_quant_config(), path)
-                art = Artifact("torch", "int8", module=module.eval(), path=path, digest=file_digest(path))
-            else:
-                art = Artifact("torch", PRECISION[mode], module=copy.deepcopy(self.state.model),
-                               digest=self.state.weights[-16:])
-            self._torch[mode] = art
-        # every runner gets its own copy: the fp16 runner converts in place
-        a = self._torch[mode]
-        return Artifact(a.kind, a.precision, module=copy.deepcopy(a.module), path=a.path, digest=a.digest)
+    def build(path: Path) -> None:
+        qm = torch_quant.quantize_model(b.state.model, cfg)
+        torch_quant.calibrate(qm, b.calib_batches(), cfg, device=b.device, progress=b.progress)
+        torch_quant.save_quantized(qm, path, cfg)
+    path = b._cached_state(spec, build)
+    return b._load_quantized(path), path
 
-    # ---- onnx -------------------------------------------------------------------------------
-    def onnx_artifact(self, mode: str) -> Artifact:
-        if mode not in self._onnx:
-            path, info = self._build_onnx(mode)
-            precision = "int8" if mode in ("trt_ptq", "partial", "torch_ptq", "qat") else PRECISION[mode]
-            self._onnx[mode] = Artifact("onnx", precision, path=path, digest=file_digest(path), info=info)
-        return self._onnx[mode]
 
-    def _build_onnx(self, mode: str) -> tuple[Path, dict]:
-        r = self.recipe
-        name = f"{r.name}-{mode}"
-        parts = self._parts(mode)
-        if mode in ("fp32", "dynamic"):
-            def build(path: Path) -> None:
-                export.export_onnx(self.state.model, r.input, path, r.output_names,
-                                   dynamic=(mode == "dynamic"))
-            return self.cache.get_or_build(name, parts, ".onnx", build), {}
-        if mode == "fp16":
-            src = self.onnx_artifact("fp32").path
-            return self.cache.get_or_build(name, parts, ".onnx", lambda p: export.convert_fp16(src, p)), {}
-        if mode in ("trt_ptq", "partial"):
-            from qatcheck.build.onnx_ptq import OnnxPTQConfig, quantize_onnx
+def qat_module(b: ArtifactBuilder, spec: ModeSpec) -> tuple[torch.nn.Module, Path]:
+    """The calibrated torch_ptq model fine-tuned on the train data (QATSettings, Recipe.loss)."""
+    from qatcheck.quantize import torch_quant
+    from qatcheck.quantize.qat import QATConfig, finetune
 
-            q = r.quant
-            cfg = OnnxPTQConfig(calibrator=q.calibrator, percentile=q.percentile,
-                                per_channel=q.per_channel,
-                                exclude=tuple(q.keep_precision) if mode == "partial" else ())
-            src = self.onnx_artifact("fp32").path
-            info: dict = {"calibrator": q.calibrator}
-            if mode == "partial":
-                info["kept"] = list(q.keep_precision)
+    def build(path: Path) -> None:
+        qm = b.torch_artifact("torch_ptq").module
+        q = b.recipe.qat
+        epochs = iter(range(1 << 30))
+        finetune(qm, lambda: shuffled_batches(b.state.train_data, q.batch_size, next(epochs)),
+                 QATConfig(epochs=q.epochs, lr=q.lr, batch_size=q.batch_size,
+                           max_batches_per_epoch=q.max_batches_per_epoch),
+                 loss_fn=b.recipe.loss, device=b.device, progress=b.progress)
+        torch_quant.save_quantized(qm, path, b._torch_quant_config())
+    path = b._cached_state(spec, build)
+    return b._load_quantized(path), path
 
-            def build_ptq(path: Path) -> None:
-                quantize_onnx(src, path, self.calib_batches(), cfg, input_name=r.input.name,
-                              progress=self.progress)
-            return self.cache.get_or_build(name, parts, ".onnx", build_ptq), info
-        if mode in ("torch_ptq", "qat"):
-            from qatcheck.build import torch_quant
 
-            def build_qdq(path: Path) -> None:
-                module = self.torch_artifact(mode).module
-                torch_quant.export_qdq_onnx(module, export.example_input(r.input), path,
-                                            r.input.name, r.output_names)
-            return self.cache.get_or_build(name, parts, ".onnx", build_qdq), {
-                "calibrator": r.quant.torch_calibrator}
-        raise ArtifactError(f"no ONNX build for mode {mode!r}")
+def export_fp32(b: ArtifactBuilder, spec: ModeSpec, path: Path, dynamic: bool) -> dict:
+    r = b.recipe
+    export.export_onnx(b.state.model, r.input, path, r.output_names, dynamic=dynamic)
+    return {}
+
+
+def convert_fp16(b: ArtifactBuilder, spec: ModeSpec, path: Path, dynamic: bool) -> dict:
+    export.convert_fp16(b.onnx_artifact("fp32", dynamic).path, path)
+    return {}
+
+
+def onnx_ptq(b: ArtifactBuilder, spec: ModeSpec, path: Path, dynamic: bool) -> dict:
+    """ONNX-level PTQ of the fp32 graph (TensorRT-style explicit Q/DQ); a ``keeps_layers`` row
+    leaves QuantSettings.keep_precision unquantized."""
+    from qatcheck.quantize.onnx_ptq import OnnxPTQConfig, quantize_onnx
+
+    q = b.recipe.quant
+    cfg = OnnxPTQConfig(calibrator=q.calibrator, percentile=q.percentile, per_channel=q.per_channel,
+                        exclude=tuple(q.keep_precision) if spec.keeps_layers else ())
+    quantize_onnx(b.onnx_artifact("fp32", dynamic).path, path, b.calib_batches(), cfg,
+                  input_name=b.recipe.input.name, progress=b.progress)
+    return {}
+
+
+def torch_qdq_onnx(b: ArtifactBuilder, spec: ModeSpec, path: Path, dynamic: bool) -> dict:
+    """The mode's calibrated (or fine-tuned) torch model exported as a Q/DQ ONNX."""
+    from qatcheck.quantize import torch_quant
+
+    r = b.recipe
+    module = b.torch_artifact(spec.name).module
+    torch_quant.export_qdq_onnx(module, export.example_input(r.input), path, r.input.name, r.output_names,
+                                dynamic_axes=export.dynamic_axes_for(r.input, r.output_names) if dynamic else None)
+    return {}

@@ -1,13 +1,23 @@
-"""The measurement record and the case it belongs to.
+"""The records that flow through a session: the case, its measurement, and the verdicts on it.
 
-One record per (recipe, mode, backend, shape). Assertions, baselines, the report and the JSON all
-read these records; nothing downstream recomputes a number.
+One :class:`Measurement` per (recipe, mode, backend, shape). Judges, the recorder, the report and
+the JSON all read these records; nothing downstream recomputes or mutates a number (they are
+frozen: a later part of a measurement - latency after accuracy - makes a new record).
+
+This module is imported by the pytest plugin, so it imports nothing heavy.
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
 
-from qatcheck.timing import LatencyStats
+if TYPE_CHECKING:  # pragma: no cover
+    from qatcheck.baselines import Update
+    from qatcheck.timing import LatencyStats
+
+#: the parts a measurement can hold: ``eval`` (metrics over the eval set and parity against the
+#: case's reference) and ``latency``; a run measures only the parts its selected checks need
+PARTS = ("eval", "latency")
 
 
 @dataclass(frozen=True, order=True)
@@ -15,12 +25,18 @@ class Case:
     recipe: str
     mode: str
     backend: str
-    shape: str = "opt"  # "min" | "opt" | "max" (only the dynamic mode has other than opt)
+    #: "" = the mode's static build at the recipe's shape; "min" / "opt" / "max" = its dynamic-axes
+    #: build measured at that point of InputSpec.dynamic's profile
+    shape: str = ""
+
+    @property
+    def dynamic(self) -> bool:
+        return bool(self.shape)
 
     @property
     def key(self) -> str:
-        """Baseline key within the recipe's file, e.g. ``torch_ptq-onnxruntime``."""
-        mode = self.mode if self.shape == "opt" and self.mode != "dynamic" else f"{self.mode}_{self.shape}"
+        """Baseline key within the recipe's file, e.g. ``torch_ptq-onnxruntime``, ``trt_ptq_max-tensorrt``."""
+        mode = f"{self.mode}_{self.shape}" if self.shape else self.mode
         return f"{mode}-{self.backend}"
 
     @property
@@ -28,12 +44,18 @@ class Case:
         """Test id, e.g. ``digits-torch_ptq-onnxruntime``."""
         return f"{self.recipe}-{self.key}"
 
-    def with_mode(self, mode: str, backend: str | None = None) -> "Case":
-        shape = self.shape if mode == "dynamic" else "opt"
-        return Case(self.recipe, mode, backend or self.backend, shape)
+    @property
+    def point(self) -> str:
+        """The profile point whose input shape the case runs at (static builds run at opt)."""
+        return self.shape or "opt"
+
+    def with_mode(self, mode: str, backend: str | None = None, keep_shape: bool = False) -> "Case":
+        """The same recipe in another mode (and backend). The shape is kept with ``keep_shape`` (a
+        dynamic case's reference runs at the same shape); otherwise the other mode's static case."""
+        return Case(self.recipe, mode, backend or self.backend, self.shape if keep_shape else "")
 
 
-@dataclass
+@dataclass(frozen=True)
 class Measurement:
     case: Case
     calibrator: str = ""
@@ -41,30 +63,57 @@ class Measurement:
     shape: tuple[int, ...] = ()
     metrics: dict[str, float] = field(default_factory=dict)
     parity: dict[str, float] | None = None
+    #: per output name: cosine / max_abs / mean_abs against the reference
+    output_parity: dict[str, dict[str, float]] | None = None
     parity_reference: str = ""
-    latency: LatencyStats | None = None
+    latency: "LatencyStats | None" = None
     fingerprint: dict[str, str] | None = None
     fingerprint_id: str = ""
     artifact: str = ""
     eval_samples: int = 0
     eval_seconds: float = 0.0
-    outcomes: dict[str, str] = field(default_factory=dict)
+    #: which PARTS this record holds
+    parts: frozenset = frozenset()
     #: what a reader of the table should know (timing fell back to eager events, fake-quant
     #: latency on a CPU provider, a noisy machine); printed under the table and kept in the JSON
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def verdict(self) -> str:
-        vals = set(self.outcomes.values())
-        if "failed" in vals:
-            return "FAIL"
-        if "passed" in vals:
-            return "pass"
-        return "skip" if vals else "-"
+    notes: tuple[str, ...] = ()
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["case"] = {**asdict(self.case), "id": self.case.id, "key": self.case.key}
         d["latency"] = self.latency.to_dict() if self.latency else None
-        d["verdict"] = self.verdict
+        d["parts"] = sorted(self.parts)
+        d["notes"] = list(self.notes)
         return d
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """A judge's finding on one check of one case: pass, fail or skip, with the messages that say
+    why, and the values the recorder may store (``--update-baselines``)."""
+
+    check: str
+    case: Case
+    status: str = "pass"  # pass | fail | skip
+    failures: tuple[str, ...] = ()
+    reason: str = ""  # why skipped
+    notes: tuple[str, ...] = ()
+    updates: "tuple[Update, ...]" = ()
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+    @property
+    def skipped(self) -> str | None:
+        return self.reason if self.status == "skip" else None
+
+
+def overall(statuses: Any) -> str:
+    """One word for a case in the table, from its tests' outcomes and its verdicts."""
+    vals = set(statuses)
+    if {"failed", "fail"} & vals:
+        return "FAIL"
+    if {"passed", "pass"} & vals:
+        return "pass"
+    return "skip" if vals else "-"

@@ -1,35 +1,174 @@
-"""Modes and backends: names, and which (mode, backend) pairs make sense.
+"""The mode table: one :class:`ModeSpec` row per mode, and everything else dispatches on it.
 
-Why a table and not if-statements scattered across builders: the suite parametrization, the report
-and the error messages all need the same answer to "can backend B run mode M, and if not, why".
+Why a table and not if-statements scattered across builders: the suite parametrization, the
+artifact builder and its cache keys, the parity references, the TensorRT plan, the sensitivity
+paths, the report and the error messages all need the same answers ("can backend B run mode M",
+"what does M's artifact depend on", "what is M compared with"). Adding a mode means adding a row
+(:func:`register_mode`) and its builder functions - nothing else.
+
+This module is imported by the pytest plugin in every pytest run, so it imports nothing heavy:
+builders are named as ``"module:function"`` strings and resolved when an artifact is built.
 """
 from __future__ import annotations
 
+import importlib
+from dataclasses import dataclass
+from typing import Any, Callable
+
 from qatcheck.errors import ConfigError
 
-MODES: tuple[str, ...] = ("fp32", "fp16", "trt_ptq", "partial", "torch_ptq", "qat", "dynamic")
-BACKENDS: tuple[str, ...] = ("torch", "onnxruntime", "tensorrt")
+#: float: the model in a float precision; int8_graph: int8 Q/DQ inserted into the ONNX graph
+#: (no PyTorch twin); int8_torch: int8 Q/DQ inserted in PyTorch, exported as a Q/DQ ONNX
+FAMILIES = ("float", "int8_graph", "int8_torch")
+#: the profile points a dynamic-shape case is measured at
+PROFILE_POINTS = ("min", "opt", "max")
 
-#: Modes whose quantization exists only in the ONNX graph (ONNX-level PTQ): PyTorch cannot run them.
-ONNX_ONLY_MODES = frozenset({"trt_ptq", "partial"})
-#: Modes that carry int8 Q/DQ.
-INT8_MODES = frozenset({"trt_ptq", "partial", "torch_ptq", "qat"})
-
-#: Which calibrators each mode family accepts (checked when the recipe is built).
+#: Which calibrators each quantizer family accepts (checked when the recipe is built).
 ONNX_CALIBRATORS: tuple[str, ...] = ("minmax", "entropy", "percentile")
 TORCH_CALIBRATORS: tuple[str, ...] = ("max", "entropy", "mse", "percentile")
 
+Builder = "str | Callable[..., Any]"
+
+
+@dataclass(frozen=True)
+class ModeSpec:
+    """One mode: how its artifacts are made, where it runs, what it is compared with.
+
+    ``onnx_builder(builder, spec, path, dynamic) -> dict`` writes the mode's ONNX file to ``path``
+    (with the recipe's dynamic axes when ``dynamic``) and returns what the report should know
+    (calibrator, kept layers). ``torch_builder(builder, spec) -> (module, path | None)`` returns the
+    module PyTorch runs; None means the mode exists only as a graph (no PyTorch case). ``builder``
+    is the recipe's :class:`qatcheck.artifacts.ArtifactBuilder`. Either may be a callable or a
+    ``"module:function"`` string (resolved lazily, so the plugin stays cheap to import).
+
+    ``key_fields`` name what, besides the weights, the input spec and the library versions, shapes
+    the artifact: dotted recipe fields (``quant.calibrator``) or the special names ``calib_data``,
+    ``train_data`` (data fingerprints), ``device`` (where calibration / training run) and ``loss``
+    (the QAT loss's code). Only those enter the mode's cache key: changing the ONNX calibrator
+    rebuilds trt_ptq, not torch_ptq.
+    """
+
+    name: str
+    family: str
+    precision: str  # fp32 | fp16 | int8 (what the artifact computes in)
+    onnx_builder: Any
+    torch_builder: Any = None
+    #: which backends can execute the mode by design (an uninstalled backend is a runtime skip)
+    backends: tuple[str, ...] = ("torch", "onnxruntime", "tensorrt")
+    #: the QuantSettings field naming this mode's calibrator (shown in the table)
+    calibrator_field: str | None = None
+    calibrated: bool = False
+    trained: bool = False
+    key_fields: tuple[str, ...] = ()
+    #: recipe fields the mode cannot work without (checked when the recipe is built)
+    requires: tuple[str, ...] = ()
+    #: the mode *is* a dynamic-shape variant of ``variant_of``: measured only at min / opt / max
+    variant_of: str | None = None
+    #: TensorRT <= 10 can build it from the fp32 ONNX with its own calibrator (implicit INT8)
+    trt_native_ptq: bool = False
+    #: the mode keeps QuantSettings.keep_precision layers in higher precision
+    keeps_layers: bool = False
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise ConfigError(f"ModeSpec({self.name}).family {self.family!r}: choose one of {', '.join(FAMILIES)}")
+        if self.precision not in ("fp32", "fp16", "int8"):
+            raise ConfigError(f"ModeSpec({self.name}).precision {self.precision!r}: fp32, fp16 or int8")
+
+    @property
+    def int8(self) -> bool:
+        return self.family != "float"
+
+    @property
+    def has_torch(self) -> bool:
+        return self.torch_builder is not None
+
+    @property
+    def is_reference(self) -> bool:
+        """PyTorch fp32 is what every other case is ultimately compared with."""
+        return self.family == "float" and self.precision == "fp32"
+
+    @property
+    def profile_only(self) -> bool:
+        return self.variant_of is not None
+
+
+def resolve(builder: Any) -> Callable[..., Any]:
+    """A builder given as ``"module:function"`` -> the function (callables pass through)."""
+    if callable(builder):
+        return builder
+    module, _, name = str(builder).partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+_A = "qatcheck.artifacts"
+_PTQ_KEYS = ("quant.percentile", "quant.per_channel", "quant.calib_batches", "calib_data")
+MODE_SPECS: dict[str, ModeSpec] = {}
+
+
+def register_mode(spec: ModeSpec, *, replace: bool = False) -> ModeSpec:
+    """Add a mode (a row of the table). Its name becomes a pytest marker, a ``--qatcheck-modes``
+    choice and a ``Recipe.modes`` entry."""
+    if spec.name in MODE_SPECS and not replace:
+        raise ConfigError(f"mode {spec.name!r} is already registered")
+    MODE_SPECS[spec.name] = spec
+    return spec
+
+
+def unregister_mode(name: str) -> None:
+    MODE_SPECS.pop(name, None)
+
+
+for _spec in (
+    ModeSpec("fp32", "float", "fp32", f"{_A}:export_fp32", f"{_A}:plain_module",
+             description="plain export, fp32 execution"),
+    ModeSpec("fp16", "float", "fp16", f"{_A}:convert_fp16", f"{_A}:plain_module",
+             description="fp16 execution (torch .half(); fp16 ONNX with fp32 I/O)"),
+    ModeSpec("trt_ptq", "int8_graph", "int8", f"{_A}:onnx_ptq", None,
+             backends=("onnxruntime", "tensorrt"), calibrator_field="calibrator", calibrated=True,
+             key_fields=("quant.calibrator", *_PTQ_KEYS), trt_native_ptq=True,
+             description="PTQ on the plain ONNX: explicit TensorRT-style Q/DQ (or TensorRT's calibrator)"),
+    ModeSpec("partial", "int8_graph", "int8", f"{_A}:onnx_ptq", None,
+             backends=("onnxruntime", "tensorrt"), calibrator_field="calibrator", calibrated=True,
+             key_fields=("quant.calibrator", *_PTQ_KEYS, "quant.keep_precision"), trt_native_ptq=True,
+             keeps_layers=True,
+             description="trt_ptq with sensitive layers kept in higher precision"),
+    ModeSpec("torch_ptq", "int8_torch", "int8", f"{_A}:torch_qdq_onnx", f"{_A}:ptq_module",
+             calibrator_field="torch_calibrator", calibrated=True,
+             key_fields=("quant.torch_calibrator", *_PTQ_KEYS, "quant.qdq_rules", "device"),
+             description="Q/DQ inserted in PyTorch (pytorch-quantization), calibrated, exported"),
+    ModeSpec("qat", "int8_torch", "int8", f"{_A}:torch_qdq_onnx", f"{_A}:qat_module",
+             calibrator_field="torch_calibrator", calibrated=True, trained=True,
+             key_fields=("quant.torch_calibrator", *_PTQ_KEYS, "quant.qdq_rules", "device", "qat",
+                         "train_data", "loss"),
+             requires=("train_data",),
+             description="torch_ptq, then fine-tuned, exported as Q/DQ ONNX"),
+    ModeSpec("dynamic", "float", "fp32", f"{_A}:export_fp32", f"{_A}:plain_module", variant_of="fp32",
+             requires=("input.dynamic",),
+             description="fp32 with the recipe's dynamic axes, measured at min / opt / max"),
+):
+    register_mode(_spec)
+
+
+def modes() -> tuple[str, ...]:
+    """Every registered mode, in table order."""
+    return tuple(MODE_SPECS)
+
+
+#: the built-in modes (a recipe's default ``modes``)
+MODES: tuple[str, ...] = modes()
+
+
+def spec(name: str) -> ModeSpec:
+    try:
+        return MODE_SPECS[name]
+    except KeyError:
+        raise ConfigError(f"unknown mode {name!r}; known modes: {', '.join(MODE_SPECS)}") from None
+
 
 def check_mode(name: str) -> str:
-    if name not in MODES:
-        raise ConfigError(f"unknown mode {name!r}; known modes: {', '.join(MODES)}")
-    return name
-
-
-def check_backend(name: str) -> str:
-    if name not in BACKENDS:
-        raise ConfigError(f"unknown backend {name!r}; known backends: {', '.join(BACKENDS)}")
-    return name
+    return spec(name).name
 
 
 def unsupported_reason(mode: str, backend: str) -> str | None:
@@ -38,10 +177,13 @@ def unsupported_reason(mode: str, backend: str) -> str | None:
     This is about the pairing, not about what is installed: an uninstalled backend is a runtime skip
     decided by the backend itself.
     """
-    if backend == "torch" and mode in ONNX_ONLY_MODES:
+    s = spec(mode)
+    if backend in s.backends:
+        return None
+    if backend == "torch":
         return (f"mode {mode!r} quantizes the ONNX graph (ONNX-level PTQ); PyTorch has no executor "
-                "for it - run it on onnxruntime or tensorrt")
-    return None
+                f"for it - run it on {' or '.join(s.backends)}")
+    return f"mode {mode!r} does not run on {backend} (it runs on {', '.join(s.backends)})"
 
 
 def parity_reference(mode: str, backend: str) -> tuple[str, str] | None:
@@ -50,11 +192,22 @@ def parity_reference(mode: str, backend: str) -> tuple[str, str] | None:
     - ``export``: the same mode in PyTorch vs its exported graph on another backend (is the
       export faithful?);
     - ``quantization``: a low-precision mode vs fp32 (how far did precision move the outputs?).
-      ONNX-only modes have no PyTorch twin, so they are compared with fp32.
-    PyTorch fp32 (and ``dynamic``, which is fp32 at other shapes) is the reference itself: None.
+      Graph-only modes have no PyTorch twin, so they are compared with fp32.
+    PyTorch fp32 (and its dynamic variant) is the reference itself: None.
     """
+    s = spec(mode)
     if backend == "torch":
-        return None if mode in ("fp32", "dynamic") else ("fp32", "quantization")
-    if mode in ONNX_ONLY_MODES:
+        return None if s.is_reference else ("fp32", "quantization")
+    if not s.has_torch:
         return ("fp32", "quantization")
     return (mode, "export")
+
+
+def calibrator_of(mode: str, quant: Any) -> str:
+    """The calibrator a mode used, for the table ("-" for uncalibrated modes)."""
+    field = spec(mode).calibrator_field
+    return getattr(quant, field) if field else "-"
+
+
+# backends are named here too, for the callers that think of "which modes on which backends"
+from qatcheck.backends import BACKENDS, check_backend  # noqa: E402,F401

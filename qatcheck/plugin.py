@@ -8,9 +8,13 @@ A suite is an ordinary test module marked with its recipe::
     def test_parity(qcase): qcase.check_parity()
     def test_latency(qcase, benchmark): qcase.check_latency(benchmark)
 
-``qcase`` is parametrized over the recipe's modes x backends (x shapes for ``dynamic``) with ids
+``qcase`` is parametrized over the recipe's modes x backends (x shapes for dynamic builds) with ids
 like ``digits-torch_ptq-onnxruntime``, and every case carries markers named after its mode and
 backend, so ``-k``, ``-m "qat and onnxruntime"`` and ``--lf`` work as usual.
+
+The plugin is loaded by every pytest run of the environment, in any project, so this module
+imports only pytest and qatcheck's plain-data modules: torch, onnx and onnxruntime load when a
+qatcheck suite is collected (the session is created then), never in an unrelated run.
 """
 from __future__ import annotations
 
@@ -18,19 +22,20 @@ from pathlib import Path
 
 import pytest
 
-from qatcheck.backends.cuda_timing import CUDA_GRAPH_CHOICES
-from qatcheck.backends.onnxruntime_backend import OrtBackend
-from qatcheck.backends.tensorrt_backend import TensorRTBackend
-from qatcheck.backends.torch_backend import TorchBackend
+from qatcheck.backends import backend_names
 from qatcheck.errors import QatcheckError
-from qatcheck.measurement import Case
-from qatcheck.modes import BACKENDS, MODES
-from qatcheck.session import CheckResult, Options, QatcheckSession
+from qatcheck.measurement import Case, Verdict
+from qatcheck.modes import modes
+from qatcheck.options import CUDA_GRAPH_CHOICES, TRT_PTQ_CHOICES, Options, activate, deactivate
 
-SESSION_KEY = pytest.StashKey[QatcheckSession]()
+OPTIONS_KEY = pytest.StashKey[Options]()
+SESSION_KEY = pytest.StashKey["object"]()
 MISSING_KEY = pytest.StashKey[list]()
-#: ``--qatcheck-require`` also accepts ``cuda`` (torch must see a GPU)
-REQUIRABLE = (*BACKENDS, "cuda")
+
+
+def requirable() -> tuple[str, ...]:
+    """``--qatcheck-require`` also accepts ``cuda`` (torch must see a GPU)."""
+    return (*backend_names(), "cuda")
 
 
 def _csv(value: str) -> tuple[str, ...]:
@@ -41,14 +46,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g = parser.getgroup("qatcheck", "qatcheck: quantization regression checks")
     g.addoption("--update-baselines", action="store_true", default=False,
                 help="record this run's measurements as the new baselines (merged into baselines/; "
-                     "untouched entries and hand-set tolerances are kept)")
+                     "untouched entries and hand-set tolerances are kept; failing cases are not recorded)")
+    g.addoption("--qatcheck-force-update", action="store_true", default=False,
+                help="with --update-baselines, record failing cases too")
     g.addoption("--qatcheck-require", default="", metavar="LIST",
-                help=f"comma-separated backends that must be available ({', '.join(REQUIRABLE)}); "
-                     "a missing one fails the session instead of skipping")
-    g.addoption("--qatcheck-modes", default="", metavar="LIST",
-                help=f"only these modes ({', '.join(MODES)})")
-    g.addoption("--qatcheck-backends", default="", metavar="LIST",
-                help=f"only these backends ({', '.join(BACKENDS)})")
+                help="comma-separated backends that must be available (torch, onnxruntime, tensorrt, "
+                     "cuda); a missing one fails the session instead of skipping")
+    g.addoption("--qatcheck-modes", default="", metavar="LIST", help="only these modes")
+    g.addoption("--qatcheck-backends", default="", metavar="LIST", help="only these backends")
     g.addoption("--qatcheck-baselines", default=None, metavar="DIR",
                 help="baseline directory (default: <rootdir>/baselines)")
     g.addoption("--qatcheck-reports", default=None, metavar="DIR",
@@ -76,7 +81,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g.addoption("--qatcheck-cuda-graph", default="auto", choices=CUDA_GRAPH_CHOICES,
                 help="CUDA latency: time CUDA-graph replays (trtexec's GPU compute time); auto falls "
                      "back to eager CUDA events when capture fails, off always uses eager events")
-    g.addoption("--qatcheck-trt-ptq", default="auto", choices=("auto", "native", "qdq"),
+    g.addoption("--qatcheck-trt-ptq", default="auto", choices=TRT_PTQ_CHOICES,
                 help="TensorRT trt_ptq/partial: native = TensorRT's own calibrator and per-layer "
                      "precision (TensorRT <= 10 only), qdq = build qatcheck's explicit Q/DQ ONNX, "
                      "auto = native where TensorRT still has it, else qdq")
@@ -85,37 +90,32 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "qatcheck_recipe(recipe): parametrize the module's `qcase` "
                                        "fixture over the recipe's modes x backends")
-    for name in MODES:
+    for name in modes():
         config.addinivalue_line("markers", f"{name}: qatcheck case in mode {name}")
-    for name in BACKENDS:
+    for name in backend_names():
         config.addinivalue_line("markers", f"{name}: qatcheck case on backend {name}")
     root = Path(config.rootpath)
-    coco_root = config.getoption("--qatcheck-coco-root")
-    if coco_root:  # recipe factories run later, lazily: they read it from the environment
-        import os
-
-        from qatcheck.data.coco import COCO_ROOT_ENV
-
-        os.environ[COCO_ROOT_ENV] = str(Path(coco_root).resolve())
 
     def opt_path(name: str, default: str) -> Path:
         value = config.getoption(name)
         return Path(value) if value else root / default
 
-    unknown = [r for r in _csv(config.getoption("--qatcheck-require")) if r not in REQUIRABLE]
+    unknown = [r for r in _csv(config.getoption("--qatcheck-require")) if r not in requirable()]
     if unknown:
         raise pytest.UsageError(f"--qatcheck-require: unknown name(s) {', '.join(unknown)}; "
-                                f"choose from {', '.join(REQUIRABLE)}")
-    for opt, known in (("--qatcheck-modes", MODES), ("--qatcheck-backends", BACKENDS)):
+                                f"choose from {', '.join(requirable())}")
+    for opt, known in (("--qatcheck-modes", modes()), ("--qatcheck-backends", backend_names())):
         bad = [v for v in _csv(config.getoption(opt)) if v not in known]
         if bad:
             raise pytest.UsageError(f"{opt}: unknown name(s) {', '.join(bad)}; choose from {', '.join(known)}")
+    coco_root = config.getoption("--qatcheck-coco-root")
     options = Options(
         baselines_dir=opt_path("--qatcheck-baselines", "baselines"),
         reports_dir=opt_path("--qatcheck-reports", "reports"),
         cache_dir=opt_path("--qatcheck-cache", ".qatcheck_cache"),
         use_cache=not config.getoption("--qatcheck-no-cache"),
         update_baselines=config.getoption("--update-baselines"),
+        force_update=config.getoption("--qatcheck-force-update"),
         require=_csv(config.getoption("--qatcheck-require")),
         device=config.getoption("--qatcheck-device"),
         ort_provider=config.getoption("--qatcheck-ort-provider"),
@@ -125,16 +125,32 @@ def pytest_configure(config: pytest.Config) -> None:
         progress=not config.getoption("--qatcheck-no-progress"),
         cuda_graph=config.getoption("--qatcheck-cuda-graph"),
         trt_ptq=config.getoption("--qatcheck-trt-ptq"),
+        coco_root=Path(coco_root).resolve() if coco_root else None,
     )
-    backends = {"torch": TorchBackend(options.device, options.cuda_graph),
-                "onnxruntime": OrtBackend(options.ort_provider),
-                "tensorrt": TensorRTBackend(options.trt_ptq, options.cuda_graph)}
-    session = QatcheckSession(options, backends)
-    config.stash[SESSION_KEY] = session
-    config.stash[MISSING_KEY] = _missing_required(session, options.require)
+    config.stash[OPTIONS_KEY] = options
+    activate(options)  # recipe factories run lazily, inside this session: qatcheck.options.active()
+    config.stash[MISSING_KEY] = []
+    if options.require:  # asked for explicitly: worth loading the backends now
+        config.stash[MISSING_KEY] = _missing_required(_session(config), options.require)
 
 
-def _missing_required(session: QatcheckSession, required) -> list[str]:
+def pytest_unconfigure(config: pytest.Config) -> None:
+    options = config.stash.get(OPTIONS_KEY, None)
+    if options is not None:
+        deactivate(options)
+
+
+def _session(config: pytest.Config, create: bool = True):
+    """The qatcheck session, created (and torch & co. imported) when a suite first needs it."""
+    qs = config.stash.get(SESSION_KEY, None)
+    if qs is None and create:
+        from qatcheck.session import QatcheckSession
+
+        qs = config.stash[SESSION_KEY] = QatcheckSession(config.stash[OPTIONS_KEY])
+    return qs
+
+
+def _missing_required(session, required) -> list[str]:
     missing = []
     for name in required:
         if name == "cuda":
@@ -157,12 +173,12 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         raise pytest.UsageError(f"{metafunc.definition.nodeid} uses `qcase` but its module has no "
                                 "pytest.mark.qatcheck_recipe(recipe) marker")
     config = metafunc.config
-    session = config.stash[SESSION_KEY]
-    modes = _csv(config.getoption("--qatcheck-modes")) or None
+    session = _session(config)
+    modes_ = _csv(config.getoption("--qatcheck-modes")) or None
     backends = _csv(config.getoption("--qatcheck-backends")) or None
     params = []
     for recipe in marker.args:
-        for case in session.cases(recipe, modes, backends):
+        for case in session.cases(recipe, modes_, backends):
             marks = [getattr(pytest.mark, case.mode), getattr(pytest.mark, case.backend)]
             params.append(pytest.param(case, id=case.id, marks=marks))
     metafunc.parametrize("qcase", params, indirect=True)
@@ -172,7 +188,7 @@ class BoundCase:
     """What a test receives as ``qcase``: the case plus the checks, which fail the test with one
     readable message (no traceback through qatcheck)."""
 
-    def __init__(self, case: Case, session: QatcheckSession) -> None:
+    def __init__(self, case: Case, session) -> None:
         self.case = case
         self.session = session
 
@@ -184,8 +200,8 @@ class BoundCase:
     def recipe(self):
         return self.session.recipes[self.case.recipe]
 
-    def measure(self):
-        return self._call(self.session.measure, self.case)
+    def measure(self, parts=("eval",)):
+        return self._call(self.session.measure, self.case, parts)
 
     def _call(self, fn, *args):
         try:
@@ -195,24 +211,24 @@ class BoundCase:
         # outside the except block, so the report shows one line, not a chained traceback
         pytest.fail(message, pytrace=False)
 
-    def _conclude(self, res: CheckResult, what: str) -> CheckResult:
-        if res.failures:
-            pytest.fail(f"{self.case.id} {what} check failed:\n  " + "\n  ".join(res.failures),
+    def _conclude(self, verdict: Verdict, what: str) -> Verdict:
+        if verdict.failures:
+            pytest.fail(f"{self.case.id} {what} check failed:\n  " + "\n  ".join(verdict.failures),
                         pytrace=False)
-        if res.skipped:
-            pytest.skip(res.skipped)
-        return res
+        if verdict.skipped:
+            pytest.skip(verdict.skipped)
+        return verdict
 
-    def check_accuracy(self) -> CheckResult:
+    def check_accuracy(self) -> Verdict:
         return self._conclude(self._call(self.session.check_accuracy, self.case), "accuracy")
 
-    def check_parity(self) -> CheckResult:
+    def check_parity(self) -> Verdict:
         return self._conclude(self._call(self.session.check_parity, self.case), "parity")
 
-    def check_latency(self, benchmark=None) -> CheckResult:
+    def check_latency(self, benchmark=None) -> Verdict:
         return self._conclude(self._call(self.session.check_latency, self.case, benchmark), "latency")
 
-    def check_precision(self, **expect) -> CheckResult:
+    def check_precision(self, **expect) -> Verdict:
         """TensorRT precision audit, e.g. ``qcase.check_precision(conv="int8", max_reformats=4)``;
         skips on other backends (they have no engine to inspect)."""
         return self._conclude(self._call(self.session.check_precision, self.case, expect), "precision")
@@ -221,7 +237,7 @@ class BoundCase:
 @pytest.fixture
 def qcase(request: pytest.FixtureRequest) -> BoundCase:
     case: Case = request.param
-    session = request.config.stash[SESSION_KEY]
+    session = _session(request.config)
     reason = session.unavailable_reason(case.backend)
     if reason:
         if case.backend in session.options.require:
@@ -242,27 +258,25 @@ def pytest_runtest_makereport(item: pytest.Item, call):
     callspec = getattr(item, "callspec", None)
     case = callspec.params.get("qcase") if callspec else None
     if isinstance(case, Case) and (report.when == "call" or report.outcome != "passed"):
-        session = item.config.stash[SESSION_KEY]
-        m = session.measurements.get(case)
-        if m is not None:
-            m.outcomes[item.originalname] = report.outcome
+        session = _session(item.config, create=False)
+        if session is not None:
+            session.outcomes.setdefault(case, {})[item.originalname] = report.outcome
     return report
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    from qatcheck import report
-
     config = session.config
-    qs = config.stash.get(SESSION_KEY, None)
-    if qs is None:
-        return
-    qs.summary = report.finish(qs)  # type: ignore[attr-defined]
-    if config.stash[MISSING_KEY] and session.exitstatus == 0:
+    qs = _session(config, create=False)
+    if qs is not None:
+        from qatcheck import report
+
+        qs.summary = report.finish(qs)
+    if config.stash.get(MISSING_KEY, []) and session.exitstatus == 0:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
-    qs = config.stash.get(SESSION_KEY, None)
+    qs = _session(config, create=False)
     summary = getattr(qs, "summary", None)
     missing = config.stash.get(MISSING_KEY, [])
     if summary is None and not missing:

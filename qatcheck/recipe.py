@@ -11,22 +11,23 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Mapping
 
 from qatcheck.errors import ConfigError
-from qatcheck.modes import BACKENDS, MODES, ONNX_CALIBRATORS, TORCH_CALIBRATORS, check_backend, check_mode
+from qatcheck.backends import BACKENDS, check_backend
+from qatcheck.modes import MODE_SPECS, MODES, ONNX_CALIBRATORS, TORCH_CALIBRATORS, check_mode, spec as mode_spec
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-    from qatcheck.build.qdq_rules import QDQRules
+    from qatcheck.quantize.qdq_rules import QDQRules
     from qatcheck.data.base import Dataset
 
-TASKS = ("classification", "detection")
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.]+$")
 
 
 @dataclass(frozen=True)
 class InputSpec:
     """The model input. ``shape`` is the optimum shape (batch first); ``dynamic`` maps an axis to its
-    (min, opt, max) range for the ``dynamic`` mode and TensorRT optimization profiles."""
+    (min, opt, max) range: the ``dynamic`` mode, ``Recipe.dynamic_modes`` and TensorRT optimization
+    profiles use it."""
 
     name: str = "input"
     shape: tuple[int, ...] = (32, 3, 224, 224)
@@ -71,7 +72,7 @@ class QuantSettings:
     search, TensorRT's entropy calibration) or percentile. ``torch_calibrator`` drives
     pytorch-quantization (``torch_ptq``, ``qat``): max, entropy, mse or percentile.
     ``keep_precision`` lists the layers (PyTorch module names, e.g. ``"stem.conv"``) that ``partial``
-    keeps in higher precision. ``qdq_rules`` (:class:`qatcheck.build.qdq_rules.QDQRules`) declares
+    keeps in higher precision. ``qdq_rules`` (:class:`qatcheck.quantize.qdq_rules.QDQRules`) declares
     the Q/DQ placement rules of the pytorch-quantization modes: quantized residual-Add inputs, one
     shared quantizer per Concat / MaxPool, a module-name ignore policy; None keeps
     pytorch-quantization's placement (a Q/DQ in front of each conv / linear / pooling input).
@@ -100,10 +101,10 @@ class QuantSettings:
         if self.calib_batches < 1:
             raise ConfigError(f"QuantSettings.calib_batches must be >= 1; got {self.calib_batches}")
         if self.qdq_rules is not None:
-            from qatcheck.build.qdq_rules import QDQRules
+            from qatcheck.quantize.qdq_rules import QDQRules
 
             if not isinstance(self.qdq_rules, QDQRules):
-                raise ConfigError(f"QuantSettings.qdq_rules must be a qatcheck.build.qdq_rules.QDQRules "
+                raise ConfigError(f"QuantSettings.qdq_rules must be a qatcheck.quantize.qdq_rules.QDQRules "
                                   f"or None; got {type(self.qdq_rules).__name__}")
 
 
@@ -161,9 +162,9 @@ class Tolerances:
     def validate(self) -> None:
         for field_name in ("fp32_budget_points", "export_parity"):
             for mode in getattr(self, field_name):
-                if mode not in MODES:
+                if mode not in MODE_SPECS:
                     raise ConfigError(f"Tolerances.{field_name} names unknown mode {mode!r}; "
-                                      f"choose from {', '.join(MODES)}")
+                                      f"choose from {', '.join(MODE_SPECS)}")
         for mode, points in self.fp32_budget_points.items():
             if not points >= 0:
                 raise ConfigError(f"Tolerances.fp32_budget_points[{mode!r}] must be >= 0; got {points!r}")
@@ -205,6 +206,10 @@ class Recipe:
     #: QAT loss ``loss(outputs, targets) -> scalar tensor``; None = cross-entropy on int labels
     #: (classification). Detection recipes pass their training loss.
     loss: Callable | None = None
+    #: modes also measured with their dynamic-axes build at the profile's min / opt / max
+    #: (InputSpec.dynamic), e.g. ("fp16", "trt_ptq", "torch_ptq"): int8 x dynamic shape is then
+    #: checked like everything else. The ``dynamic`` mode is fp32's such variant.
+    dynamic_modes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         self.validate()
@@ -213,24 +218,49 @@ class Recipe:
         if not _NAME_RE.match(self.name or ""):
             raise ConfigError(f"Recipe.name {self.name!r} must be letters, digits, '_' or '.' "
                               "(it is used in test ids and file names)")
-        if self.task not in TASKS:
+        from qatcheck.tasks import task_names
+
+        if self.task not in task_names():
             raise ConfigError(f"Recipe({self.name}).task {self.task!r} is unknown; "
-                              f"choose one of {', '.join(TASKS)}")
+                              f"choose one of {', '.join(task_names())} (or register_task)")
         for m in self.modes:
             check_mode(m)
         for b in self.backends:
             check_backend(b)
-        if "qat" in self.modes and self.train_data is None:
-            raise ConfigError(f"Recipe({self.name}) lists mode 'qat' but has no train_data")
+        for m in self.dynamic_modes:
+            if m not in self.modes:
+                raise ConfigError(f"Recipe({self.name}).dynamic_modes lists {m!r}, which is not in "
+                                  f"Recipe.modes {self.modes}")
+            if mode_spec(m).profile_only:
+                raise ConfigError(f"Recipe({self.name}).dynamic_modes lists {m!r}, which is already "
+                                  "measured at min / opt / max")
+        if self.dynamic_modes and not self.input.dynamic:
+            raise ConfigError(f"Recipe({self.name}).dynamic_modes needs InputSpec.dynamic axes "
+                              "(e.g. {0: (1, 32, 64)} for the batch)")
+        for m in self.modes:
+            for need in mode_spec(m).requires:
+                if not self._field(need):
+                    raise ConfigError(self._requires_message(m, need))
         if "qat" in self.modes and self.task == "detection" and self.loss is None:
             raise ConfigError(f"Recipe({self.name}) lists mode 'qat' for a detection task but sets "
                               "no Recipe.loss (the training loss QAT fine-tunes with)")
-        if "dynamic" in self.modes and not self.input.dynamic:
-            raise ConfigError(f"Recipe({self.name}) lists mode 'dynamic' but InputSpec.dynamic "
-                              "declares no dynamic axis (e.g. {0: (1, 32, 64)} for the batch)")
         if not self.output_names:
             raise ConfigError(f"Recipe({self.name}).output_names must name the model outputs")
         self.input.validate()
         self.quant.validate()
         self.qat.validate()
         self.tolerances.validate()
+
+    def _field(self, dotted: str):
+        value = self
+        for part in dotted.split("."):
+            value = getattr(value, part)
+        return value
+
+    def _requires_message(self, mode: str, need: str) -> str:
+        hints = {"train_data": "but has no train_data",
+                 "input.dynamic": "but InputSpec.dynamic declares no dynamic axis (e.g. {0: (1, 32, 64)} "
+                                  "for the batch)",
+                 "quant.keep_precision": "but QuantSettings.keep_precision is empty (the layers to keep "
+                                         "in higher precision)"}
+        return f"Recipe({self.name}) lists mode {mode!r} " + hints.get(need, f"but {need} is not set")

@@ -10,9 +10,10 @@ from pathlib import Path
 
 from qatcheck.errors import BaselineError
 from qatcheck.fsutil import write_text_atomic
-from qatcheck.measurement import Case
+from qatcheck.measurement import Case, overall
+from qatcheck.modes import PROFILE_POINTS, spec as mode_spec
 
-COLUMNS_HEAD = ("Mode", "Backend", "Calibrator")
+COLUMNS_HEAD = ("Mode", "Shape", "Backend", "Calibrator")
 COLUMNS_TAIL = ("Δ fp32 (pt)", "Δ baseline (pt)", "p50 ms", "Speedup", "Parity (cos / agree)", "Verdict")
 
 
@@ -36,38 +37,74 @@ def _fmt_metric(v: float | None) -> str:
     return "-" if v is None else f"{v * 100:.2f}" if v <= 1.0 else f"{v:.3f}"
 
 
+def tested_cases(session, recipe_name: str) -> list:
+    """The recipe's measurements that are rows of its table, in table order: the cases a test or a
+    check ran on (a reference measured only for another case's parity is not a row)."""
+    recipe = session.recipes[recipe_name]
+    tested = set(session.outcomes) | {c for c, _ in session.verdicts}
+    ms = [m for c, m in session.measurements.items()
+          if c.recipe == recipe_name and (c in tested or not tested) and c.mode in recipe.modes]
+    return sorted(ms, key=lambda m: (recipe.modes.index(m.case.mode), m.case.backend,
+                                     ("", *PROFILE_POINTS).index(m.case.shape)))
+
+
+def case_verdict(session, case: Case) -> str:
+    """One word per row: its tests' outcomes and its checks' verdicts."""
+    statuses = list(session.outcomes.get(case, {}).values())
+    statuses += [v.status for (c, _), v in session.verdicts.items() if c == case]
+    return overall(statuses)
+
+
+def shape_label(m) -> str:
+    dims = "x".join(map(str, m.shape))
+    return f"{m.case.shape} {dims}" if m.case.shape else dims
+
+
+def fp32_twin(session, case: Case):
+    """fp32 on the same backend at the same shape (for Δ fp32 and the speedup)."""
+    ms = session.measurements
+    twin = ms.get(Case(case.recipe, "fp32", case.backend, case.shape))
+    if twin is None and case.shape:
+        twin = next((m for c, m in ms.items() if c.recipe == case.recipe and c.backend == case.backend
+                     and c.shape == case.shape and mode_spec(c.mode).variant_of == "fp32"), None)
+    return twin
+
+
 def rows_for(session, recipe_name: str) -> tuple[list[str], list[list[str]], list[dict]]:
     """Header, table rows and JSON records for one recipe, in case order."""
-    recipe = session.recipes[recipe_name]
     task = session.task(recipe_name)
-    ms = sorted((m for c, m in session.measurements.items() if c.recipe == recipe_name),
-                key=lambda m: (recipe.modes.index(m.case.mode), m.case.backend,
-                               ("min", "opt", "max").index(m.case.shape)))
     header = [*COLUMNS_HEAD, *map(metric_label, task.metric_names), *COLUMNS_TAIL]
     rows, records = [], []
     p = task.primary_metric
-    for m in ms:
+    for m in tested_cases(session, recipe_name):
         c = m.case
-        fp32 = session.measurements.get(Case(c.recipe, "fp32", c.backend))
-        d_fp32 = (m.metrics[p] - fp32.metrics[p]) * 100 if fp32 and c.mode != "fp32" else None
+        fp32 = fp32_twin(session, c)
+        is_ref = fp32 is m
+        d_fp32 = ((m.metrics[p] - fp32.metrics[p]) * 100
+                  if fp32 and not is_ref and p in m.metrics and p in fp32.metrics else None)
         try:
             base = session.store.get(c.recipe, c.key, "metrics", p)
         except BaselineError:  # already reported by every check that read it
             base = None
-        d_base = (m.metrics[p] - base["value"]) * 100 if base else None
+        d_base = (m.metrics[p] - base["value"]) * 100 if base and p in m.metrics else None
         lat = m.latency.median_ms if m.latency else None
         # a speedup compares the same input shape on the same device fingerprint
-        speed = (fp32.latency.median_ms / lat if fp32 and fp32.latency and lat and c.mode != "fp32"
+        speed = (fp32.latency.median_ms / lat if fp32 and fp32.latency and lat and not is_ref
                  and fp32.fingerprint_id == m.fingerprint_id and tuple(fp32.shape) == tuple(m.shape)
                  else None)
-        par = (f"{m.parity['cosine']:.5f} / {m.parity[task.agreement_name]:.1%}" if m.parity else "ref")
-        mode = c.mode if c.shape == "opt" and c.mode != "dynamic" else f"{c.mode} {c.shape} {'x'.join(map(str, m.shape))}"
-        rows.append([mode, c.backend, m.calibrator, *[_fmt_metric(m.metrics.get(n)) for n in task.metric_names],
+        par = (f"{m.parity['cosine']:.5f} / {m.parity[task.agreement_name]:.1%}" if m.parity
+               else "ref" if "eval" in m.parts else "-")
+        verdict = case_verdict(session, c)
+        rows.append([c.mode, shape_label(m), c.backend, m.calibrator,
+                     *[_fmt_metric(m.metrics.get(n)) for n in task.metric_names],
                      "-" if d_fp32 is None else f"{d_fp32:+.2f}", "-" if d_base is None else f"{d_base:+.2f}",
                      "-" if lat is None else f"{lat:.3f}", "-" if speed is None else f"{speed:.2f}x",
-                     par, m.verdict])
-        records.append({**m.to_dict(), "delta_fp32_points": d_fp32, "delta_baseline_points": d_base,
-                        "speedup_vs_fp32": speed})
+                     par, verdict])
+        checks = {chk: {"status": v.status, "failures": list(v.failures), "reason": v.reason}
+                  for (case, chk), v in session.verdicts.items() if case == c}
+        records.append({**m.to_dict(), "verdict": verdict, "checks": checks,
+                        "outcomes": session.outcomes.get(c, {}), "delta_fp32_points": d_fp32,
+                        "delta_baseline_points": d_base, "speedup_vs_fp32": speed})
     return header, rows, records
 
 
@@ -77,7 +114,7 @@ NO_REASON = ("listed in QuantSettings.keep_precision without a recorded reason (
 
 def kept_layers(session, recipe_name: str) -> dict[str, str]:
     """The layers ``partial`` keeps in higher precision, each with why (empty if no partial ran)."""
-    if not any(c.recipe == recipe_name and c.mode == "partial" for c in session.measurements):
+    if not any(c.recipe == recipe_name and mode_spec(c.mode).keeps_layers for c in session.measurements):
         return {}
     q = session.recipes[recipe_name].quant
     return {layer: q.keep_precision_why.get(layer, NO_REASON) for layer in q.keep_precision}
@@ -86,10 +123,9 @@ def kept_layers(session, recipe_name: str) -> dict[str, str]:
 def notes_text(session, recipe_name: str) -> str:
     """Per-case notes (timing fallbacks, fake-quant latency, noise), each distinct note once."""
     seen: dict[str, list[str]] = {}
-    for c, m in session.measurements.items():
-        if c.recipe == recipe_name:
-            for note in m.notes:
-                seen.setdefault(note, []).append(c.key)
+    for m in tested_cases(session, recipe_name):
+        for note in m.notes:
+            seen.setdefault(note, []).append(m.case.key)
     return "".join(f"note ({', '.join(keys)}): {note}\n" for note, keys in seen.items())
 
 
@@ -113,7 +149,7 @@ def terminal_table(title: str, header: list[str], rows: list[list[str]]) -> str:
 
     table = Table(title=title, show_lines=False)
     for i, h in enumerate(header):
-        table.add_column(h, justify="left" if i < 3 else "right", no_wrap=i < 2)
+        table.add_column(h, justify="left" if i < len(COLUMNS_HEAD) else "right", no_wrap=i < 3)
     for r in rows:
         style = "red" if r[-1] == "FAIL" else None
         table.add_row(*r, style=style)
@@ -130,7 +166,7 @@ def chart(path: Path, title: str, header: list[str], rows: list[list[str]], metr
     import matplotlib.pyplot as plt
 
     mi, li = header.index(metric), header.index("p50 ms")
-    labels = [f"{r[0]}\n{r[1]}" for r in rows]
+    labels = [f"{r[0]} {r[1]}\n{r[2]}" for r in rows]
     vals = [float(r[mi]) if r[mi] != "-" else 0.0 for r in rows]
     lats = [float(r[li]) if r[li] != "-" else 0.0 for r in rows]
     fig, (a1, a2) = plt.subplots(2, 1, figsize=(max(8, 0.7 * len(rows)), 7), sharex=True)
@@ -189,6 +225,10 @@ def finish(session) -> Summary:
         for path, changes in written.items():
             out.write(f"baselines updated: {path} ({len(changes)} changed)\n")
             out.write("".join(c.describe() + "\n" for c in changes))
+        if session.refused:
+            out.write(f"baselines NOT recorded for {len(session.refused)} failing check(s) "
+                      "(--qatcheck-force-update records them anyway):\n")
+            out.write("".join(f"  - {v.case.key} {v.check}: {v.failures[0]}\n" for v in session.refused))
     if summary.files:
         out.write("reports: " + ", ".join(str(f) for f in summary.files) + "\n")
     c = session.cache

@@ -13,8 +13,7 @@ from __future__ import annotations
 
 import pytest
 
-#: modes whose engines should run in int8 (the TensorRT precision audit applies to them)
-INT8_MODES = ("trt_ptq", "partial", "torch_ptq", "qat")
+from qatcheck.modes import spec
 
 
 def test_accuracy(qcase):
@@ -35,6 +34,6 @@ def test_latency(qcase, benchmark):
 def test_precision(qcase):
     """On TensorRT: every conv of an int8 engine runs in int8 (layers the recipe keeps in higher
     precision excepted). Skips on backends without an engine to inspect."""
-    if qcase.case.mode not in INT8_MODES:
+    if not spec(qcase.case.mode).int8:
         pytest.skip(f"{qcase.case.mode} is not an int8 mode")
     qcase.check_precision(conv="int8")

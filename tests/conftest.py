@@ -14,9 +14,9 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import qatcheck.artifacts  # noqa: E402,F401
-import qatcheck.build.onnx_ptq  # noqa: E402,F401
-import qatcheck.build.qat  # noqa: E402,F401
-import qatcheck.build.torch_quant  # noqa: E402,F401
+import qatcheck.quantize.onnx_ptq  # noqa: E402,F401
+import qatcheck.quantize.qat  # noqa: E402,F401
+import qatcheck.quantize.torch_quant  # noqa: E402,F401
 import qatcheck.report  # noqa: E402,F401
 import qatcheck.zoo.recipes  # noqa: E402,F401
 

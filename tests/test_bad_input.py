@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from qatcheck.artifacts import RecipeState
-from qatcheck.build.export import load_onnx
+from qatcheck.quantize.export import load_onnx
 from qatcheck.data.base import ArrayDataset
 from qatcheck.errors import ArtifactError, ConfigError, DataError
 from qatcheck.recipe import InputSpec, QuantSettings, Recipe, Tolerances

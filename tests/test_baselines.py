@@ -370,8 +370,13 @@ def make_session(root: Path, *, update: bool = False, tolerances: Tolerances | N
     case = Case("r", "fp32", "onnxruntime")
     if latency_ms is not None:
         session._states["r"] = RecipeState(recipe)
-        session._runners[("r", "fp32", "onnxruntime")] = FakeRunner(latency_ms)
+        session._runners[("r", "fp32", "onnxruntime", False)] = FakeRunner(latency_ms)
     return session, case
+
+
+def evaluated(case: Case, **fields) -> Measurement:
+    """A measurement whose eval part is pre-filled (the judges are under test, not the models)."""
+    return Measurement(case=case, parts=frozenset({"eval"}), **fields)
 
 
 def write_baseline(root: Path, cases: dict) -> None:
@@ -392,13 +397,13 @@ def test_accuracy_fails_iff_measured_is_below_baseline_minus_tolerance_points(ba
     with tempfile.TemporaryDirectory() as d:
         root = Path(d)
         session, case = make_session(root)
-        session.measurements[case] = Measurement(case=case, metrics={"top1": measured})
+        session.measurements[case] = evaluated(case, metrics={"top1": measured})
         write_baseline(root, {case.key: {"metrics": {"top1": {"value": base, "tolerance": tolerance}}}})
         res = session.check_accuracy(case)
     assert res.ok == (measured >= floor), res.failures
     if not res.ok:
         assert len(res.failures) == 1 and "top1" in res.failures[0] and "r.json" in res.failures[0]
-    assert session.check_results[(case, "accuracy")] is res
+    assert session.verdicts[(case, "accuracy")] is res
 
 
 @given(base=unit, tolerance=st.floats(min_value=0, max_value=0.5, allow_nan=False), measured=unit)
@@ -408,8 +413,8 @@ def test_parity_fails_iff_measured_is_below_baseline_minus_tolerance(base, toler
     with tempfile.TemporaryDirectory() as d:
         root = Path(d)
         session, case = make_session(root)
-        session.measurements[case] = Measurement(
-            case=case, metrics={"top1": 1.0}, parity_reference="torch fp32 (export)",
+        session.measurements[case] = evaluated(
+            case, metrics={"top1": 1.0}, parity_reference="torch fp32 (export)",
             parity={"cosine": measured, "max_abs": 0.0, "mean_abs": 0.0, "top1_agreement": 1.0})
         write_baseline(root, {case.key: {"parity": {
             "cosine": {"value": base, "tolerance": tolerance},
@@ -431,8 +436,8 @@ def test_parity_floors_from_the_recipe(cosine, agreement, max_abs):
     with tempfile.TemporaryDirectory() as d:
         root = Path(d)
         session, case = make_session(root, update=True, tolerances=Tolerances(export_parity={"fp32": thr}))
-        session.measurements[case] = Measurement(
-            case=case, parity={"cosine": cosine, "max_abs": max_abs, "mean_abs": 0.0,
+        session.measurements[case] = evaluated(
+            case, parity={"cosine": cosine, "max_abs": max_abs, "mean_abs": 0.0,
                                "top1_agreement": agreement}, parity_reference="torch fp32 (export)")
         res = session.check_parity(case)
     failed = {f.split()[0] for f in res.failures}
@@ -451,7 +456,7 @@ def test_latency_fails_iff_median_exceeds_baseline_times_one_plus_tolerance(base
     with tempfile.TemporaryDirectory() as d:
         root = Path(d)
         session, case = make_session(root, latency_ms=measured)
-        session.measurements[case] = Measurement(case=case, metrics={"top1": 1.0})
+        session.measurements[case] = evaluated(case, metrics={"top1": 1.0})
         fid = fpr.fingerprint_id(fpr.device_fingerprint("CPUExecutionProvider", {"onnxruntime": "test"}))
         write_baseline(root, {case.key: {"latency": {fid: {
             "device": "x", "median_ms": {"value": base, "tolerance": rel}}}}})
@@ -465,7 +470,7 @@ def test_latency_fails_iff_median_exceeds_baseline_times_one_plus_tolerance(base
 
 def test_latency_on_another_device_is_a_skip_not_a_failure(tmp_path):
     session, case = make_session(tmp_path, latency_ms=5.0)
-    session.measurements[case] = Measurement(case=case)
+    session.measurements[case] = evaluated(case)
     write_baseline(tmp_path, {case.key: {"latency": {"otherdevice0": {
         "device": "x", "median_ms": {"value": 1.0, "tolerance": 0.1}}}}})
     res = session.check_latency(case)
@@ -475,7 +480,7 @@ def test_latency_on_another_device_is_a_skip_not_a_failure(tmp_path):
 
 def test_missing_baseline_is_a_failure_naming_the_file(tmp_path):
     session, case = make_session(tmp_path)
-    session.measurements[case] = Measurement(case=case, metrics={"top1": 0.5})
+    session.measurements[case] = evaluated(case, metrics={"top1": 0.5})
     res = session.check_accuracy(case)
     assert not res.ok and "fp32-onnxruntime metrics.top1" in res.failures[0]
     assert str(tmp_path / "baselines" / "r.json") in res.failures[0]
@@ -483,8 +488,8 @@ def test_missing_baseline_is_a_failure_naming_the_file(tmp_path):
 
 def test_update_baselines_stages_and_commits_every_section(tmp_path):
     session, case = make_session(tmp_path, update=True, latency_ms=2.5)
-    session.measurements[case] = Measurement(
-        case=case, metrics={"top1": 0.75}, parity_reference="torch fp32 (export)",
+    session.measurements[case] = evaluated(
+        case, metrics={"top1": 0.75}, parity_reference="torch fp32 (export)",
         parity={"cosine": 0.9999, "max_abs": 0.0, "mean_abs": 0.0, "top1_agreement": 0.98})
     assert session.check_accuracy(case).ok
     assert session.check_parity(case).ok
@@ -514,8 +519,8 @@ def test_negative_parity_tolerance_is_a_config_error():
 def test_nan_parity_is_never_a_pass(tmp_path):
     session, case = make_session(tmp_path, tolerances=Tolerances(
         export_parity={"fp32": ParityThresholds(min_cosine=0.999, min_top1_agreement=0.99)}))
-    session.measurements[case] = Measurement(
-        case=case, parity_reference="torch fp32 (export)",
+    session.measurements[case] = evaluated(
+        case, parity_reference="torch fp32 (export)",
         parity={"cosine": math.nan, "max_abs": math.inf, "mean_abs": math.inf, "top1_agreement": 1.0})
     write_baseline(tmp_path, {case.key: {"parity": {
         "cosine": {"value": 0.9999, "tolerance": 0.0005},

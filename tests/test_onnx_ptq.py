@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from qatcheck.build.onnx_ptq import (OnnxPTQConfig, _AbsStats, module_name_of, quantize_onnx,
+from qatcheck.quantize.onnx_ptq import (OnnxPTQConfig, _AbsStats, module_name_of, quantize_onnx,
                                      resolve_layers, scale_qdq)
 from qatcheck.errors import ArtifactError, ConfigError, DataError
 
@@ -220,7 +220,7 @@ def test_streaming_histogram_grows_exactly():
 def test_entropy_matches_pytorch_quantization_calibrator():
     from pytorch_quantization.calib import HistogramCalibrator
 
-    from qatcheck.build.onnx_ptq import _compute_amax
+    from qatcheck.quantize.onnx_ptq import _compute_amax
 
     x = np.abs(np.random.default_rng(4).standard_t(df=3, size=20000)).astype(np.float32)
     reference = HistogramCalibrator(num_bits=8, axis=None, unsigned=False, num_bins=512)

@@ -105,7 +105,7 @@ def test_bad_calibration_range_fails_accuracy(pytester, shared_cache):
 
 def test_perturbed_qdq_scale_fails_parity(pytester, shared_cache):
     """A broken scale in the exported Q/DQ graph: ONNX Runtime no longer matches PyTorch fake-quant."""
-    from qatcheck.build.onnx_ptq import scale_qdq
+    from qatcheck.quantize.onnx_ptq import scale_qdq
 
     write_suite(pytester, modes=("torch_ptq",), backends=("torch", "onnxruntime"))
     cache = pytester.path / "own-cache"

@@ -1,4 +1,4 @@
-"""Q/DQ placement rules (qatcheck.build.qdq_rules), the Q/DQ lint (qatcheck.build.qdq_lint) and the
+"""Q/DQ placement rules (qatcheck.quantize.qdq_rules), the Q/DQ lint (qatcheck.quantize.qdq_lint) and the
 YOLO pieces (the ``yolov8`` decoder, qatcheck.zoo.yolo).
 
 A tiny YOLO-style network built from plain nn modules with ultralytics' block structure (Conv,
@@ -18,10 +18,10 @@ import pytest
 import torch
 from torch import nn
 
-from qatcheck.build import qdq_rules as R
-from qatcheck.build.qdq_lint import lint_qdq
-from qatcheck.build.qdq_rules import QDQRules
-from qatcheck.build.torch_quant import (
+from qatcheck.quantize import qdq_rules as R
+from qatcheck.quantize.qdq_lint import lint_qdq
+from qatcheck.quantize.qdq_rules import QDQRules
+from qatcheck.quantize.torch_quant import (
     TorchQuantConfig,
     _iter_quantizers,
     calibrate,
@@ -304,7 +304,7 @@ def test_lint_errors_and_cli(tiny, tmp_path, capsys) -> None:
     assert main(["lint", str(plain), "--ignore", "/model\\.[1356]/"]) == 0
     assert main(["lint", str(tmp_path / "absent.onnx")]) == 2
     # a loaded model works too, and an fp32 graph has nothing to say
-    from qatcheck.build.export import export_onnx
+    from qatcheck.quantize.export import export_onnx
     from qatcheck.recipe import InputSpec
 
     fp32 = tmp_path / "fp32.onnx"
@@ -467,7 +467,7 @@ def test_shared_quantizer_histogram_stays_bounded(tiny) -> None:
     num_bins .. 2 * num_bins with the same range and nearly the same amax."""
     from pytorch_quantization.calib import HistogramCalibrator
 
-    from qatcheck.build.torch_quant import _BoundedHistogramCalibrator
+    from qatcheck.quantize.torch_quant import _BoundedHistogramCalibrator
 
     g = torch.Generator().manual_seed(0)
     xs = [torch.randn(1000, generator=g) * s for s in (0.1, 5.0, 40.0, 1.0)]

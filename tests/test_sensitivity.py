@@ -1,4 +1,4 @@
-"""Sensitivity profiling and accuracy-budgeted partial quantization (qatcheck.sensitivity, CLI)."""
+"""Sensitivity profiling and accuracy-budgeted partial quantization (qatcheck.analysis, CLI)."""
 from __future__ import annotations
 
 import json
@@ -11,13 +11,19 @@ import pytest
 import torch
 from torch import nn
 
-from qatcheck import sensitivity as S
 from qatcheck.__main__ import load_recipe, main
-from qatcheck.build.onnx_ptq import OnnxPTQConfig, quantize_onnx
+from qatcheck.analysis import sensitivity as S
+from qatcheck.analysis.sensitivity import PATH_MODE
+from qatcheck.analysis.sensitivity_report import table_rows, write_reports
+from qatcheck.backends.onnxruntime_backend import OrtRunner
+from qatcheck.backends.torch_backend import TorchRunner
 from qatcheck.data.base import ArrayDataset
-from qatcheck.errors import ConfigError
+from qatcheck.data.batching import eval_batches
+from qatcheck.errors import ArtifactError, ConfigError
+from qatcheck.evaluate import combined_parity, evaluate
+from qatcheck.quantize.onnx_ptq import OnnxPTQConfig, quantize_onnx
+from qatcheck.quantize.qdq_edit import quantized_layers, strip_qdq
 from qatcheck.recipe import QuantSettings, Recipe
-from qatcheck.sensitivity import PATH_MODE
 
 PLANTED = "layer1.conv2"
 OUTLIER = 1000.0
@@ -67,7 +73,7 @@ def test_planted_layer_ranked_first_and_chosen(planted_recipe, cache_dir, path):
     prof = S.profile(runner, path, max_samples=96, only_quantized=True)
     assert prof.fp32 > 0.98
     assert prof.ptq < prof.fp32 - 0.2, f"the planted outlier should break {prof.mode}: {prof.ptq:.2%}"
-    assert prof.ranked[0] == PLANTED, S.table_rows(prof)
+    assert prof.ranked[0] == PLANTED, table_rows(prof)
     top = prof.row(PLANTED)
     assert top.excluded_metric >= prof.fp32 - 0.01 and top.gain_points > 20
     assert top.only_drop_points > 20  # quantized alone it still breaks the model
@@ -119,20 +125,77 @@ def test_strip_qdq_equals_exclude(tmp_path):
         src = str(model) if isinstance(model, Path) else model.SerializeToString()
         return ort.InferenceSession(src, providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
 
-    assert set(S.quantized_layers(full)) == {"stem", "a", "b", "fc"}
+    assert set(quantized_layers(full)) == {"stem", "a", "b", "fc"}
     for layers in (["a"], ["stem"], ["fc", "b"]):
         ref = tmp_path / f"ex_{'_'.join(layers)}.onnx"
         quantize_onnx(fp32, ref, batches, OnnxPTQConfig(calibrator="entropy", num_bins=256,
                                                         exclude=tuple(layers)))
-        stripped = S.strip_qdq(full, layers)
+        stripped = strip_qdq(full, layers)
         onnx.checker.check_model(stripped)
         np.testing.assert_array_equal(run(stripped), run(ref), err_msg=f"strip {layers}")
-        assert set(S.quantized_layers(stripped)) == {"stem", "a", "b", "fc"} - set(layers)
+        assert set(quantized_layers(stripped)) == {"stem", "a", "b", "fc"} - set(layers)
         n_qdq = lambda m: sum(n.op_type == "QuantizeLinear" for n in m.graph.node)  # noqa: E731
         assert n_qdq(stripped) == n_qdq(onnx.load(str(ref)))
-    assert not np.array_equal(run(S.strip_qdq(full, ["a"])), run(full))
+    assert not np.array_equal(run(strip_qdq(full, ["a"])), run(full))
     with pytest.raises(ConfigError, match="'nope'.*available"):
-        S.strip_qdq(full, ["nope"])
+        strip_qdq(full, ["nope"])
+
+
+@pytest.mark.parametrize("path", ["onnx", "torch"])
+def test_sensitivity_numbers_are_the_shared_loops(planted_recipe, cache_dir, path):
+    """The profile and the budget search evaluate through qatcheck.evaluate on eval_batches with the
+    backends' runners: the same numbers as evaluating those runners directly."""
+    runner = S.SensitivityRunner(planted_recipe, path, cache_dir, progress=False)
+    task, data = runner.task, runner.state.eval_data
+    shape, primary, pad = planted_recipe.input.profile()["opt"], task.primary_metric, path == "onnx"
+    if path == "onnx":
+        ort_runner = lambda p: OrtRunner(p, provider="CPUExecutionProvider",  # noqa: E731
+                                         input_name=planted_recipe.input.name)
+        fp32 = ort_runner(runner.builder.onnx_artifact("fp32").path)
+        ptq = ort_runner(runner.builder.onnx_artifact(PATH_MODE[path]).path)
+    else:
+        fp32 = TorchRunner(runner.state.model, precision="fp32", device="cpu")
+        ptq = TorchRunner(runner.builder.torch_artifact(PATH_MODE[path]).module, precision="int8",
+                          device="cpu")
+
+    full = evaluate(fp32.infer, eval_batches(data, shape, pad=pad), task)
+    assert full.samples == 192 and runner.full_metric(None) == full.metrics[primary]
+    assert runner.full_metric([]) == evaluate(ptq.infer, eval_batches(data, shape, pad=pad),
+                                              task).metrics[primary]
+    prof = S.profile(runner, path, max_samples=64)
+    sub = evaluate(ptq.infer, eval_batches(data, shape, pad=pad, max_samples=64), task,
+                   reference=fp32.infer)
+    assert prof.samples == sub.samples == 64 and prof.ptq == sub.metrics[primary]
+    assert prof.ptq_cosine == pytest.approx(combined_parity(sub)["cosine"], rel=1e-9)
+
+
+def test_ort_runner_takes_in_memory_models(tmp_path):
+    """The ONNX path's variants are never written to disk: OrtRunner runs a ModelProto or its bytes
+    like the file."""
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Relu", ["input"], ["out"], name="relu")], "g",
+                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, [2, 3])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, [2, 3])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(model, str(tmp_path / "relu.onnx"))
+    x = np.array([[-1, 0, 2], [3, -4, 5]], dtype=np.float32)
+    for src in (tmp_path / "relu.onnx", model, model.SerializeToString()):
+        (out,) = OrtRunner(src, provider="CPUExecutionProvider").infer(x)
+        np.testing.assert_array_equal(out, np.maximum(x, 0))
+    with pytest.raises(ArtifactError, match="cannot load an in-memory ONNX model"):
+        OrtRunner(b"not onnx", provider="CPUExecutionProvider")
+
+
+def test_old_import_path_reexports():
+    """Recipes written against ``qatcheck.sensitivity`` keep working."""
+    from qatcheck import sensitivity as old
+    from qatcheck.analysis import keeplist
+
+    assert old.load_keep_list is keeplist.load_keep_list and old.KeepList is keeplist.KeepList
+    assert old.SensitivityRunner is S.SensitivityRunner and old.PATH_MODE is PATH_MODE
+    assert old.strip_qdq is strip_qdq and old.write_reports is write_reports
+    assert all(hasattr(old, name) for name in old.__all__)
 
 
 def test_profile_cache_hit_and_reports(planted_recipe, tmp_path):
@@ -148,7 +211,7 @@ def test_profile_cache_hit_and_reports(planted_recipe, tmp_path):
     third = S.SensitivityRunner(planted_recipe, "onnx", cache, progress=False)
     assert not S.profile(third, "onnx", max_samples=32).cached and third.evaluations > 0
 
-    files = S.write_reports(p2, tmp_path / "reports")
+    files = write_reports(p2, tmp_path / "reports")
     assert [f.name for f in files] == ["planted-sensitivity.json", "planted-sensitivity.png"]
     data = json.loads(files[0].read_text())
     assert data["profile"]["layers"][0]["layer"] == PLANTED and data["budget"] is None
@@ -188,6 +251,20 @@ def test_budget_and_names_validation(planted_recipe, cache_dir):
     prof = S.profile(runner, "torch", max_samples=64)
     with pytest.raises(ConfigError, match="'conv9' is not in the torch profile"):
         prof.row("conv9")
+
+
+def test_keep_list_round_trip_and_mismatch(tmp_path):
+    from qatcheck.analysis.keeplist import keep_list, load_keep_list, write_keep_list
+
+    row = S.LayerSensitivity("fc", ["/fc/Gemm"], 0.9, 0.99, 40.0, rank=1)
+    prof = S.Profile("r", "onnx", PATH_MODE["onnx"], "minmax", "top1", 64, 0.95, 0.5, 0.9, [row])
+    res = S.BudgetResult("r", "onnx", S.Budget(points=0.5), "top1", 192, 0.95, 0.5, 0.949, 0.945,
+                         ["fc"], True)
+    keep = load_keep_list(write_keep_list(keep_list(prof, res), tmp_path / "keep.json"))
+    assert keep.layers == ("fc",) and "rank 1 of 1" in keep.reasons["fc"]
+    assert keep.summary.startswith("trt_ptq top1 50.00% -> partial 94.90%")
+    with pytest.raises(ConfigError, match="profile is for r/torch"):
+        keep_list(S.Profile(**{**prof.__dict__, "path": "torch"}), res)
 
 
 def test_recipe_spec_errors(capsys):

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from qatcheck.backends.base import Artifact
-from qatcheck.backends.tensorrt_backend import BuildContext, TensorRTBackend
+from qatcheck.backends.base import BuildContext
+from qatcheck.backends.tensorrt_backend import TensorRTBackend
 from qatcheck.errors import ConfigError
 
 NO_TRT = "TensorRT is not installed here (its PyPI package is a stub); these tests run on a GPU machine with TensorRT"
@@ -30,7 +30,7 @@ def test_unavailable_reason_names_the_cause():
 
 def test_runner_without_context_is_a_config_error():
     with pytest.raises(ConfigError, match="needs a BuildContext"):
-        TensorRTBackend().runner(Artifact("onnx", "fp32"))
+        TensorRTBackend().runner(None)
 
 
 # ---- with TensorRT ------------------------------------------------------------------------------
@@ -41,17 +41,25 @@ def _need_trt():
     return trt
 
 
-def _context(tmp_path: Path, mode: str, ptq_form: str = "auto") -> tuple[BuildContext, object]:
+def _context(tmp_path: Path, mode: str) -> tuple[BuildContext, object]:
+    """The build context the session gives every backend (see QatcheckSession.context)."""
     from qatcheck.artifacts import ArtifactBuilder, RecipeState
     from qatcheck.cache import ArtifactCache
     from qatcheck.zoo.recipes import digits_recipe
 
     recipe = digits_recipe()
     b = ArtifactBuilder(RecipeState(recipe), ArtifactCache(tmp_path / "cache"))
-    ctx = BuildContext(recipe=recipe, mode=mode, cache_dir=tmp_path / "cache", onnx_artifact=b.onnx_artifact,
-                       calib_batches=b._calib_batches, calib_id=b.state.calib_data.fingerprint(),
-                       ptq_form=ptq_form)
+    dynamic = mode == "dynamic"
+    ctx = BuildContext(recipe=recipe, mode=mode, dynamic=dynamic, torch_artifact=b.torch_artifact,
+                       onnx_artifact=lambda m: b.onnx_artifact(m, dynamic), cache_dir=tmp_path / "cache",
+                       calib_batches=b.calib_batches, calib_id=b.calib_id())
     return ctx, b
+
+
+def _backend(ptq_form: str = "auto") -> TensorRTBackend:
+    from qatcheck.options import Options
+
+    return TensorRTBackend(Options(trt_ptq=ptq_form))
 
 
 @pytest.mark.tensorrt
@@ -61,8 +69,8 @@ def test_engine_builds_runs_and_matches_onnxruntime(tmp_path, mode):
     from qatcheck.backends.onnxruntime_backend import OrtRunner
 
     ctx, b = _context(tmp_path, mode)
-    backend = TensorRTBackend()
-    runner = backend.runner(b.onnx_artifact(mode), ctx)
+    backend = _backend()
+    runner = backend.runner(ctx)
     x, _ = next(iter(b.state.eval_data.batches(32)))
     ref = OrtRunner(b.onnx_artifact("fp32").path, "CPUExecutionProvider").infer(x)[0]
     out = runner.infer(x)[0]
@@ -73,7 +81,7 @@ def test_engine_builds_runs_and_matches_onnxruntime(tmp_path, mode):
             xs = np.resize(x, (n, *x.shape[1:])).astype(np.float32)
             assert runner.infer(xs)[0].shape[0] == n
     # the engine cache: a second runner reuses the file
-    backend.runner(b.onnx_artifact(mode), ctx)
+    backend.runner(ctx)
     assert backend.built and backend.reused == backend.built[:1]
     stats = runner.audit.summary()
     assert stats["layers"] > 0
@@ -86,7 +94,7 @@ def test_engine_builds_runs_and_matches_onnxruntime(tmp_path, mode):
 def test_partial_keeps_the_pinned_layers_out_of_int8(tmp_path):
     _need_trt()
     ctx, b = _context(tmp_path, "partial")
-    runner = TensorRTBackend().runner(b.onnx_artifact("partial"), ctx)
+    runner = _backend().runner(ctx)
     convs = runner.audit.of_kind("conv")
     stem = [c for c in convs if any("stem" in n for n in (c.name, *c.onnx_nodes))]
     assert stem and all(c.precision != "int8" for c in stem)
@@ -98,7 +106,7 @@ def test_timed_call_gives_device_times(tmp_path):
     from qatcheck import timing
 
     ctx, b = _context(tmp_path, "fp16")
-    runner = TensorRTBackend().runner(b.onnx_artifact("fp16"), ctx)
+    runner = _backend().runner(ctx)
     x, _ = next(iter(b.state.eval_data.batches(32)))
     call = runner.timed_call(x)
     stats = timing.measure(call, 32, 50, 0.05)
@@ -110,6 +118,6 @@ def test_native_calibration_on_11_is_refused(tmp_path):
     trt = _need_trt()
     if int(trt.__version__.split(".")[0]) < 11:
         pytest.skip(f"TensorRT {trt.__version__} still has its calibrators")
-    ctx, b = _context(tmp_path, "trt_ptq", ptq_form="native")
+    ctx, b = _context(tmp_path, "trt_ptq")
     with pytest.raises(ConfigError, match="no longer has"):
-        TensorRTBackend().runner(b.onnx_artifact("trt_ptq"), ctx)
+        _backend("native").runner(ctx)

@@ -17,8 +17,8 @@ from pytorch_quantization.calib import histogram as pq_histogram
 from pytorch_quantization.nn import TensorQuantizer
 from torch import nn
 
-from qatcheck.build.qat import QATConfig, finetune
-from qatcheck.build.torch_quant import (
+from qatcheck.quantize.qat import QATConfig, finetune
+from qatcheck.quantize.torch_quant import (
     TorchQuantConfig,
     _compute_amax_mse,
     calibrate,

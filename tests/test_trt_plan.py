@@ -335,8 +335,8 @@ def test_session_precision_check_fails_on_a_dropped_int8_layer(tmp_path):
                     quant=QuantSettings(keep_precision=("layer1.0.conv2",)))
     session = QatcheckSession(Options(baselines_dir=tmp_path, cache_dir=tmp_path), {})
     session.register(recipe)
-    session._runners[("r", "trt_ptq", "tensorrt")] = AuditedRunner(planted=True)
-    session._runners[("r", "partial", "tensorrt")] = AuditedRunner(planted=True)
+    session._runners[("r", "trt_ptq", "tensorrt", False)] = AuditedRunner(planted=True)
+    session._runners[("r", "partial", "tensorrt", False)] = AuditedRunner(planted=True)
     res = session.check_precision(Case("r", "trt_ptq", "tensorrt"), {"conv": "int8"})
     assert not res.ok and "'/layer1/layer1.0/conv2/Conv' runs fp32" in res.failures[0]
     assert session.check_precision(Case("r", "partial", "tensorrt"), {"conv": "int8"}).ok

@@ -9,7 +9,7 @@ from __future__ import annotations
 import abc
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 
@@ -64,6 +64,30 @@ class Runner(abc.ABC):
         return {}
 
 
+@dataclass
+class BuildContext:
+    """What every backend gets to make a runner for one (recipe, mode, static or dynamic) case.
+
+    The backend picks the artifact it executes: ``torch_artifact(mode)`` (a torch module) or
+    ``onnx_artifact(mode)`` (an ONNX file - the dynamic-axes build when ``dynamic``). A backend
+    that builds its own engines (TensorRT) may build from another mode's ONNX (the fp32 one for
+    TensorRT's own calibrator on <= 10) and calibrate with ``calib_batches``; ``calib_id`` is the
+    calibration data's fingerprint. ``options`` are the session's :class:`qatcheck.options.Options`.
+    """
+
+    recipe: Any  # qatcheck.recipe.Recipe
+    mode: str
+    dynamic: bool
+    torch_artifact: Callable[[str], Artifact]
+    onnx_artifact: Callable[[str], Artifact]
+    calib_batches: Callable[[], Iterable[np.ndarray]] | None = None
+    calib_id: str = ""
+    options: Any = None
+    cache_dir: Path = Path(".qatcheck_cache")
+    use_cache: bool = True
+    builder_optimization_level: int | None = None
+
+
 class Backend(abc.ABC):
     name: str = ""
 
@@ -72,10 +96,5 @@ class Backend(abc.ABC):
         """None when this backend can run here, else a sentence saying why not."""
 
     @abc.abstractmethod
-    def runner(self, artifact: Artifact, context: Any = None) -> Runner:
-        """A runner for ``artifact``. ``context`` carries what a backend that builds its own
-        artifacts needs (TensorRT: a ``BuildContext``); the others ignore it."""
-
-    def accepts(self) -> tuple[str, ...]:
-        """Artifact kinds this backend consumes."""
-        return ("onnx",)
+    def runner(self, context: BuildContext) -> Runner:
+        """A runner for the context's mode: the backend takes the artifact it executes from it."""

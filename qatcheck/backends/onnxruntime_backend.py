@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from qatcheck.backends.base import Artifact, Backend, Runner, TimedCall
+from qatcheck.backends.base import Backend, BuildContext, Runner, TimedCall
 from qatcheck.errors import ArtifactError, ConfigError
 
 #: providers that do not execute graphs locally
@@ -38,15 +38,22 @@ class OrtRunner(Runner):
     backend = "onnxruntime"
 
     def __init__(self, path, provider: str, input_name: str | None = None) -> None:
+        """``path``: an ONNX file, or an in-memory model (``onnx.ModelProto`` or its serialized
+        bytes) - the sensitivity profile's stripped variants are never written to disk."""
         import onnxruntime as ort
 
         self._ort = ort
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
+        if hasattr(path, "SerializeToString"):  # onnx.ModelProto
+            path = path.SerializeToString()
+        in_memory = isinstance(path, (bytes, bytearray))
+        src = bytes(path) if in_memory else str(path)
+        label = "an in-memory ONNX model" if in_memory else src
         try:
-            self.session = ort.InferenceSession(str(path), opts, providers=[provider])
+            self.session = ort.InferenceSession(src, opts, providers=[provider])
         except Exception as exc:
-            raise ArtifactError(f"onnxruntime cannot load {path}: {exc}") from exc
+            raise ArtifactError(f"onnxruntime cannot load {label}: {exc}") from exc
         self.provider = provider
         self.input_name = input_name or self.session.get_inputs()[0].name
 
@@ -70,8 +77,8 @@ class OrtRunner(Runner):
 class OrtBackend(Backend):
     name = "onnxruntime"
 
-    def __init__(self, provider: str = "auto") -> None:
-        self.requested_provider = provider
+    def __init__(self, options=None) -> None:
+        self.requested_provider = getattr(options, "ort_provider", "auto")
 
     def unavailable_reason(self) -> str | None:
         try:
@@ -80,5 +87,6 @@ class OrtBackend(Backend):
             return f"onnxruntime is not installed ({exc}); pip install onnxruntime"
         return None
 
-    def runner(self, artifact: Artifact, context=None) -> Runner:
+    def runner(self, context: BuildContext) -> Runner:
+        artifact = context.onnx_artifact(context.mode)
         return OrtRunner(artifact.path, choose_provider(self.requested_provider))

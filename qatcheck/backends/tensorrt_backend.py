@@ -24,31 +24,9 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from qatcheck.backends import trt_plan
-from qatcheck.backends.base import Artifact, Backend, Runner, TimedCall
+from qatcheck.backends.base import Backend, BuildContext, Runner, TimedCall
 from qatcheck.backends.trt_audit import PrecisionAudit, parse_engine_info
 from qatcheck.errors import ArtifactError, ConfigError
-
-
-@dataclass
-class BuildContext:
-    """What a backend needs beyond the artifact to decide and cache a build (passed by the session).
-
-    ``onnx_artifact`` is ``ArtifactBuilder.onnx_artifact`` (the plan may build from another mode's
-    ONNX: the fp32 one for TensorRT's own calibrator on <= 10, the fp16 one on 11);
-    ``calib_batches`` yields fixed-shape calibration batches (``ArtifactBuilder.calib_batches``);
-    ``calib_id`` is the calibration data's fingerprint.
-    """
-
-    recipe: Any  # qatcheck.recipe.Recipe
-    mode: str
-    cache_dir: Path
-    onnx_artifact: Callable[[str], Artifact]
-    calib_batches: Callable[[], Iterable[np.ndarray]] | None = None
-    calib_id: str = ""
-    use_cache: bool = True
-    ptq_form: str = "auto"  # --qatcheck-trt-ptq: auto | native | qdq
-    cuda_graph: str = "auto"  # --qatcheck-cuda-graph: auto | on | off
-    builder_optimization_level: int | None = None
 
 
 def _trt():
@@ -281,9 +259,9 @@ class TrtRunner(Runner):
 class TensorRTBackend(Backend):
     name = "tensorrt"
 
-    def __init__(self, ptq_form: str = "auto", cuda_graph: str = "auto") -> None:
-        self.ptq_form = ptq_form
-        self.cuda_graph = cuda_graph
+    def __init__(self, options=None) -> None:
+        self.ptq_form = getattr(options, "trt_ptq", "auto")
+        self.cuda_graph = getattr(options, "cuda_graph", "auto")
         self.built: list[str] = []
         self.reused: list[str] = []
 
@@ -307,14 +285,14 @@ class TensorRTBackend(Backend):
     def plan(self, context: BuildContext) -> trt_plan.BuildPlan:
         trt = _trt()
         r = context.recipe
-        source = trt_plan.onnx_source(context.mode, trt.__version__, context.ptq_form or self.ptq_form)
+        source = trt_plan.onnx_source(context.mode, trt.__version__, self.ptq_form)
         art = context.onnx_artifact(source)
         return trt_plan.plan_build(
             context.mode, trt.__version__, r.quant, r.input, {source: art.digest}, gpu_capability(),
-            ptq_form=context.ptq_form or self.ptq_form, calib_id=context.calib_id,
+            ptq_form=self.ptq_form, calib_id=context.calib_id, dynamic=context.dynamic,
             builder_optimization_level=context.builder_optimization_level)
 
-    def runner(self, artifact: Artifact, context: BuildContext | None = None) -> Runner:
+    def runner(self, context: BuildContext) -> Runner:
         if context is None:
             raise ConfigError("the TensorRT backend needs a BuildContext (mode, recipe, cache) to plan a build")
         plan = self.plan(context)
@@ -332,7 +310,7 @@ class TensorRTBackend(Backend):
             data = build_engine(plan, onnx_path, batches, calib_cache)
             _atomic_write(engine_path, data)
             self.built.append(engine_path.name)
-        runner = TrtRunner(data, plan, context.cuda_graph or self.cuda_graph)
+        runner = TrtRunner(data, plan, self.cuda_graph)
         sidecar = engine_path.with_suffix(".json")
         if not sidecar.exists():
             info = {"plan": plan.to_dict(), "describe": trt_plan.describe(plan), "onnx": str(onnx_path)}

@@ -5,7 +5,7 @@ import contextlib
 
 import numpy as np
 
-from qatcheck.backends.base import Artifact, Backend, Runner, TimedCall
+from qatcheck.backends.base import Backend, BuildContext, Runner, TimedCall
 
 
 def resolve_device(requested: str = "auto") -> str:
@@ -104,9 +104,9 @@ class TorchRunner(Runner):
 class TorchBackend(Backend):
     name = "torch"
 
-    def __init__(self, device: str = "auto", cuda_graph: str = "auto") -> None:
-        self.requested_device = device
-        self.cuda_graph = cuda_graph
+    def __init__(self, options=None) -> None:
+        self.requested_device = getattr(options, "device", "auto")
+        self.cuda_graph = getattr(options, "cuda_graph", "auto")
 
     def unavailable_reason(self) -> str | None:
         try:
@@ -115,9 +115,7 @@ class TorchBackend(Backend):
             return f"torch is not importable: {exc}"
         return None
 
-    def accepts(self) -> tuple[str, ...]:
-        return ("torch",)
-
-    def runner(self, artifact: Artifact, context=None) -> Runner:
+    def runner(self, context: BuildContext) -> Runner:
+        artifact = context.torch_artifact(context.mode)
         return TorchRunner(artifact.module, artifact.precision, resolve_device(self.requested_device),
                            self.cuda_graph)

@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Iterable, Mapping, Sequence
 
 from qatcheck.errors import ConfigError
-from qatcheck.modes import MODES, check_mode
+from qatcheck.modes import MODE_SPECS, spec as mode_spec
 
 #: how ``trt_ptq`` / ``partial`` are built: ``auto`` = TensorRT's own calibrator where the version
 #: has one (<= 10), else the Q/DQ ONNX; ``native`` = TensorRT's calibrator (legacy, <= 10 only);
@@ -50,8 +50,6 @@ TRT_STRONGLY_TYPED_ONLY = 11
 #: first version with NetworkDefinitionCreationFlag.STRONGLY_TYPED
 TRT_HAS_STRONG_TYPING = (9, 0)
 
-EXPLICIT_INT8_MODES = frozenset({"torch_ptq", "qat"})
-ENGINE_PTQ_MODES = frozenset({"trt_ptq", "partial"})
 
 
 def parse_version(version: str | Sequence[int]) -> tuple[int, int, int]:
@@ -174,10 +172,10 @@ class BuildPlan:
 def layer_matches(entry: str, layer_name: str) -> bool:
     """Does recipe name ``entry`` (module or ONNX node name) cover TensorRT layer ``layer_name``?
 
-    Same rule as the ONNX-level PTQ's ``exclude`` (qatcheck.build.onnx_ptq), so ``partial`` keeps
+    Same rule as the ONNX-level PTQ's ``exclude`` (qatcheck.quantize.onnx_ptq), so ``partial`` keeps
     the same layers whichever way it is built.
     """
-    from qatcheck.build.onnx_ptq import module_name_of
+    from qatcheck.quantize.onnx_ptq import module_name_of
 
     if entry == layer_name:
         return True
@@ -214,16 +212,16 @@ def resolve_ptq_form(form: str, version: Sequence[int], mode: str) -> str:
     if form == "auto":
         return "native" if major < TRT_STRONGLY_TYPED_ONLY else "qdq"
     if form == "native" and major >= TRT_STRONGLY_TYPED_ONLY:
-        what = ("per-layer precision constraints (the native 'partial')" if mode == "partial"
+        what = ("per-layer precision constraints (the native 'partial')" if mode_spec(mode).keeps_layers
                 else "TensorRT's own calibrator (--qatcheck-trt-ptq native)")
         raise legacy_on_11_error(mode, version, what)
     return form
 
 
-def profiles_for(mode: str, input_spec) -> tuple[Profile, ...]:
-    """One profile from ``InputSpec.profile()`` for the ``dynamic`` mode (its ONNX has dynamic
-    axes); other modes export static shapes and need none."""
-    if mode != "dynamic" or not input_spec.dynamic:
+def profiles_for(mode: str, input_spec, dynamic: bool = False) -> tuple[Profile, ...]:
+    """One profile from ``InputSpec.profile()`` for a dynamic-axes build (the ``dynamic`` mode, or
+    any mode's dynamic variant); static builds need none."""
+    if not (dynamic or mode_spec(mode).profile_only) or not input_spec.dynamic:
         return ()
     p = input_spec.profile()
     return (Profile(input_spec.name, tuple(p["min"]), tuple(p["opt"]), tuple(p["max"])),)
@@ -251,16 +249,17 @@ def calibration_for(quant, input_spec, version: Sequence[int], calib_id: str,
 
 def plan_build(mode: str, trt_version: str | Sequence[int], quant, input_spec,
                onnx_digests: Mapping[str, str], gpu_capability: Sequence[int], *,
-               ptq_form: str = "auto", calib_id: str = "",
+               ptq_form: str = "auto", calib_id: str = "", dynamic: bool = False,
                builder_optimization_level: int | None = None) -> BuildPlan:
     """The build for ``mode`` on TensorRT ``trt_version`` and a GPU of ``gpu_capability``.
 
     ``quant`` is the recipe's :class:`~qatcheck.recipe.QuantSettings`, ``input_spec`` its
     :class:`~qatcheck.recipe.InputSpec`. ``onnx_digests`` maps an ONNX mode to the digest of that
     artifact; it must hold the digest of the mode the plan builds from (:func:`onnx_source`), so
-    the caller asks ``onnx_source`` first and builds only that artifact.
+    the caller asks ``onnx_source`` first and builds only that artifact. ``dynamic``: the ONNX has
+    the recipe's dynamic axes (one optimization profile from its min / opt / max).
     """
-    check_mode(mode)
+    spec = mode_spec(mode)
     v = parse_version(trt_version)
     if v[:2] < MIN_TRT:
         raise ConfigError(f"TensorRT {version_str(v)} is older than {version_str(MIN_TRT)}, the oldest "
@@ -276,12 +275,12 @@ def plan_build(mode: str, trt_version: str | Sequence[int], quant, input_spec,
     major = v[0]
     st_only = major >= TRT_STRONGLY_TYPED_ONLY
     common = dict(mode=mode, trt_version=v, gpu_capability=cap, onnx_mode=source, onnx_digest=digest,
-                  profiles=profiles_for(mode, input_spec),
+                  profiles=profiles_for(mode, input_spec, dynamic),
                   builder_optimization_level=builder_optimization_level)
-    if mode in ("fp32", "dynamic"):
+    if spec.precision == "fp32":
         return BuildPlan(precision="fp32", quantization="none", strongly_typed=st_only,
                          builder_flags=(), **common)
-    if mode == "fp16":
+    if spec.precision == "fp16":
         if st_only:
             return BuildPlan(precision="fp16", quantization="none", strongly_typed=True, builder_flags=(),
                              notes=("TensorRT 11 has no FP16 flag: the fp16 ONNX (fp16 weights and "
@@ -290,7 +289,7 @@ def plan_build(mode: str, trt_version: str | Sequence[int], quant, input_spec,
                          builder_flags=("FP16",),
                          notes=("BuilderFlag.FP16 on the fp32 ONNX: TensorRT picks fp16 kernels where "
                                 "faster (trtexec --fp16)",), **common)
-    if mode in EXPLICIT_INT8_MODES or source == mode:  # explicit Q/DQ in the graph
+    if not spec.trt_native_ptq or source == mode:  # explicit Q/DQ in the graph
         if st_only:
             return BuildPlan(precision="int8", quantization="explicit", strongly_typed=True,
                              builder_flags=(), **common)
@@ -303,7 +302,7 @@ def plan_build(mode: str, trt_version: str | Sequence[int], quant, input_spec,
     flags: tuple[str, ...] = ("INT8",)
     pins: tuple[LayerPin, ...] = ()
     notes = [f"implicit INT8: {cal.calibrator_class} over {cal.batches} batches of {cal.batch_shape}"]
-    if mode == "partial":
+    if spec.keeps_layers:
         if not quant.keep_precision:
             raise ConfigError("mode 'partial' needs QuantSettings.keep_precision (the layers to keep in "
                               "higher precision); it is empty")
@@ -317,11 +316,11 @@ def plan_build(mode: str, trt_version: str | Sequence[int], quant, input_spec,
 
 def onnx_source(mode: str, trt_version: str | Sequence[int], ptq_form: str = "auto") -> str:
     """Which ONNX artifact (by mode) the engine of ``mode`` is built from."""
-    check_mode(mode)
+    spec = mode_spec(mode)
     v = parse_version(trt_version)
-    if mode == "fp16":
-        return "fp16" if v[0] >= TRT_STRONGLY_TYPED_ONLY else "fp32"
-    if mode in ENGINE_PTQ_MODES:
+    if spec.precision == "fp16":
+        return mode if v[0] >= TRT_STRONGLY_TYPED_ONLY else "fp32"
+    if spec.trt_native_ptq:
         return "fp32" if resolve_ptq_form(ptq_form, v, mode) == "native" else mode
     return mode
 
@@ -331,9 +330,11 @@ def plan_matrix(trt_versions: Iterable[str], quant, input_spec, gpu_capability=(
     """Every mode x version: the plan, or the error text. For docs and tests."""
     out: dict[tuple[str, str], BuildPlan | str] = {}
     for ver in trt_versions:
-        for mode in MODES:
+        for mode, spec in MODE_SPECS.items():
+            if "tensorrt" not in spec.backends:
+                continue
             try:
-                digests = {m: f"digest-{m}" for m in MODES}
+                digests = {m: f"digest-{m}" for m in MODE_SPECS}
                 out[(ver, mode)] = plan_build(mode, ver, quant, input_spec, digests, gpu_capability,
                                               ptq_form=ptq_form)
             except ConfigError as exc:

@@ -281,7 +281,7 @@ class CocoDataset:
                 f"input {self.input_size}, letterbox={self.letterbox})")
 
 
-#: where ``--qatcheck-coco-root`` puts its value for recipe factories (read lazily, when a case runs)
+#: an environment variable a user may set instead of passing --qatcheck-coco-root
 COCO_ROOT_ENV = "QATCHECK_COCO_ROOT"
 
 
@@ -289,13 +289,18 @@ def coco_val2017(root: str | Path | None = None, **kwargs: Any) -> CocoDataset:
     """COCO val2017 from its standard layout: ``<root>/val2017/*.jpg`` and
     ``<root>/annotations/instances_val2017.json``.
 
-    ``root`` defaults to ``--qatcheck-coco-root`` (environment variable ``QATCHECK_COCO_ROOT``), so
-    a recipe can name the data without a path in the code; ``kwargs`` go to :class:`CocoDataset`
-    (``input_size``, ``max_images`` for a quick subset, ...).
+    ``root`` defaults to the running session's ``--qatcheck-coco-root`` (read from
+    :func:`qatcheck.options.active` when the factory runs), then to the environment variable
+    ``QATCHECK_COCO_ROOT``, so a recipe can name the data without a path in the code; ``kwargs`` go
+    to :class:`CocoDataset` (``input_size``, ``max_images`` for a quick subset, ...).
     """
     import os
 
-    value = root if root is not None else os.environ.get(COCO_ROOT_ENV)
+    from qatcheck.options import active
+
+    options = active()
+    value = (root if root is not None else
+             options.coco_root if options is not None and options.coco_root else os.environ.get(COCO_ROOT_ENV))
     if not value:
         raise DataError("no COCO root given: pass --qatcheck-coco-root DIR (or set "
                         f"{COCO_ROOT_ENV}) pointing at the folder holding val2017/ and annotations/")

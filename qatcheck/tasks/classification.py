@@ -70,3 +70,8 @@ class ClassificationTask:
     def agreement(self) -> Top1Agreement:
         return Top1Agreement()
 
+
+
+def for_recipe(recipe, eval_data=None) -> ClassificationTask:
+    """The registry's factory (``Recipe.task = "classification"``)."""
+    return ClassificationTask(recipe.top_k)

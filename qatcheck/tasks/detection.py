@@ -427,3 +427,11 @@ class DetectionTask:
 
     def agreement(self) -> BoxAgreement:
         return BoxAgreement(self.decoder, self.score_threshold, self.iou_threshold)
+
+
+def for_recipe(recipe, eval_data=None) -> DetectionTask:
+    """The registry's factory (``Recipe.task = "detection"``): the ground truth and categories
+    come from the eval set, the decoder from ``Recipe.decoder``."""
+    if eval_data is None:
+        raise ConfigError(f"Recipe({recipe.name}): a detection task needs the eval data")
+    return DetectionTask.for_dataset(eval_data(), decoder=recipe.decoder)

@@ -81,7 +81,7 @@ def digits_entropy_recipe(**overrides) -> Recipe:
     command's keep file (regenerate: see the README), and the suite asserts ``partial`` stays
     within 0.5 points of fp32.
     """
-    from qatcheck.sensitivity import load_keep_list
+    from qatcheck.analysis.keeplist import load_keep_list
 
     keep = load_keep_list(DIGITS_ENTROPY_KEEP)
     fields = dict(
@@ -178,7 +178,7 @@ def yolo_recipe(checkpoint: str | Path | None = None, root: str | Path | None = 
     ``python -m qatcheck lint`` with zero findings."""
     import importlib.util
 
-    from qatcheck.build.qdq_rules import QDQRules
+    from qatcheck.quantize.qdq_rules import QDQRules
     from qatcheck.errors import ConfigError
     from qatcheck.zoo.yolo import INSTALL_HINT, OUTPUT_NAMES, YOLO_CHECKPOINT
 

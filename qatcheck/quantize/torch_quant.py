@@ -40,7 +40,7 @@ from qatcheck.fsutil import atomic_path
 from qatcheck.modes import TORCH_CALIBRATORS
 
 if TYPE_CHECKING:  # pragma: no cover
-    from qatcheck.build.qdq_rules import QDQRules
+    from qatcheck.quantize.qdq_rules import QDQRules
     from qatcheck.recipe import QuantSettings
 
 __all__ = [
@@ -90,7 +90,7 @@ class TorchQuantConfig:
     quantizers stay disabled (the layer runs in fp32 and gets no Q/DQ). ``num_bins`` sizes the
     activation histograms; entropy calibration costs O(num_bins**2) Python steps per quantizer
     (~1.4 s at 2048 on a laptop CPU), so small test models may want fewer bins. ``qdq_rules``
-    (:class:`qatcheck.build.qdq_rules.QDQRules`) adds TensorRT's placement rules for residual Adds,
+    (:class:`qatcheck.quantize.qdq_rules.QDQRules`) adds TensorRT's placement rules for residual Adds,
     Concats and MaxPools and the ``ignore`` policy; None keeps pytorch-quantization's placement.
     """
 
@@ -119,7 +119,7 @@ class TorchQuantConfig:
                 raise ConfigError(f"TorchQuantConfig.exclude pattern {pattern!r} is not a valid "
                                   f"regex: {exc}") from None
         if self.qdq_rules is not None:
-            from qatcheck.build.qdq_rules import QDQRules
+            from qatcheck.quantize.qdq_rules import QDQRules
 
             if not isinstance(self.qdq_rules, QDQRules):
                 raise ConfigError(f"TorchQuantConfig.qdq_rules must be a QDQRules or None; "
@@ -249,7 +249,7 @@ def quantize_model(model: nn.Module, config: TorchQuantConfig) -> nn.Module:
     ``forward`` (weight standardization, custom padding), and swapping it would silently drop that.
     Excluded modules are replaced too but their quantizers are disabled, so module names and
     state-dict keys do not depend on ``exclude``. ``config.qdq_rules`` is applied last (after
-    ``exclude``, whose layers no rule re-enables): see :mod:`qatcheck.build.qdq_rules`. Every
+    ``exclude``, whose layers no rule re-enables): see :mod:`qatcheck.quantize.qdq_rules`. Every
     quantizer a rule adds is a submodule, so calibration, QAT, export and
     :func:`save_quantized` / :func:`load_quantized` all see it.
     """
@@ -269,7 +269,7 @@ def quantize_model(model: nn.Module, config: TorchQuantConfig) -> nn.Module:
                           f"(supported: {', '.join(t.__name__ for t in _QUANT_MAP)})")
     _apply_exclude(qmodel, quantizable, config.exclude)
     if config.qdq_rules is not None:
-        from qatcheck.build.qdq_rules import apply_qdq_rules
+        from qatcheck.quantize.qdq_rules import apply_qdq_rules
 
         for line in apply_qdq_rules(qmodel, config.qdq_rules, lambda: _new_input_quantizer(config, shared=True)):
             log.debug("Q/DQ rule: %s", line)

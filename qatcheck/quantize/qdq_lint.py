@@ -16,7 +16,7 @@ on the graph a backend actually receives:
   ``DequantizeLinear``. Concats of plain fp32 tensors (e.g. a head's outputs) are not findings.
 
 Only *direct* producers count: an input reaching the op through a Reshape or a MaxPool is
-unquantized for this lint, which is what the placement rules of :mod:`qatcheck.build.qdq_rules`
+unquantized for this lint, which is what the placement rules of :mod:`qatcheck.quantize.qdq_rules`
 produce (every Concat input passes through the shared quantizer).
 
 The report also counts the graph's QuantizeLinear / DequantizeLinear nodes and Q->DQ pairs

@@ -3,7 +3,7 @@
 The calibrated model keeps its Q/DQ (fixed amax, straight-through gradients) and its weights are
 fine-tuned for a few epochs at a low learning rate with cosine decay (NVIDIA's QAT recipe: start
 from a calibrated model, ~10% of the original schedule). Export is the same as ``torch_ptq``
-(:func:`qatcheck.build.torch_quant.export_qdq_onnx`).
+(:func:`qatcheck.quantize.torch_quant.export_qdq_onnx`).
 
 Training is seeded inside a forked RNG so a QAT artifact is reproducible for the cache and the
 global RNG of the test session is left untouched.

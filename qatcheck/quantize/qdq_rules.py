@@ -22,7 +22,7 @@ TensorRT's explicit-quantization rules want more, and want it consistent:
 
 *Sharing* means literally one module registered under several names: calibration collects one
 histogram over every tensor it sees (its amax covers all Concat inputs), QAT trains one amax, and
-:func:`qatcheck.build.torch_quant.save_quantized` / ``load_quantized`` store and restore it under each
+:func:`qatcheck.quantize.torch_quant.save_quantized` / ``load_quantized`` store and restore it under each
 name (``load_quantized`` re-applies the rules, so the rebuilt model shares the same objects).
 
 Rules are keyed by block class (exact class, by qualified name, so ultralytics need not be
@@ -428,7 +428,7 @@ def _disable_ignored(model: nn.Module, ctx: RuleContext) -> None:
 def apply_qdq_rules(model: nn.Module, rules: QDQRules,
                     new_quantizer: Callable[[], nn.Module]) -> list[str]:
     """Apply ``rules`` in place to a model whose layers pytorch-quantization already replaced
-    (:func:`qatcheck.build.torch_quant.quantize_model` calls this). Returns one line per block the
+    (:func:`qatcheck.quantize.torch_quant.quantize_model` calls this). Returns one line per block the
     rules changed (``"model.2 (C2f): Concat of 3 inputs shares one quantizer ..."``).
 
     Blocks are visited children first, so a C2f sees the input quantizers its bottlenecks' rules

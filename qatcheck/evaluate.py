@@ -1,0 +1,77 @@
+"""The one evaluation loop: a model's outputs over batches, streamed into the task's metric, and
+optionally compared with a reference's outputs on the same batches.
+
+The session's measurements and the sensitivity profile both evaluate through here, with the same
+runners and the same task metrics, so a number in the profile and in the table mean the same.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+
+from qatcheck.parity import ParityAccumulator
+
+Infer = Callable[[np.ndarray], Sequence[np.ndarray]]
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    metrics: dict[str, float]
+    #: per output (in output order): cosine / max_abs / mean_abs vs the reference; None without one
+    parity: tuple[dict[str, float], ...] | None
+    #: task-level agreement with the reference (top-1 agreement, box match); None without one
+    agreement: dict[str, float] | None
+    samples: int
+    seconds: float
+
+
+def evaluate(infer: Infer, batches: Iterable[tuple[np.ndarray, Any, int]], task, *,
+             reference: Infer | Sequence[Sequence[np.ndarray]] | None = None,
+             keep: list | None = None, on_batch: Callable[[], None] | None = None) -> Evaluation:
+    """Run ``infer`` over ``(inputs, targets, real count)`` batches.
+
+    ``reference`` is another model (run on the same batches) or the outputs it produced earlier, one
+    list per batch (the sensitivity profile keeps fp32's). ``keep`` collects this model's outputs.
+    """
+    metric = task.metric()
+    agreement = task.agreement() if reference is not None else None
+    parities: list[ParityAccumulator] = []
+    samples = 0
+    t0 = time.perf_counter()
+    for i, (x, y, n) in enumerate(batches):
+        outs = [np.asarray(o)[:n] for o in infer(x)]
+        if i == 0 and hasattr(task, "check_model"):
+            task.check_model(outs)  # e.g. a detector's class count vs the data's
+        metric.update(outs, y)
+        samples += n
+        if reference is not None:
+            refs = ([np.asarray(o)[:n] for o in reference(x)] if callable(reference)
+                    else list(reference[i]))
+            if not parities:
+                parities = [ParityAccumulator() for _ in refs]
+            for acc, r, o in zip(parities, refs, outs):
+                acc.update(r, o)
+            agreement.update(refs, outs)
+        if keep is not None:
+            keep.append(outs)
+        if on_batch is not None:
+            on_batch()
+    return Evaluation(metrics=metric.result(),
+                      parity=tuple(p.result() for p in parities) if reference is not None else None,
+                      agreement=agreement.result() if agreement is not None else None,
+                      samples=samples, seconds=time.perf_counter() - t0)
+
+
+def combined_parity(ev: Evaluation) -> dict[str, float] | None:
+    """One parity record for the model: with several outputs the worst cosine speaks for the model
+    and max-abs is the largest over outputs; the task-level agreement is added."""
+    if ev.parity is None:
+        return None
+    par = dict(ev.parity[0]) if ev.parity else {"cosine": 0.0, "max_abs": float("inf"), "mean_abs": float("inf")}
+    if len(ev.parity) > 1:
+        worst = min(ev.parity, key=lambda d: d["cosine"])
+        par = {**worst, "max_abs": max(p["max_abs"] for p in ev.parity)}
+    return {**par, **(ev.agreement or {})}
