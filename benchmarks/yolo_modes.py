@@ -27,8 +27,8 @@ import numpy as np
 import torch
 
 from qatcheck.artifacts import ArtifactBuilder, RecipeState
-from qatcheck.backends.onnxruntime_backend import OrtBackend
-from qatcheck.backends.torch_backend import TorchBackend
+from qatcheck.backends.onnxruntime_backend import OrtRunner
+from qatcheck.backends.torch_backend import TorchRunner
 from qatcheck.quantize.qdq_lint import lint_qdq
 from qatcheck.cache import ArtifactCache
 from qatcheck.tasks.detection import DetectionTask
@@ -93,7 +93,6 @@ def main() -> int:
     state = RecipeState(recipe)
     data, bs = state.eval_data, recipe.input.batch_size
     task = DetectionTask.for_dataset(data, recipe.decoder)
-    torch_be, ort_be = TorchBackend("cpu"), OrtBackend("CPUExecutionProvider")
     log(f"recipe {recipe.name}: {len(data)} val images, batch {bs}, quant {recipe.quant}")
     rows, torch_outs = [], {}
     for label, r in variants:
@@ -111,7 +110,7 @@ def main() -> int:
                 t = time.perf_counter()
                 art = builder.torch_artifact(mode)
                 log(f"{tag}: torch artifact ready in {time.perf_counter() - t:.1f}s")
-                outs = run(torch_be.runner(art), data, bs)
+                outs = run(TorchRunner(art.module, art.precision, "cpu"), data, bs)
                 torch_outs[tag] = outs
                 ref = torch_outs.get("fp32") if mode != "fp32" else None
                 m = score(task, data, bs, outs, ref)
@@ -120,7 +119,7 @@ def main() -> int:
             t = time.perf_counter()
             art = builder.onnx_artifact(mode)
             log(f"{tag}: onnx artifact ready in {time.perf_counter() - t:.1f}s ({art.path.name})")
-            outs = run(ort_be.runner(art), data, bs)
+            outs = run(OrtRunner(art.path, "CPUExecutionProvider"), data, bs)
             ref_name = tag if tag in torch_outs else "fp32"
             m = score(task, data, bs, outs, torch_outs.get(ref_name))
             lint = lint_qdq(art.path) if art.precision == "int8" else None

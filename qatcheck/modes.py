@@ -53,8 +53,9 @@ class ModeSpec:
     precision: str  # fp32 | fp16 | int8 (what the artifact computes in)
     onnx_builder: Any
     torch_builder: Any = None
-    #: which backends can execute the mode by design (an uninstalled backend is a runtime skip)
-    backends: tuple[str, ...] = ("torch", "onnxruntime", "tensorrt")
+    #: which backends may execute the mode (None: every backend that can - a torch backend only
+    #: when the mode has a torch form); an uninstalled backend is a runtime skip, not this
+    backends: tuple[str, ...] | None = None
     #: the QuantSettings field naming this mode's calibrator (shown in the table)
     calibrator_field: str | None = None
     calibrated: bool = False
@@ -126,11 +127,11 @@ for _spec in (
     ModeSpec("fp16", "float", "fp16", f"{_A}:convert_fp16", f"{_A}:plain_module",
              description="fp16 execution (torch .half(); fp16 ONNX with fp32 I/O)"),
     ModeSpec("trt_ptq", "int8_graph", "int8", f"{_A}:onnx_ptq", None,
-             backends=("onnxruntime", "tensorrt"), calibrator_field="calibrator", calibrated=True,
+             calibrator_field="calibrator", calibrated=True,
              key_fields=("quant.calibrator", *_PTQ_KEYS), trt_native_ptq=True,
              description="PTQ on the plain ONNX: explicit TensorRT-style Q/DQ (or TensorRT's calibrator)"),
     ModeSpec("partial", "int8_graph", "int8", f"{_A}:onnx_ptq", None,
-             backends=("onnxruntime", "tensorrt"), calibrator_field="calibrator", calibrated=True,
+             calibrator_field="calibrator", calibrated=True,
              key_fields=("quant.calibrator", *_PTQ_KEYS, "quant.keep_precision"), trt_native_ptq=True,
              keeps_layers=True,
              description="trt_ptq with sensitive layers kept in higher precision"),
@@ -177,13 +178,15 @@ def unsupported_reason(mode: str, backend: str) -> str | None:
     This is about the pairing, not about what is installed: an uninstalled backend is a runtime skip
     decided by the backend itself.
     """
+    from qatcheck.backends import executes
+
     s = spec(mode)
-    if backend in s.backends:
-        return None
-    if backend == "torch":
-        return (f"mode {mode!r} quantizes the ONNX graph (ONNX-level PTQ); PyTorch has no executor "
-                f"for it - run it on {' or '.join(s.backends)}")
-    return f"mode {mode!r} does not run on {backend} (it runs on {', '.join(s.backends)})"
+    if s.backends is not None and backend not in s.backends:
+        return f"mode {mode!r} does not run on {backend} (it runs on {', '.join(s.backends)})"
+    if executes(backend) == "torch" and not s.has_torch:
+        return (f"mode {mode!r} quantizes the ONNX graph (ONNX-level PTQ); {backend} runs PyTorch "
+                "modules and has no executor for it - run it on a graph backend (onnxruntime, tensorrt)")
+    return None
 
 
 def parity_reference(mode: str, backend: str) -> tuple[str, str] | None:

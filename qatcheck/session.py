@@ -20,7 +20,7 @@ from typing import Iterable
 from qatcheck import fingerprint as fpr
 from qatcheck import judges, timing
 from qatcheck.artifacts import ArtifactBuilder, RecipeState
-from qatcheck.backends import create_backend
+from qatcheck.backends import create_backend, executes
 from qatcheck.backends.base import Backend, BuildContext, Runner
 from qatcheck.baselines import BaselineStore
 from qatcheck.cache import ArtifactCache
@@ -195,7 +195,7 @@ class QatcheckSession:
 
     def _artifact_digest(self, case: Case, runner: Runner) -> str:
         """What was measured: the ONNX file's digest (TensorRT: the engine's plan key)."""
-        if case.backend == "torch":
+        if executes(case.backend) == "torch":
             return ""
         plan = getattr(runner, "plan", None)
         if plan is not None and getattr(plan, "cache_key", None):
@@ -276,7 +276,9 @@ class QatcheckSession:
     def check_precision(self, case: Case, expect: dict) -> Verdict:
         """The TensorRT precision audit against a recipe's expectation (see judges.judge_precision);
         backends without an engine to inspect skip."""
-        audit = getattr(self.runner(case), "audit", None) if case.backend == "tensorrt" else None
+        # only backends that build engines have an audit; the others skip without building anything
+        audits = getattr(self.backend(case.backend), "audits_precision", False)
+        audit = getattr(self.runner(case), "audit", None) if audits else None
         kept = self.recipes[case.recipe].quant.keep_precision if mode_spec(case.mode).keeps_layers else ()
         return self._conclude(judges.judge_precision(case, audit, expect, tuple(kept)))
 

@@ -29,3 +29,4 @@ def single_thread_module():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+import qatcheck.session  # noqa: E402,F401

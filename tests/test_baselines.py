@@ -8,6 +8,7 @@ value is past the stored value by more than its tolerance. The checks are driven
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import tempfile
@@ -526,3 +527,60 @@ def test_nan_parity_is_never_a_pass(tmp_path):
         "cosine": {"value": 0.9999, "tolerance": 0.0005},
         "top1_agreement": {"value": 1.0, "tolerance": 0.01}}}})
     assert not session.check_parity(case).ok
+
+
+# ------------------------------------------------------------------------------------------------
+# measure -> judge -> record
+# ------------------------------------------------------------------------------------------------
+def test_a_latency_check_measures_only_latency(tmp_path):
+    """``-k test_latency`` runs the timed loop only: no pass over the eval set (FakeRunner.infer
+    raises if anything evaluates)."""
+    session, case = make_session(tmp_path, update=True, latency_ms=1.5)
+    res = session.check_latency(case)
+    m = session.measurements[case]
+    assert res.ok and m.parts == {"latency"} and m.metrics == {} and m.latency.median_ms == 1.5
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        m.metrics = {"top1": 1.0}  # downstream code cannot rewrite a measurement
+
+
+def test_later_parts_extend_the_record_without_losing_earlier_ones(tmp_path):
+    session, case = make_session(tmp_path, update=True, latency_ms=2.0)
+    session.measurements[case] = evaluated(case, metrics={"top1": 0.75})
+    session.check_latency(case)
+    m = session.measurements[case]
+    assert m.parts == {"eval", "latency"} and m.metrics == {"top1": 0.75} and m.latency.median_ms == 2.0
+
+
+def test_update_records_only_passing_checks_and_says_what_it_refused(tmp_path):
+    """A case that fails a floor under --update-baselines is not recorded (the other checks are);
+    --qatcheck-force-update records it anyway."""
+    from qatcheck.report import finish
+
+    floors = Tolerances(export_parity={"fp32": ParityThresholds(min_cosine=0.999, min_top1_agreement=0.99)})
+    for force in (False, True):
+        root = tmp_path / str(force)
+        session, case = make_session(root, update=True, tolerances=floors)
+        session.options.force_update = force
+        session.options.reports_dir = root / "reports"
+        session.measurements[case] = evaluated(
+            case, metrics={"top1": 0.75}, parity_reference="torch fp32 (export)",
+            parity={"cosine": 0.5, "max_abs": 1.0, "mean_abs": 0.1, "top1_agreement": 0.4})
+        assert session.check_accuracy(case).ok
+        assert not session.check_parity(case).ok
+        summary = finish(session)
+        stored = load(root / "baselines" / "r.json", "r")["cases"]["fp32-onnxruntime"]
+        assert stored["metrics"]["top1"]["value"] == 0.75
+        if force:
+            assert stored["parity"]["cosine"]["value"] == 0.5 and not session.refused
+        else:
+            assert "parity" not in stored and [v.check for v in session.refused] == ["parity"]
+            assert "NOT recorded for 1 failing check" in summary.text
+            assert "fp32-onnxruntime parity: cosine 0.500000" in summary.text
+
+
+def test_non_finite_metric_fails_and_is_never_recorded(tmp_path):
+    session, case = make_session(tmp_path, update=True)
+    session.measurements[case] = evaluated(case, metrics={"top1": math.nan})
+    res = session.check_accuracy(case)
+    assert not res.ok and "not a finite number" in res.failures[0]
+    assert session.store.commit() == {} and not (tmp_path / "baselines" / "r.json").exists()

@@ -11,18 +11,17 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from qatcheck import timing
-from qatcheck.artifacts import fixed_batches
 from qatcheck.backends.base import TimedCall
 from qatcheck.cache import ArtifactCache
 from qatcheck.data.base import ArrayDataset
-from qatcheck.errors import DataError
+from qatcheck.data.batching import fixed_batches, pad_batch
+from qatcheck.errors import ConfigError, DataError
 from qatcheck.fingerprint import fingerprint_id
-from qatcheck.measurement import Case, Measurement
+from qatcheck.measurement import Case
 from qatcheck.modes import BACKENDS, MODES, parity_reference, unsupported_reason
 from qatcheck.parity import ParityAccumulator
 from qatcheck.recipe import InputSpec
 from qatcheck.report import markdown_table
-from qatcheck.session import pad_batch
 from qatcheck.tasks.classification import Top1Agreement, TopKAccuracy
 
 
@@ -465,3 +464,63 @@ def test_measure_labels_device_times_with_the_calls_clock():
     assert s.clock == "cuda-graph"
     times2: list[float] = []
     assert timing.measure(TimedCall(lambda: times2.append(1.0), times2), 1, 5, 0.0).clock == "cuda-events"
+
+
+def test_dynamic_modes_add_min_opt_max_cases_for_any_mode():
+    from qatcheck.options import Options
+    from qatcheck.session import QatcheckSession
+    from qatcheck.zoo.recipes import digits_recipe
+
+    recipe = digits_recipe(modes=("fp32", "trt_ptq", "torch_ptq", "dynamic"), dynamic_modes=("trt_ptq", "torch_ptq", "qat"),
+                           backends=("torch", "onnxruntime"))  # qat is not a mode here: not measured
+    keys = [c.key for c in QatcheckSession(Options()).cases(recipe)]
+    assert keys == ["fp32-torch", "fp32-onnxruntime",
+                    "trt_ptq-onnxruntime", "trt_ptq_min-onnxruntime", "trt_ptq_opt-onnxruntime",
+                    "trt_ptq_max-onnxruntime",
+                    "torch_ptq-torch", "torch_ptq_min-torch", "torch_ptq_opt-torch", "torch_ptq_max-torch",
+                    "torch_ptq-onnxruntime", "torch_ptq_min-onnxruntime", "torch_ptq_opt-onnxruntime",
+                    "torch_ptq_max-onnxruntime",
+                    "dynamic_min-torch", "dynamic_opt-torch", "dynamic_max-torch",
+                    "dynamic_min-onnxruntime", "dynamic_opt-onnxruntime", "dynamic_max-onnxruntime"]
+    # a dynamic case's reference is PyTorch at the same shape
+    session = QatcheckSession(Options())
+    session.register(recipe)
+    assert session.reference_case(Case("digits", "trt_ptq", "onnxruntime", "max")) == Case("digits", "fp32", "torch", "max")
+    assert session.shape(Case("digits", "trt_ptq", "onnxruntime", "max")) == (128, 1, 16, 16)
+    assert session.shape(Case("digits", "trt_ptq", "onnxruntime")) == (32, 1, 16, 16)
+
+
+@pytest.mark.parametrize("fields, match", [
+    (dict(modes=("fp32",), dynamic_modes=("int4",)), "unknown mode 'int4'"),
+    (dict(modes=("fp32", "dynamic"), dynamic_modes=("dynamic",)), "already measured at min / opt / max"),
+    (dict(modes=("fp32", "fp16"), dynamic_modes=("fp16",), input=InputSpec(shape=(32, 1, 16, 16))),
+     "needs InputSpec.dynamic"),
+    (dict(modes=("dynamic",), dynamic_modes=(), input=InputSpec(shape=(32, 1, 16, 16))),
+     "lists mode 'dynamic' but InputSpec.dynamic declares no dynamic axis"),
+])
+def test_dynamic_modes_are_validated(fields, match):
+    from qatcheck.zoo.recipes import digits_recipe
+
+    with pytest.raises(ConfigError, match=match):
+        digits_recipe(**fields)
+
+
+def test_coco_root_comes_from_the_running_sessions_options(tmp_path, monkeypatch):
+    """--qatcheck-coco-root reaches recipe factories through qatcheck.options.active(), not through
+    the process environment."""
+    from qatcheck.data.coco import COCO_ROOT_ENV, coco_val2017
+    from qatcheck.errors import DataError
+    from qatcheck.options import Options, activate, active, deactivate
+
+    monkeypatch.delenv(COCO_ROOT_ENV, raising=False)
+    options = Options(coco_root=tmp_path / "coco")
+    activate(options)
+    try:
+        assert active() is options
+        with pytest.raises(DataError, match=str(tmp_path / "coco")):
+            coco_val2017()
+    finally:
+        deactivate(options)
+    assert active() is not options  # back to the outer pytest run's options (no COCO root)
+    with pytest.raises(DataError, match="no COCO root given"):
+        coco_val2017()

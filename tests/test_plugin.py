@@ -17,7 +17,7 @@ import pytest
 from qatcheck.recipe import QuantSettings
 from qatcheck.zoo.recipes import digits_recipe
 
-overrides = {overrides}
+overrides = {{"dynamic_modes": (), **{overrides}}}  # static cases only, unless a test asks
 pytestmark = pytest.mark.qatcheck_recipe(digits_recipe(modes={modes!r}, backends={backends!r}, **overrides))
 
 def test_accuracy(qcase):
@@ -194,7 +194,7 @@ def test_partial_budget_fails_when_the_kept_layer_is_dropped(pytester, shared_ca
                '"tolerances": __import__("qatcheck.recipe", fromlist=["Tolerances"]).Tolerances('
                'fp32_budget_points={"partial": 0.5})}')
     for keep, outcome in ((("stem.conv",), "passed"), ((), "failed")):
-        pytester.makepyfile(test_suite=SUITE.replace("overrides = {overrides}", f"KEEP = {keep!r}\noverrides = {{overrides}}")
+        pytester.makepyfile(test_suite=SUITE.replace("\noverrides = ", f"\nKEEP = {keep!r}\noverrides = ", 1)
                             .format(modes=("fp32", "partial"), backends=("onnxruntime",), overrides=entropy))
         result = run(pytester, shared_cache, "-k", "accuracy", "--update-baselines")
         outcomes = {k: v for k, v in result.parseoutcomes().items() if k in ("passed", "failed")}
@@ -216,7 +216,8 @@ def test_standard_checks_imported_into_a_suite_are_parametrized(pytester, shared
 import pytest
 from qatcheck.standard import test_accuracy, test_latency, test_parity, test_precision  # noqa: F401
 from qatcheck.zoo.recipes import digits_recipe
-pytestmark = pytest.mark.qatcheck_recipe(digits_recipe(modes=("fp32", "trt_ptq"), backends=("onnxruntime",)))
+pytestmark = pytest.mark.qatcheck_recipe(digits_recipe(modes=("fp32", "trt_ptq"), backends=("onnxruntime",),
+                                                       dynamic_modes=()))
 ''')
     result = run(pytester, shared_cache, "--co", "-q")
     result.stdout.fnmatch_lines(["*test_accuracy?digits-fp32-onnxruntime?", "*test_precision?digits-trt_ptq-onnxruntime?",

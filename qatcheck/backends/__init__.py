@@ -17,19 +17,32 @@ BACKEND_FACTORIES: dict[str, Any] = {
     "onnxruntime": "qatcheck.backends.onnxruntime_backend:OrtBackend",
     "tensorrt": "qatcheck.backends.tensorrt_backend:TensorRTBackend",
 }
+#: name -> what it executes: "torch" (modules) or "onnx" (graphs; TensorRT builds engines from them)
+BACKEND_INPUTS: dict[str, str] = {"torch": "torch", "onnxruntime": "onnx", "tensorrt": "onnx"}
 #: the built-in backends (a recipe's default ``backends``)
 BACKENDS: tuple[str, ...] = tuple(BACKEND_FACTORIES)
 
 
-def register_backend(name: str, factory: Callable[[Any], Any] | str, *, replace: bool = False) -> None:
-    """Add a backend: ``factory(options)`` returns a :class:`~qatcheck.backends.base.Backend`."""
+def register_backend(name: str, factory: Callable[[Any], Any] | str, *, executes: str = "onnx",
+                     replace: bool = False) -> None:
+    """Add a backend: ``factory(options)`` returns a :class:`~qatcheck.backends.base.Backend`;
+    ``executes`` says whether it runs torch modules or ONNX graphs (graph-only modes such as
+    trt_ptq never reach a torch backend)."""
     if name in BACKEND_FACTORIES and not replace:
         raise ConfigError(f"backend {name!r} is already registered")
+    if executes not in ("torch", "onnx"):
+        raise ConfigError(f"register_backend({name!r}): executes must be 'torch' or 'onnx', got {executes!r}")
     BACKEND_FACTORIES[name] = factory
+    BACKEND_INPUTS[name] = executes
 
 
 def unregister_backend(name: str) -> None:
     BACKEND_FACTORIES.pop(name, None)
+    BACKEND_INPUTS.pop(name, None)
+
+
+def executes(name: str) -> str:
+    return BACKEND_INPUTS.get(check_backend(name), "onnx")
 
 
 def backend_names() -> tuple[str, ...]:

@@ -17,9 +17,8 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 import numpy as np
 
@@ -258,6 +257,8 @@ class TrtRunner(Runner):
 
 class TensorRTBackend(Backend):
     name = "tensorrt"
+    #: its runners carry an engine precision audit (qcase.check_precision)
+    audits_precision = True
 
     def __init__(self, options=None) -> None:
         self.ptq_form = getattr(options, "trt_ptq", "auto")

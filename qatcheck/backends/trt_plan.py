@@ -331,7 +331,7 @@ def plan_matrix(trt_versions: Iterable[str], quant, input_spec, gpu_capability=(
     out: dict[tuple[str, str], BuildPlan | str] = {}
     for ver in trt_versions:
         for mode, spec in MODE_SPECS.items():
-            if "tensorrt" not in spec.backends:
+            if spec.backends is not None and "tensorrt" not in spec.backends:
                 continue
             try:
                 digests = {m: f"digest-{m}" for m in MODE_SPECS}

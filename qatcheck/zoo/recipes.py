@@ -27,6 +27,9 @@ def digits_recipe(checkpoint: str | Path | None = None, **overrides) -> Recipe:
         # batch 32 at 16x16; the dynamic profile covers batch 1..128. H/W stay fixed: the net was
         # trained at 16x16 and loses ~25 points at 24x24, which says nothing about deployment.
         input=InputSpec(name="input", shape=(32, 1, 16, 16), dynamic={0: (1, 32, 128)}),
+        # every low-precision mode is also built with the dynamic batch and checked at 1 / 32 / 128:
+        # an int8 engine must not pass at its build batch and break at another
+        dynamic_modes=("fp16", "trt_ptq", "partial", "torch_ptq", "qat"),
         # Calibrators measured on this model (top-1, fp32 99.26%): trt_ptq entropy 84.8, minmax and
         # percentile 99.26; torch_ptq entropy 85.0, max / percentile / mse 99.26. Entropy clips the
         # stem's input (the image itself) hard: the sensitivity profile ranks stem.conv first and
@@ -153,6 +156,7 @@ def detection_recipe(checkpoint: str | Path | None = None, root: str | Path | No
         weights_id=str(ckpt),
         decoder="centernet",
         loss=_centernet_loss,
+        dynamic_modes=("trt_ptq", "torch_ptq", "qat"),
     )
     fields.update(overrides)
     return Recipe(**fields)
@@ -209,6 +213,7 @@ def yolo_recipe(checkpoint: str | Path | None = None, root: str | Path | None = 
         weights_id=str(ckpt),
         decoder="yolov8",
         loss=_yolo_loss,
+        dynamic_modes=("trt_ptq", "torch_ptq"),
     )
     fields.update(overrides)
     return Recipe(**fields)
