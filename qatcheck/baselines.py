@@ -3,10 +3,14 @@
 Layout (stable key order, so a baseline update is a small, reviewable diff)::
 
     {"qatcheck_baseline": 1, "recipe": "digits",
+     "eval_data": {"fingerprint": "3f2a...", "samples": 540},              # what the metrics were measured on
      "cases": {"torch_ptq-onnxruntime": {
         "metrics": {"top1": {"value": 0.9815, "tolerance": 0.5}},          # tolerance in points
         "parity":  {"cosine": {"value": 0.99993, "tolerance": 0.0005}, ...},
-        "latency": {"<fingerprint id>": {"device": "...", "median_ms": {"value": 0.41, "tolerance": 0.15}}}}}}
+        "structure": {"qdq_pairs": {"value": 14, "tolerance": 0}, "layer1.conv1:input.scale": {...}},
+        "latency": {"<fingerprint id>": {"device": "...", "median_ms": {"value": 0.41, "tolerance": 0.15},
+                                         "spread": {"ci_rel": 0.01, "cv": 0.03, "samples": 200,
+                                                    "probe_ms": 0.52, "probe_ci_rel": 0.004}}}}}}
 
 Updates are staged during the session and written at its end, atomically per file, merged into
 what is there: entries the run did not measure are kept, a hand-set tolerance is kept. A file that
@@ -25,7 +29,7 @@ from qatcheck.errors import BaselineError
 from qatcheck.fsutil import write_text_atomic
 
 SCHEMA = 1
-SECTIONS = ("metrics", "parity", "latency")
+SECTIONS = ("metrics", "parity", "structure", "latency")
 
 
 @dataclass(frozen=True)
@@ -39,6 +43,8 @@ class Update:
     tolerance: float
     fingerprint: str | None = None
     device: str | None = None
+    #: latency: the measurement's dispersion, stored beside the median as ``spread``
+    spread: tuple[tuple[str, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -76,6 +82,14 @@ def _check_value(path: Path, where: str, entry: Any) -> None:
         raise _fail(path, f"{where}.tolerance", f"must be >= 0, got {entry['tolerance']!r}")
 
 
+def _check_spread(path: Path, where: str, spread: Any) -> None:
+    if not isinstance(spread, dict):
+        raise _fail(path, where, f"must be an object of numbers, got {spread!r}")
+    for key, v in spread.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            raise _fail(path, f"{where}.{key}", f"must be a finite number >= 0, got {v!r}")
+
+
 def validate(data: Any, path: Path, recipe: str) -> dict[str, Any]:
     """Check a parsed baseline document; raise one BaselineError naming the first bad field."""
     if not isinstance(data, dict):
@@ -84,6 +98,10 @@ def validate(data: Any, path: Path, recipe: str) -> dict[str, Any]:
         raise _fail(path, "'qatcheck_baseline'", f"must be {SCHEMA}, got {data.get('qatcheck_baseline')!r}")
     if data.get("recipe") != recipe:
         raise _fail(path, "'recipe'", f"must be {recipe!r}, got {data.get('recipe')!r}")
+    if "eval_data" in data:
+        ev = data["eval_data"]
+        if not isinstance(ev, dict) or not isinstance(ev.get("fingerprint"), str):
+            raise _fail(path, "'eval_data'", f"must be an object with a 'fingerprint' string, got {ev!r}")
     cases = data.get("cases")
     if not isinstance(cases, dict):
         raise _fail(path, "'cases'", "must be an object")
@@ -103,7 +121,9 @@ def validate(data: Any, path: Path, recipe: str) -> dict[str, Any]:
                 if not isinstance(entry, dict):
                     raise _fail(path, f"{where}.{name}", "must be an object")
                 for stat, value in entry.items():
-                    if stat != "device":
+                    if stat == "spread":
+                        _check_spread(path, f"{where}.{name}.spread", value)
+                    elif stat != "device":
                         _check_value(path, f"{where}.{name}.{stat}", value)
     return data
 
@@ -137,6 +157,9 @@ def merge(data: dict[str, Any], updates: list[Update]) -> tuple[dict[str, Any], 
     changed (values equal to the stored ones are not reported)."""
     out = copy.deepcopy(data)
     changes: list[Change] = []
+    # a structure is recorded whole: a quantizer that is gone must not linger in the baseline
+    for case in {u.case for u in updates if u.section == "structure"}:
+        out["cases"].setdefault(case, {})["structure"] = {}
     for u in updates:
         section = out["cases"].setdefault(u.case, {}).setdefault(u.section, {})
         if u.fingerprint is not None:
@@ -144,8 +167,12 @@ def merge(data: dict[str, Any], updates: list[Update]) -> tuple[dict[str, Any], 
             if u.device:
                 section["device"] = u.device
         old = section.get(u.name)
+        if u.section == "structure":  # the cleared section: compare with what was there before
+            old = data["cases"].get(u.case, {}).get("structure", {}).get(u.name)
         tolerance = old["tolerance"] if isinstance(old, dict) and "tolerance" in old else u.tolerance
         section[u.name] = {"tolerance": tolerance, "value": u.value}
+        if u.spread:
+            section["spread"] = dict(u.spread)
         old_value = old.get("value") if isinstance(old, dict) else None
         if old_value != u.value:
             changes.append(Change(u.case, u.section, u.name, old_value, u.value))
@@ -163,6 +190,7 @@ class BaselineStore:
         self.root = Path(root)
         self._data: dict[str, dict[str, Any]] = {}
         self._pending: dict[str, list[Update]] = {}
+        self._meta: dict[str, dict[str, Any]] = {}
 
     def path(self, recipe: str) -> Path:
         return self.root / f"{recipe}.json"
@@ -180,6 +208,11 @@ class BaselineStore:
         self.data(recipe)  # a malformed file fails now, before anything is measured into it
         self._pending.setdefault(recipe, []).append(update)
 
+    def stage_meta(self, recipe: str, key: str, value: Any) -> None:
+        """A top-level field written with the recipe's staged values (``eval_data``)."""
+        self.data(recipe)
+        self._meta.setdefault(recipe, {})[key] = value
+
     def commit(self) -> dict[Path, list[Change]]:
         """Write every recipe with staged updates; returns the changes per file."""
         written: dict[Path, list[Change]] = {}
@@ -187,6 +220,7 @@ class BaselineStore:
             path = self.path(recipe)
             current = load(path, recipe)  # re-read: another process may have updated it meanwhile
             new, changes = merge(current, updates)
+            new.update(self._meta.get(recipe, {}))
             # what we write must load again: a NaN measurement is refused here, not stored
             try:
                 validate(new, path, recipe)
@@ -198,4 +232,5 @@ class BaselineStore:
             self._data[recipe] = new
             written[path] = changes
         self._pending.clear()
+        self._meta.clear()
         return written

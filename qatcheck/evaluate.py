@@ -26,6 +26,10 @@ class Evaluation:
     agreement: dict[str, float] | None
     samples: int
     seconds: float
+    #: NaN / inf values among the inputs fed and the outputs produced (a metric over them means
+    #: nothing, and the message must say whether the data or the model produced them)
+    nonfinite_inputs: int = 0
+    nonfinite_outputs: int = 0
 
 
 def evaluate(infer: Infer, batches: Iterable[tuple[np.ndarray, Any, int]], task, *,
@@ -39,10 +43,12 @@ def evaluate(infer: Infer, batches: Iterable[tuple[np.ndarray, Any, int]], task,
     metric = task.metric()
     agreement = task.agreement() if reference is not None else None
     parities: list[ParityAccumulator] = []
-    samples = 0
+    samples = bad_in = bad_out = 0
     t0 = time.perf_counter()
     for i, (x, y, n) in enumerate(batches):
         outs = [np.asarray(o)[:n] for o in infer(x)]
+        bad_in += int(x[:n].size - np.isfinite(x[:n]).sum())
+        bad_out += sum(int(o.size - np.isfinite(o).sum()) for o in outs)
         if i == 0 and hasattr(task, "check_model"):
             task.check_model(outs)  # e.g. a detector's class count vs the data's
         metric.update(outs, y)
@@ -62,7 +68,8 @@ def evaluate(infer: Infer, batches: Iterable[tuple[np.ndarray, Any, int]], task,
     return Evaluation(metrics=metric.result(),
                       parity=tuple(p.result() for p in parities) if reference is not None else None,
                       agreement=agreement.result() if agreement is not None else None,
-                      samples=samples, seconds=time.perf_counter() - t0)
+                      samples=samples, seconds=time.perf_counter() - t0,
+                      nonfinite_inputs=bad_in, nonfinite_outputs=bad_out)
 
 
 def combined_parity(ev: Evaluation) -> dict[str, float] | None:

@@ -26,6 +26,8 @@ class CaseBaseline:
 
     path: str
     entries: Mapping[str, Any] = field(default_factory=dict)
+    #: the eval data the stored metrics were measured on (``eval_data`` in the file), if recorded
+    eval_data: Mapping[str, Any] | None = None
 
     def get(self, section: str, name: str, fingerprint: str | None = None) -> dict | None:
         entries = self.entries.get(section, {})
@@ -38,19 +40,55 @@ class CaseBaseline:
 
 
 def _verdict(check: str, m: Measurement, failures: list[str], updates: list[Update],
-             notes: tuple[str, ...] = ()) -> Verdict:
-    return Verdict(check, m.case, "fail" if failures else "pass", tuple(failures), notes=notes,
-                   updates=tuple(updates))
+             notes: list[str] | tuple[str, ...] = (), improved: list[str] | None = None,
+             strict: bool = False) -> Verdict:
+    """pass / fail, or ``improved`` when values beat their baseline beyond the tolerance (a
+    failure under ``strict``: the baseline is stale)."""
+    notes = list(notes)
+    if improved:
+        if strict:
+            failures = failures + [f"{x} (--qatcheck-strict: record it with --update-baselines)"
+                                   for x in improved]
+        else:
+            notes += [f"improved: {x}; --update-baselines keeps it" for x in improved]
+    status = "fail" if failures else "improved" if improved else "pass"
+    return Verdict(check, m.case, status, tuple(failures), notes=tuple(notes), updates=tuple(updates))
+
+
+def _nonfinite(m: Measurement) -> str | None:
+    """Non-finite outputs make every number of the case meaningless; say where they come from."""
+    if not m.nonfinite_outputs:
+        return None
+    where = (f"the eval inputs themselves hold {m.nonfinite_inputs} NaN/inf values - fix the data"
+             if m.nonfinite_inputs else "the inputs are finite: the model overflowed (fp16 range? a "
+             "zero or NaN scale?)")
+    return f"{m.nonfinite_outputs} output values are NaN/inf over the eval set; {where}"
+
+
+def _data_changed(m: Measurement, base: CaseBaseline) -> str | None:
+    """The eval set the baseline was recorded on differs from this run's: metric moves are then
+    the data's as much as the model's, and the message must say so first."""
+    stored = base.eval_data
+    if not stored or not m.eval_fingerprint or stored.get("fingerprint") == m.eval_fingerprint:
+        return None
+    return (f"the eval data changed since the baseline was recorded (fingerprint "
+            f"{stored.get('fingerprint')}, {stored.get('samples', '?')} samples -> {m.eval_fingerprint}, "
+            f"{m.eval_samples} samples): metric moves may be the data's, not the model's; "
+            "re-record with --update-baselines if the new data is intended")
 
 
 def judge_accuracy(m: Measurement, base: CaseBaseline | None, *, metric_names: tuple[str, ...],
                    primary: str, tolerance_points: float, fp32: Measurement | None = None,
-                   budget_points: float | None = None) -> Verdict:
+                   budget_points: float | None = None, strict: bool = False) -> Verdict:
     """Each metric vs its baseline (tolerance in points); and, with ``budget_points``, the primary
-    metric vs fp32 on the same backend."""
+    metric vs fp32 on the same backend. Better than the baseline beyond the tolerance: improved."""
     failures: list[str] = []
+    improved: list[str] = []
     updates = []
     key = m.case.key
+    for problem in (_nonfinite(m), _data_changed(m, base) if base is not None else None):
+        if problem:
+            failures.append(problem)
     for name in metric_names:
         value = m.metrics[name]
         updates.append(Update(key, "metrics", name, float(value), float(tolerance_points)))
@@ -66,16 +104,19 @@ def judge_accuracy(m: Measurement, base: CaseBaseline | None, *, metric_names: t
             failures.append(
                 f"{name} {value:.2%} is below the baseline {b['value']:.2%} by "
                 f"{(b['value'] - value) * 100:.2f} points (tolerance {b['tolerance']:g} points) [{base.path}]")
+        elif value > b["value"] + b["tolerance"] / 100 + EPS:
+            improved.append(f"{name} {value:.2%} is above the baseline {b['value']:.2%} by "
+                            f"{(value - b['value']) * 100:.2f} points")
     if budget_points is not None and fp32 is not None:
         drop = (fp32.metrics[primary] - m.metrics[primary]) * 100
         if not drop <= budget_points + EPS:
             failures.append(f"{primary} {m.metrics[primary]:.2%} is {drop:.2f} points below fp32 "
                             f"{fp32.metrics[primary]:.2%} on {m.case.backend} (budget {budget_points:g} points)")
-    return _verdict("accuracy", m, failures, updates)
+    return _verdict("accuracy", m, failures, updates, improved=improved, strict=strict)
 
 
 def judge_parity(m: Measurement, base: CaseBaseline | None, *, thresholds, agreement_name: str,
-                 cosine_tolerance: float, agreement_tolerance: float) -> Verdict:
+                 cosine_tolerance: float, agreement_tolerance: float, strict: bool = False) -> Verdict:
     """Outputs vs the case's reference: absolute floors (``thresholds``, a ParityThresholds) and
     the stored values minus their tolerance."""
     if m.parity is None or thresholds is None:
@@ -85,8 +126,9 @@ def judge_parity(m: Measurement, base: CaseBaseline | None, *, thresholds, agree
     vs = f"vs {m.parity_reference}"
     bad = [k for k in ("cosine", agree, "max_abs") if not math.isfinite(p.get(k, 0.0))]
     if bad:  # NaN compares False against every floor: it must fail explicitly
+        cause = _nonfinite(m) or "the outputs contain NaN or inf (fp16 overflow, a zero scale?)"
         return _verdict("parity", m, [f"non-finite parity {', '.join(f'{k}={p[k]}' for k in bad)} {vs}: "
-                                      "the outputs contain NaN or inf (fp16 overflow, a zero scale?)"], [])
+                                      f"{cause}"], [])
     failures: list[str] = []
     worst = ""
     if m.output_parity and len(m.output_parity) > 1:
@@ -99,6 +141,7 @@ def judge_parity(m: Measurement, base: CaseBaseline | None, *, thresholds, agree
     if thresholds.max_abs is not None and p["max_abs"] > thresholds.max_abs + EPS:
         failures.append(f"max_abs {p['max_abs']:.3g} {vs} is above the ceiling {thresholds.max_abs:g}")
     updates = []
+    improved: list[str] = []
     key = m.case.key
     for name, t in (("cosine", cosine_tolerance), (agree, agreement_tolerance)):
         updates.append(Update(key, "parity", name, float(p[name]), float(t)))
@@ -110,31 +153,156 @@ def judge_parity(m: Measurement, base: CaseBaseline | None, *, thresholds, agree
         elif p[name] < b["value"] - b["tolerance"] - EPS:
             failures.append(f"{name} {p[name]:.6f} {vs} fell below the baseline "
                             f"{b['value']:.6f} - tolerance {b['tolerance']:g}")
-    return _verdict("parity", m, failures, updates)
+        elif p[name] > b["value"] + b["tolerance"] + EPS:
+            improved.append(f"{name} {p[name]:.6f} {vs} is above the baseline {b['value']:.6f} "
+                            f"+ tolerance {b['tolerance']:g}")
+    return _verdict("parity", m, failures, updates, improved=improved, strict=strict)
+
+
+def _spread(stats) -> tuple[tuple[str, float], ...]:
+    out = [("ci_rel", stats.ci_rel), ("cv", stats.cv), ("samples", float(stats.iterations))]
+    if stats.probe_ms is not None:
+        out += [("probe_ms", stats.probe_ms), ("probe_ci_rel", stats.probe_ci_rel)]
+    return tuple((k, float(v)) for k, v in out if math.isfinite(v))
+
+
+@dataclass(frozen=True)
+class Slowdown:
+    """The case's latency relative to its baseline, normalised by the machine-speed probe when
+    both runs timed it, with a 95% interval on the log scale."""
+
+    ratio: float  # >1: slower than the baseline
+    raw: float  # the plain median ratio
+    machine: float | None  # the probe's ratio (how much slower the machine itself is)
+    half_width: float  # relative half-width (log scale) of the ratio's interval
+
+    @property
+    def low(self) -> float:
+        return self.ratio * math.exp(-self.half_width)
+
+    @property
+    def high(self) -> float:
+        return self.ratio * math.exp(self.half_width)
+
+    def describe(self) -> str:
+        machine = ("" if self.machine is None else
+                   f"; machine-speed probe x{self.machine:.2f}, raw median x{self.raw:.2f}")
+        return f"x{self.ratio:.3f} (95% interval x{self.low:.3f} .. x{self.high:.3f}{machine})"
+
+
+def slowdown(stats, median_ms: float, spread: Mapping[str, float] | None) -> Slowdown:
+    """How much slower ``stats`` is than a baseline median with its ``spread``.
+
+    The ratio of medians is divided by the ratio of the probe medians (both timed the same way in
+    each run), so a machine that is slower as a whole - a busy core, a clock change - does not
+    read as the model's regression. The interval combines the four medians' relative confidence
+    half-widths in quadrature (independent runs), on the log scale.
+    """
+    spread = spread or {}
+    raw = stats.median_ms / median_ms
+    widths = [stats.ci_rel, spread.get("ci_rel", 0.0)]
+    machine = None
+    if stats.probe_ms and spread.get("probe_ms"):
+        machine = stats.probe_ms / spread["probe_ms"]
+        widths += [stats.probe_ci_rel, spread.get("probe_ci_rel", 0.0)]
+    h = math.sqrt(sum(min(w, 10.0) ** 2 for w in widths))
+    return Slowdown(raw / machine if machine else raw, raw, machine, h)
 
 
 def judge_latency(m: Measurement, base: CaseBaseline | None, *, tolerance_rel: float,
-                  device: str = "") -> Verdict:
-    """Median latency vs the baseline recorded on the same device fingerprint."""
+                  device: str = "", retries_left: int = 0, strict: bool = False,
+                  speedup: tuple[float, str, Measurement] | None = None) -> Verdict:
+    """Median latency vs the baseline recorded on the same device fingerprint, decided with its
+    noise (see README, *Latency verdicts*):
+
+    - slower than the tolerance while ``retries_left``: **retry** - the session measures again
+      and judges its best attempt (interference only ever adds time);
+    - slower beyond the tolerance with the whole 95% interval above it: **fail**;
+    - slower than the tolerance but the interval reaches below it: **inconclusive** - reported
+      with its figures, a failure under ``strict``;
+    - within the tolerance: **pass** (an interval entirely below ``1 - tolerance``: *improved*).
+
+    ``speedup`` = (floor, reference mode, reference measurement) also requires the case to be at
+    least ``floor`` times faster than the reference in this same session (a gate that holds on
+    any machine): failing only when the speedup's interval lies below the floor.
+    """
     if m.latency is None:
         return Verdict("latency", m.case, "skip",
                        reason="latency not measured: pytest-benchmark is disabled (--benchmark-disable)")
     stats, fid = m.latency, m.fingerprint_id
     updates = [Update(m.case.key, "latency", "median_ms", float(stats.median_ms), float(tolerance_rel),
-                      fid, device)]
+                      fid, device, spread=_spread(stats))]
     failures: list[str] = []
-    if base is not None:
-        b = base.get("latency", "median_ms", fid)
-        if b is None:
-            return Verdict("latency", m.case, "skip", updates=tuple(updates),
-                           reason=(f"no latency baseline for {m.case.key} on this device (fingerprint "
-                                   f"{fid}: {device}); record one with --update-baselines"))
-        if stats.median_ms > b["value"] * (1 + b["tolerance"]) + EPS:
-            failures.append(
-                f"median latency {stats.median_ms:.4f} ms is {stats.median_ms / b['value'] - 1:+.1%} "
-                f"vs the baseline {b['value']:.4f} ms on this device (tolerance "
-                f"+{b['tolerance']:.0%}; p90 {stats.p90_ms:.4f} ms, CV {stats.cv:.1%})")
-    return _verdict("latency", m, failures, updates)
+    notes: list[str] = []
+    improved: list[str] = []
+    status = None
+    if speedup is not None:
+        failures += _judge_speedup(m, *speedup)
+    b = base.get("latency", "median_ms", fid) if base is not None else None
+    if base is not None and b is None and not failures and speedup is None:
+        return Verdict("latency", m.case, "skip", updates=tuple(updates),
+                       reason=(f"no latency baseline for {m.case.key} on this device (fingerprint "
+                               f"{fid}: {device}); record one with --update-baselines"))
+    if b is not None:
+        sd = slowdown(stats, b["value"], base.get("latency", "spread", fid))
+        limit = 1 + b["tolerance"]
+        figures = (f"median {stats.median_ms:.4f} ms vs the baseline {b['value']:.4f} ms on this device: "
+                   f"{sd.describe()}; tolerance +{b['tolerance']:.0%}")
+        if sd.ratio > limit + EPS and retries_left > 0:
+            status = "retry"  # looks slower: measure again before judging
+        elif sd.low > limit + EPS:
+            failures.append(f"slower beyond the tolerance: {figures}")
+        elif sd.ratio > limit + EPS:
+            if strict:
+                failures.append(f"inconclusive (--qatcheck-latency-strict): {figures}")
+            else:
+                status = "inconclusive"
+                notes.append(f"inconclusive: looks slower, but the noise (±{math.expm1(sd.half_width):.1%}) "
+                             f"is larger than the margin - {figures}")
+        elif sd.high < 1 - b["tolerance"] - EPS:
+            improved.append(f"latency {figures}")
+        if sd.machine is not None and not 0.5 <= sd.machine <= 2.0:
+            notes.append(f"the machine-speed probe moved x{sd.machine:.2f} since the baseline was "
+                         "recorded: the machine is busy or different")
+    if status in ("retry", "inconclusive") and not failures:
+        return Verdict("latency", m.case, status, notes=tuple(notes), updates=tuple(updates))
+    return _verdict("latency", m, failures, updates, notes=notes, improved=improved)
+
+
+def _judge_speedup(m: Measurement, floor: float, ref_mode: str, ref: Measurement) -> list[str]:
+    if ref.latency is None or m.latency is None:
+        return []
+    speed = ref.latency.median_ms / m.latency.median_ms
+    h = math.sqrt(ref.latency.ci_rel ** 2 + m.latency.ci_rel ** 2)
+    if speed * math.exp(h) < floor - EPS:
+        return [f"speedup vs {ref_mode} on {m.case.backend} is x{speed:.2f} (95% interval up to "
+                f"x{speed * math.exp(h):.2f}), below the floor x{floor:g} (Tolerances.speedup_floor)"]
+    return []
+
+
+def judge_structure(m: Measurement, base: CaseBaseline | None, *, scale_rel: float) -> Verdict:
+    """The int8 artifact's quantization structure (quantized tensors by module name, their scales,
+    the Q/DQ pair count) vs its baseline: a dropped or added quantizer, a moved scale, or no Q/DQ
+    at all ("quantization vanished") fails, naming the quantizer."""
+    from qatcheck.quantize.structure import compare_structure, to_entries, vanished
+
+    if m.structure is None:
+        return Verdict("structure", m.case, "skip", reason=f"{m.case.mode} is not an int8 mode")
+    entries = to_entries(m.structure)
+    updates = [Update(m.case.key, "structure", name, float(value),
+                      float(scale_rel) if ".scale" in name else 0.0) for name, value in entries.items()]
+    failures: list[str] = []
+    if base is None or not base.entries.get("structure"):
+        if vanished(m.structure):
+            failures.append("quantization vanished: the int8 artifact has no Q/DQ")
+        elif base is not None:
+            failures.append(base.missing(m.case.key, "structure"))
+    else:
+        stored = {k: v["value"] for k, v in base.entries["structure"].items()}
+        tol = {k.rpartition(".")[0]: v["tolerance"] for k, v in base.entries["structure"].items()
+               if ".scale" in k}
+        failures += compare_structure(m.structure, stored, scale_rel=tol or scale_rel)
+    return _verdict("structure", m, failures, updates)
 
 
 def judge_precision(case, audit, expect: Mapping[str, Any], kept: tuple[str, ...] = ()) -> Verdict:

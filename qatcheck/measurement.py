@@ -16,8 +16,9 @@ if TYPE_CHECKING:  # pragma: no cover
     from qatcheck.timing import LatencyStats
 
 #: the parts a measurement can hold: ``eval`` (metrics over the eval set and parity against the
-#: case's reference) and ``latency``; a run measures only the parts its selected checks need
-PARTS = ("eval", "latency")
+#: case's reference), ``latency`` and ``structure`` (an int8 artifact's quantizers and scales); a
+#: run measures only the parts its selected checks need
+PARTS = ("eval", "latency", "structure")
 
 
 @dataclass(frozen=True, order=True)
@@ -72,6 +73,15 @@ class Measurement:
     artifact: str = ""
     eval_samples: int = 0
     eval_seconds: float = 0.0
+    #: the eval data's fingerprint (a baseline recorded on other data says so)
+    eval_fingerprint: str = ""
+    #: NaN / inf values among the eval inputs and among this case's outputs
+    nonfinite_inputs: int = 0
+    nonfinite_outputs: int = 0
+    #: int8 cases: qatcheck.quantize.structure.QuantStructure of what was measured
+    structure: Any = None
+    #: how many times the latency loop ran (re-measured when the first looked slower)
+    latency_attempts: int = 0
     #: which PARTS this record holds
     parts: frozenset = frozenset()
     #: what a reader of the table should know (timing fell back to eager events, fake-quant
@@ -84,6 +94,10 @@ class Measurement:
         d["latency"] = self.latency.to_dict() if self.latency else None
         d["parts"] = sorted(self.parts)
         d["notes"] = list(self.notes)
+        if self.structure is not None:
+            from qatcheck.quantize.structure import to_entries
+
+            d["structure"] = to_entries(self.structure)
         return d
 
 
@@ -94,7 +108,9 @@ class Verdict:
 
     check: str
     case: Case
-    status: str = "pass"  # pass | fail | skip
+    #: pass | fail | skip | improved (passes, with a note) | inconclusive (noise larger than the
+    #: tolerance: reported, not red) | retry (the session re-measures before a final verdict)
+    status: str = "pass"
     failures: tuple[str, ...] = ()
     reason: str = ""  # why skipped
     notes: tuple[str, ...] = ()
@@ -114,6 +130,9 @@ def overall(statuses: Any) -> str:
     vals = set(statuses)
     if {"failed", "fail"} & vals:
         return "FAIL"
+    for word in ("inconclusive", "improved"):
+        if word in vals:
+            return word
     if {"passed", "pass"} & vals:
         return "pass"
     return "skip" if vals else "-"

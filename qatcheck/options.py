@@ -6,6 +6,7 @@ root, for instance) without an environment-variable side channel.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +37,38 @@ class Options:
     trt_ptq: str = "auto"
     #: COCO folder for recipes that use qatcheck.data.coco.coco_val2017()
     coco_root: Path | None = None
+    #: CPU intra-op threads for ONNX Runtime and PyTorch (None: each library's default)
+    threads: int | None = None
+    #: how many times a latency case that looks slower is re-measured before it is judged
+    latency_retries: int = 2
+    #: an inconclusive latency verdict (noise larger than the tolerance) fails the test
+    latency_strict: bool = False
+    #: a value better than its baseline beyond the tolerance fails (the baseline is stale)
+    strict: bool = False
+    #: print pytest-benchmark's own table after qatcheck's
+    benchmark_table: bool = False
+
+
+def physical_cores() -> int:
+    """Physical CPU cores available to this process (SMT siblings counted once): the default
+    thread count, since two threads on one core's siblings only add noise to a latency."""
+    allowed = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+    cores = set()
+    try:
+        cpu = phys = None
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key == "processor":
+                    cpu, phys = int(value), "0"
+                elif key == "physical id":
+                    phys = value.strip()
+                elif key == "core id" and cpu in allowed:
+                    cores.add((phys, value.strip()))
+    except (OSError, ValueError):
+        pass
+    return max(1, len(cores) or len(allowed))
 
 
 _ACTIVE: list[Options] = []

@@ -26,7 +26,7 @@ from qatcheck.backends import backend_names
 from qatcheck.errors import QatcheckError
 from qatcheck.measurement import Case, Verdict
 from qatcheck.modes import modes
-from qatcheck.options import CUDA_GRAPH_CHOICES, TRT_PTQ_CHOICES, Options, activate, deactivate
+from qatcheck.options import CUDA_GRAPH_CHOICES, TRT_PTQ_CHOICES, Options, activate, deactivate, physical_cores
 
 OPTIONS_KEY = pytest.StashKey[Options]()
 SESSION_KEY = pytest.StashKey["object"]()
@@ -81,6 +81,19 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g.addoption("--qatcheck-cuda-graph", default="auto", choices=CUDA_GRAPH_CHOICES,
                 help="CUDA latency: time CUDA-graph replays (trtexec's GPU compute time); auto falls "
                      "back to eager CUDA events when capture fails, off always uses eager events")
+    g.addoption("--qatcheck-threads", default="auto", metavar="N",
+                help="CPU intra-op threads for ONNX Runtime and PyTorch (default auto: the physical "
+                     "cores); part of the latency fingerprint")
+    g.addoption("--qatcheck-latency-retries", type=int, default=2, metavar="N",
+                help="re-measure a latency case that looks slower up to N times before judging it "
+                     "(default 2)")
+    g.addoption("--qatcheck-latency-strict", action="store_true", default=False,
+                help="an inconclusive latency verdict (noise larger than the tolerance) fails")
+    g.addoption("--qatcheck-strict", action="store_true", default=False,
+                help="a metric or parity value better than its baseline beyond the tolerance fails "
+                     "(the baseline is stale: --update-baselines keeps the new value)")
+    g.addoption("--qatcheck-benchmark-table", action="store_true", default=False,
+                help="also print pytest-benchmark's own table of the raw timings")
     g.addoption("--qatcheck-trt-ptq", default="auto", choices=TRT_PTQ_CHOICES,
                 help="TensorRT trt_ptq/partial: native = TensorRT's own calibrator and per-layer "
                      "precision (TensorRT <= 10 only), qdq = build qatcheck's explicit Q/DQ ONNX, "
@@ -109,6 +122,9 @@ def pytest_configure(config: pytest.Config) -> None:
         if bad:
             raise pytest.UsageError(f"{opt}: unknown name(s) {', '.join(bad)}; choose from {', '.join(known)}")
     coco_root = config.getoption("--qatcheck-coco-root")
+    threads = config.getoption("--qatcheck-threads")
+    if threads != "auto" and not (threads.isdigit() and int(threads) > 0):
+        raise pytest.UsageError(f"--qatcheck-threads: expected auto or a positive number, got {threads!r}")
     options = Options(
         baselines_dir=opt_path("--qatcheck-baselines", "baselines"),
         reports_dir=opt_path("--qatcheck-reports", "reports"),
@@ -126,6 +142,11 @@ def pytest_configure(config: pytest.Config) -> None:
         cuda_graph=config.getoption("--qatcheck-cuda-graph"),
         trt_ptq=config.getoption("--qatcheck-trt-ptq"),
         coco_root=Path(coco_root).resolve() if coco_root else None,
+        threads=physical_cores() if threads == "auto" else int(threads),
+        latency_retries=max(0, config.getoption("--qatcheck-latency-retries")),
+        latency_strict=config.getoption("--qatcheck-latency-strict"),
+        strict=config.getoption("--qatcheck-strict"),
+        benchmark_table=config.getoption("--qatcheck-benchmark-table"),
     )
     config.stash[OPTIONS_KEY] = options
     activate(options)  # recipe factories run lazily, inside this session: qatcheck.options.active()
@@ -188,9 +209,10 @@ class BoundCase:
     """What a test receives as ``qcase``: the case plus the checks, which fail the test with one
     readable message (no traceback through qatcheck)."""
 
-    def __init__(self, case: Case, session) -> None:
+    def __init__(self, case: Case, session, nodeid: str = "") -> None:
         self.case = case
         self.session = session
+        self.nodeid = nodeid or case.id
 
     @property
     def id(self) -> str:
@@ -208,6 +230,12 @@ class BoundCase:
             return fn(*args)
         except QatcheckError as exc:
             message = f"{type(exc).__name__}: {exc}"
+        # one message per root cause: an error every case hits (a data factory that raises, a
+        # malformed baseline) is printed in full once; the other tests point to that one
+        first = self.session.errors.setdefault(message, self.nodeid)
+        if first != self.nodeid:
+            head = message.splitlines()[0]
+            message = f"same error as {first} (reported there in full): {head[:160]}"
         # outside the except block, so the report shows one line, not a chained traceback
         pytest.fail(message, pytrace=False)
 
@@ -217,7 +245,7 @@ class BoundCase:
                         pytrace=False)
         if verdict.skipped:
             pytest.skip(verdict.skipped)
-        return verdict
+        return verdict  # pass, improved or inconclusive: the table and its notes say which
 
     def check_accuracy(self) -> Verdict:
         return self._conclude(self._call(self.session.check_accuracy, self.case), "accuracy")
@@ -227,6 +255,10 @@ class BoundCase:
 
     def check_latency(self, benchmark=None) -> Verdict:
         return self._conclude(self._call(self.session.check_latency, self.case, benchmark), "latency")
+
+    def check_structure(self) -> Verdict:
+        """The int8 artifact's quantizers and scales vs the baseline (skips for float modes)."""
+        return self._conclude(self._call(self.session.check_structure, self.case), "structure")
 
     def check_precision(self, **expect) -> Verdict:
         """TensorRT precision audit, e.g. ``qcase.check_precision(conv="int8", max_reformats=4)``;
@@ -249,7 +281,7 @@ def qcase(request: pytest.FixtureRequest) -> BoundCase:
 
         if not torch.cuda.is_available():
             pytest.fail("cuda is required (--qatcheck-require cuda) but torch sees no GPU", pytrace=False)
-    return BoundCase(case, session)
+    return BoundCase(case, session, request.node.nodeid)
 
 
 @pytest.hookimpl(wrapper=True)
@@ -262,6 +294,15 @@ def pytest_runtest_makereport(item: pytest.Item, call):
         if session is not None:
             session.outcomes.setdefault(case, {})[item.originalname] = report.outcome
     return report
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """One table: qatcheck prints its own; pytest-benchmark's table of the same timings only with
+    --qatcheck-benchmark-table (its --benchmark-json / --benchmark-save keep working)."""
+    qs = _session(session.config, create=False)
+    bs = getattr(session.config, "_benchmarksession", None)
+    if qs is not None and bs is not None and not qs.options.benchmark_table:
+        bs.quiet = True
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

@@ -158,6 +158,18 @@ class Tolerances:
     export_parity: Mapping[str, ParityThresholds] = field(default_factory=_default_export_parity)
     #: quantization parity: a low-precision mode vs the fp32 reference
     quant_parity: ParityThresholds = ParityThresholds(min_cosine=0.98, min_top1_agreement=0.95)
+    #: how far (relative) a quantizer's scale may move from its baseline (quantization structure)
+    scale_rel: float = 0.05
+    #: latency gates that hold on any machine: a mode at least this many times faster than a
+    #: reference mode on the same backend in the same session, e.g. {"trt_ptq": 1.5} (vs fp32) or
+    #: {"trt_ptq": (1.2, "fp16")}
+    speedup_floor: Mapping[str, float | tuple[float, str]] = field(default_factory=dict)
+
+    def speedup_for(self, mode: str) -> tuple[float, str] | None:
+        floor = self.speedup_floor.get(mode)
+        if floor is None:
+            return None
+        return (float(floor), "fp32") if isinstance(floor, (int, float)) else (float(floor[0]), str(floor[1]))
 
     def validate(self) -> None:
         for field_name in ("fp32_budget_points", "export_parity"):
@@ -168,7 +180,13 @@ class Tolerances:
         for mode, points in self.fp32_budget_points.items():
             if not points >= 0:
                 raise ConfigError(f"Tolerances.fp32_budget_points[{mode!r}] must be >= 0; got {points!r}")
-        for field_name in ("metric_points", "latency_rel", "parity_cosine", "parity_agreement"):
+        for mode in self.speedup_floor:
+            check_mode(mode)
+            floor, ref = self.speedup_for(mode)
+            check_mode(ref)
+            if not floor > 0:
+                raise ConfigError(f"Tolerances.speedup_floor[{mode!r}] must be > 0; got {floor!r}")
+        for field_name in ("metric_points", "latency_rel", "parity_cosine", "parity_agreement", "scale_rel"):
             value = getattr(self, field_name)
             if not value >= 0:  # also rejects NaN
                 raise ConfigError(f"Tolerances.{field_name} must be >= 0; got {value!r}")

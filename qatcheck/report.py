@@ -126,7 +126,13 @@ def notes_text(session, recipe_name: str) -> str:
     for m in tested_cases(session, recipe_name):
         for note in m.notes:
             seen.setdefault(note, []).append(m.case.key)
-    return "".join(f"note ({', '.join(keys)}): {note}\n" for note, keys in seen.items())
+    out = "".join(f"note ({', '.join(keys)}): {note}\n" for note, keys in seen.items())
+    # what the judges said beyond pass / fail: improvements, inconclusive latency, audits
+    for (case, check), v in session.verdicts.items():
+        if case.recipe == recipe_name:
+            out += "".join(f"{v.status if v.status in ('improved', 'inconclusive') else 'note'} "
+                           f"({case.key} {check}): {n}\n" for n in v.notes)
+    return out
 
 
 def kept_text(kept: dict[str, str]) -> str:
@@ -151,7 +157,7 @@ def terminal_table(title: str, header: list[str], rows: list[list[str]]) -> str:
     for i, h in enumerate(header):
         table.add_column(h, justify="left" if i < len(COLUMNS_HEAD) else "right", no_wrap=i < 3)
     for r in rows:
-        style = "red" if r[-1] == "FAIL" else None
+        style = "red" if r[-1] == "FAIL" else "yellow" if r[-1] == "inconclusive" else None
         table.add_row(*r, style=style)
     buf = io.StringIO()
     Console(file=buf, width=200, force_terminal=False, color_system=None).print(table)

@@ -17,6 +17,8 @@ import sys
 import warnings
 from typing import Iterable
 
+import numpy as np
+
 from qatcheck import fingerprint as fpr
 from qatcheck import judges, timing
 from qatcheck.artifacts import ArtifactBuilder, RecipeState
@@ -54,6 +56,8 @@ class QatcheckSession:
         self.outcomes: dict[Case, dict[str, str]] = {}
         #: verdicts whose values --update-baselines refused to record (the case failed)
         self.refused: list[Verdict] = []
+        #: error message -> the test that reported it first (one message per root cause)
+        self.errors: dict[str, str] = {}
 
     # ---- cases ------------------------------------------------------------------------------
     def register(self, recipe: Recipe) -> None:
@@ -162,13 +166,29 @@ class QatcheckSession:
         m = self.measurements.get(case) or Measurement(
             case=case, calibrator=calibrator_of(case.mode, self.recipes[case.recipe].quant),
             shape=tuple(self.shape(case)))
+        measure = {"eval": self._measure_eval, "structure": self._measure_structure,
+                   "latency": lambda c: self._measure_latency(c, benchmark)}
         for part in PARTS:
             if part in parts and part not in m.parts:
-                new = self._measure_eval(case) if part == "eval" else self._measure_latency(case, benchmark)
-                notes = tuple(dict.fromkeys(m.notes + new.pop("notes", ())))
-                m = dataclasses.replace(m, **new, notes=notes, parts=m.parts | {part})
-                self.measurements[case] = m
+                m = self._extend(m, part, measure[part](case))
         return m
+
+    def _extend(self, m: Measurement, part: str, new: dict) -> Measurement:
+        notes = tuple(dict.fromkeys(m.notes + new.pop("notes", ())))
+        m = dataclasses.replace(m, **new, notes=notes, parts=m.parts | {part})
+        self.measurements[m.case] = m
+        return m
+
+    def remeasure_latency(self, case: Case) -> Measurement:
+        """A fresh latency loop for a case that looked slower (pytest-benchmark's fixture times
+        only once per test, so re-measurements use qatcheck's own loop)."""
+        m = self.measure(case, ("latency",))
+        new = self._measure_latency(case, None)
+        new["latency_attempts"] = m.latency_attempts + 1
+        if m.latency is not None and new["latency"] is not None and _speed(new["latency"]) >= _speed(m.latency):
+            # interference only ever adds time: the fastest attempt is the model's latency
+            new = dict(latency_attempts=new["latency_attempts"])
+        return self._extend(m, "latency", new)
 
     def _measure_eval(self, case: Case) -> dict:
         """Evaluate the case over the whole eval set (streaming), with parity against its reference
@@ -184,7 +204,8 @@ class QatcheckSession:
             ev = evaluate(runner.infer, eval_batches(data, shape), task,
                           reference=ref_runner.infer if ref_runner else None, on_batch=bar.update)
         out = dict(device=runner.device, metrics=ev.metrics, artifact=self._artifact_digest(case, runner),
-                   eval_samples=ev.samples, eval_seconds=ev.seconds)
+                   eval_samples=ev.samples, eval_seconds=ev.seconds, eval_fingerprint=data.fingerprint(),
+                   nonfinite_inputs=ev.nonfinite_inputs, nonfinite_outputs=ev.nonfinite_outputs)
         if ref_runner is not None:
             names = [recipe.output_names[i] if i < len(recipe.output_names) else f"output{i}"
                      for i in range(len(ev.parity))]
@@ -210,10 +231,15 @@ class QatcheckSession:
         x, _ = pad_batch(resize(x, shape[2:]), shape[0])
         call = runner.timed_call(x)
         notes = [call.note] if getattr(call, "note", "") else []
+        probe = self._time_probe(runner)
         stats = timing.measure(call, shape[0], self.options.latency_iterations,
                                self.options.warmup_s, benchmark, self.options.latency_duration_s)
         if stats is None:  # pytest-benchmark is disabled: nothing was timed
             return dict(device=runner.device, latency=None, notes=tuple(notes))
+        probe += self._time_probe(runner)  # before and after: drift during the loop hits both
+        if probe:
+            stats = dataclasses.replace(stats, probe_ms=float(np.median(probe)),
+                                        probe_ci_rel=timing.median_ci_rel(probe))
         fp = fpr.device_fingerprint(runner.device, runner.versions())
         if stats.noisy:
             notes.append(f"latency CV above {timing.CV_WARNING:.1%}: the machine is noisy, medians "
@@ -223,7 +249,35 @@ class QatcheckSession:
         if mode_spec(case.mode).int8 and runner.device == "CPUExecutionProvider":
             notes.append("int8 Q/DQ on onnxruntime CPU runs as fake-quant: not an int8 latency")
         return dict(device=runner.device, latency=stats, fingerprint=fp,
-                    fingerprint_id=fpr.fingerprint_id(fp), notes=tuple(notes))
+                    fingerprint_id=fpr.fingerprint_id(fp), notes=tuple(notes), latency_attempts=1)
+
+    def _time_probe(self, runner: Runner) -> list[float]:
+        """Samples of the runner's machine-speed probe (qatcheck.backends.probe): a fixed workload
+        timed like the model, so the judge can tell a slower machine from a slower model."""
+        from qatcheck.backends import probe as probe_mod
+
+        call = runner.probe()
+        if call is None:
+            return []
+        return timing.collect(call, self.options.latency_iterations, 0.05, None, probe_mod.SECONDS)[0]
+
+    def _measure_structure(self, case: Case) -> dict:
+        """The quantizers of what the case runs: the torch module's (torch backends) or the ONNX
+        graph's (graph backends). TensorRT's own calibrator keeps no Q/DQ in a graph: nothing to
+        read there (its engine audit, test_precision, covers it)."""
+        from qatcheck.quantize.structure import onnx_structure, torch_structure
+
+        if not mode_spec(case.mode).int8:
+            return dict(structure=None)
+        b = self.builder(case.recipe)
+        if executes(case.backend) == "torch":
+            return dict(structure=torch_structure(b.torch_artifact(case.mode).module))
+        plan = getattr(self.runner(case), "plan", None) if case.backend == "tensorrt" else None
+        if plan is not None and getattr(plan, "quantization", "") == "implicit":
+            return dict(structure=None, notes=("TensorRT calibrates this mode itself (implicit INT8): "
+                                               "no Q/DQ graph to read; test_precision audits the engine",))
+        mode = plan.onnx_mode if plan is not None else case.mode
+        return dict(structure=onnx_structure(b.onnx_artifact(mode, case.dynamic).path))
 
     # ---- judging ----------------------------------------------------------------------------
     def baseline(self, case: Case) -> judges.CaseBaseline | None:
@@ -233,7 +287,8 @@ class QatcheckSession:
             self.store.data(case.recipe)  # a malformed file fails now, before anything is recorded
             return None
         data = self.store.data(case.recipe)
-        return judges.CaseBaseline(str(self.store.path(case.recipe)), data["cases"].get(case.key, {}))
+        return judges.CaseBaseline(str(self.store.path(case.recipe)), data["cases"].get(case.key, {}),
+                                   eval_data=data.get("eval_data"))
 
     def _conclude(self, verdict: Verdict) -> Verdict:
         self.verdicts[(verdict.case, verdict.check)] = verdict
@@ -247,7 +302,8 @@ class QatcheckSession:
         fp32 = self.measure(case.with_mode("fp32"), ("eval",)) if budget is not None and not case.dynamic else None
         return self._conclude(judges.judge_accuracy(
             m, self.baseline(case), metric_names=task.metric_names, primary=task.primary_metric,
-            tolerance_points=recipe.tolerances.metric_points, fp32=fp32, budget_points=budget))
+            tolerance_points=recipe.tolerances.metric_points, fp32=fp32, budget_points=budget,
+            strict=self.options.strict))
 
     def parity_thresholds(self, case: Case) -> ParityThresholds | None:
         ref = parity_reference(case.mode, case.backend)
@@ -264,14 +320,33 @@ class QatcheckSession:
         return self._conclude(judges.judge_parity(
             m, self.baseline(case), thresholds=self.parity_thresholds(case),
             agreement_name=self.task(case.recipe).agreement_name,
-            cosine_tolerance=tol.parity_cosine, agreement_tolerance=tol.parity_agreement))
+            cosine_tolerance=tol.parity_cosine, agreement_tolerance=tol.parity_agreement,
+            strict=self.options.strict))
 
     def check_latency(self, case: Case, benchmark=None) -> Verdict:
+        """Judge the case's latency; a case that looks slower but whose interval reaches below the
+        tolerance is re-measured (up to --qatcheck-latency-retries times) before the verdict."""
+        tol = self.recipes[case.recipe].tolerances
         m = self.measure(case, ("latency",), benchmark)
-        device = fpr.describe(m.fingerprint) if m.fingerprint else ""
-        return self._conclude(judges.judge_latency(
-            m, self.baseline(case), tolerance_rel=self.recipes[case.recipe].tolerances.latency_rel,
-            device=device))
+        floor = tol.speedup_for(case.mode)
+        speedup = None
+        if floor is not None and m.latency is not None:
+            ref = self.measure(case.with_mode(floor[1], keep_shape=True), ("latency",))
+            speedup = (floor[0], floor[1], ref)
+        while True:
+            retries_left = self.options.latency_retries - (m.latency_attempts - 1)
+            verdict = judges.judge_latency(
+                m, self.baseline(case), tolerance_rel=tol.latency_rel,
+                device=fpr.describe(m.fingerprint) if m.fingerprint else "", retries_left=retries_left,
+                strict=self.options.latency_strict, speedup=speedup)
+            if verdict.status != "retry":
+                return self._conclude(verdict)
+            m = self.remeasure_latency(case)
+
+    def check_structure(self, case: Case) -> Verdict:
+        m = self.measure(case, ("structure",))
+        return self._conclude(judges.judge_structure(
+            m, self.baseline(case), scale_rel=self.recipes[case.recipe].tolerances.scale_rel))
 
     def check_precision(self, case: Case, expect: dict) -> Verdict:
         """The TensorRT precision audit against a recipe's expectation (see judges.judge_precision);
@@ -294,4 +369,14 @@ class QatcheckSession:
             return verdict
         for update in verdict.updates:
             self.store.stage(verdict.case.recipe, update)
+        if verdict.check == "accuracy":  # metrics are only comparable on the same eval data
+            m = self.measurements[verdict.case]
+            self.store.stage_meta(verdict.case.recipe, "eval_data",
+                                  {"fingerprint": m.eval_fingerprint, "samples": m.eval_samples})
         return verdict
+
+
+def _speed(stats) -> float:
+    """A latency attempt's figure for choosing the best one: its median, relative to its
+    machine-speed probe when it has one."""
+    return stats.median_ms / stats.probe_ms if stats.probe_ms else stats.median_ms

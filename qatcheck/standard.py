@@ -1,7 +1,7 @@
 """The standard checks, for suites to import instead of writing them again::
 
     import pytest
-    from qatcheck.standard import test_accuracy, test_latency, test_parity  # noqa: F401
+    from qatcheck.standard import test_accuracy, test_latency, test_parity, test_structure  # noqa: F401
 
     pytestmark = pytest.mark.qatcheck_recipe(my_recipe())
 
@@ -29,6 +29,15 @@ def test_parity(qcase):
 def test_latency(qcase, benchmark):
     """Median latency vs the baseline recorded on this device fingerprint."""
     qcase.check_latency(benchmark)
+
+
+def test_structure(qcase):
+    """Int8 modes: the artifact's quantized tensors (by module name), their scales and the Q/DQ
+    pair count vs the baseline - a dropped quantizer, a moved scale or a graph without Q/DQ fails
+    naming the quantizer. Skips for float modes."""
+    if not spec(qcase.case.mode).int8:
+        pytest.skip(f"{qcase.case.mode} is not an int8 mode")
+    qcase.check_structure()
 
 
 def test_precision(qcase):

@@ -18,6 +18,10 @@ from qatcheck.backends.base import TimedCall
 CV_WARNING = 0.025
 #: fewest timed iterations when a duration caps the loop (p90 needs a few samples to mean anything)
 MIN_ITERATIONS = 20
+#: the timed loop is cut into this many consecutive blocks for the median's confidence interval
+CI_BLOCKS = 10
+#: two-sided 95% Student t quantiles by degrees of freedom (blocks - 1)
+_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
 
 @dataclass(frozen=True)
@@ -31,6 +35,11 @@ class LatencyStats:
     iterations: int
     batch_size: int
     clock: str  # "cuda-events" | "cuda-graph" | "wall"
+    #: relative half-width of the median's 95% confidence interval (see median_ci_rel)
+    ci_rel: float = 0.0
+    #: the machine-speed probe timed next to the case (Runner.probe), and its CI; see judges
+    probe_ms: float | None = None
+    probe_ci_rel: float = 0.0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -38,6 +47,25 @@ class LatencyStats:
     @property
     def noisy(self) -> bool:
         return self.cv > CV_WARNING
+
+
+def median_ci_rel(samples_ms: Sequence[float], blocks: int = CI_BLOCKS) -> float:
+    """Relative half-width of a 95% confidence interval for the median latency.
+
+    Why blocks: consecutive iterations are not independent (clocks ramp, caches and other
+    processes come and go), so an i.i.d. formula would promise far too much. The loop is cut into
+    ``blocks`` consecutive blocks; the spread of the block medians, with Student's t, bounds the
+    median - drift within the run widens the interval as it should.
+    """
+    a = np.asarray(samples_ms, dtype=np.float64)
+    k = min(blocks, a.size // 2)
+    if k < 2:
+        return float("inf")
+    meds = np.array([np.median(b) for b in np.array_split(a, k)])
+    center = float(np.median(a))
+    if center <= 0:
+        return float("inf")
+    return float(_T95[k - 1] * meds.std(ddof=1) / np.sqrt(k) / center)
 
 
 def stats_from_samples(samples_ms: Sequence[float], batch_size: int, clock: str) -> LatencyStats:
@@ -49,7 +77,7 @@ def stats_from_samples(samples_ms: Sequence[float], batch_size: int, clock: str)
         median_ms=float(np.median(a)), mean_ms=mean,
         p90_ms=float(np.percentile(a, 90)), p99_ms=float(np.percentile(a, 99)),
         min_ms=float(a.min()), cv=float(a.std() / mean) if mean > 0 else 0.0,
-        iterations=int(a.size), batch_size=batch_size, clock=clock)
+        iterations=int(a.size), batch_size=batch_size, clock=clock, ci_rel=median_ci_rel(a))
 
 
 def warm_up(run: Callable[[], None], seconds: float, min_runs: int = 3) -> int:
@@ -79,6 +107,14 @@ def measure(call: TimedCall, batch_size: int, iterations: int, warmup_s: float,
     per-round data are the samples; without one a plain perf_counter loop is used. Returns None
     when pytest-benchmark is disabled (``--benchmark-disable``). ``duration_s`` caps the timed
     loop's length (see :func:`rounds_for`); ``iterations`` is then the maximum."""
+    got = collect(call, iterations, warmup_s, benchmark, duration_s)
+    return None if got is None else stats_from_samples(got[0], batch_size, got[1])
+
+
+def collect(call: TimedCall, iterations: int, warmup_s: float, benchmark=None,
+            duration_s: float | None = None) -> tuple[list[float], str] | None:
+    """The timed loop of :func:`measure`: (per-iteration milliseconds, clock), or None when
+    pytest-benchmark is disabled. Device times (CUDA events) win over wall-clock."""
     t0 = time.perf_counter()
     n = warm_up(call.run, warmup_s)
     iterations = rounds_for(iterations, duration_s, (time.perf_counter() - t0) / n)
@@ -97,6 +133,5 @@ def measure(call: TimedCall, batch_size: int, iterations: int, warmup_s: float,
             call.run()
             wall_ms.append((time.perf_counter() - t0) * 1e3)
     if call.device_times_ms:  # CUDA events, eager or around a CUDA-graph replay
-        clock = getattr(call, "clock", None) or "cuda-events"
-        return stats_from_samples(call.device_times_ms[-iterations:], batch_size, clock)
-    return stats_from_samples(wall_ms, batch_size, "wall")
+        return list(call.device_times_ms[-iterations:]), getattr(call, "clock", None) or "cuda-events"
+    return wall_ms, "wall"

@@ -63,6 +63,11 @@ class Runner(abc.ABC):
         """Backend versions that belong in a latency fingerprint."""
         return {}
 
+    def probe(self) -> TimedCall | None:
+        """The machine-speed probe (:mod:`qatcheck.backends.probe`) timed the way this runner times
+        its model, or None when the runner has none (its latency is then judged unnormalised)."""
+        return None
+
 
 @dataclass
 class BuildContext:

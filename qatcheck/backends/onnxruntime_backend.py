@@ -37,14 +37,16 @@ def choose_provider(requested: str = "auto") -> str:
 class OrtRunner(Runner):
     backend = "onnxruntime"
 
-    def __init__(self, path, provider: str, input_name: str | None = None) -> None:
+    def __init__(self, path, provider: str, input_name: str | None = None,
+                 threads: int | None = None) -> None:
         """``path``: an ONNX file, or an in-memory model (``onnx.ModelProto`` or its serialized
-        bytes) - the sensitivity profile's stripped variants are never written to disk."""
+        bytes) - the sensitivity profile's stripped variants are never written to disk.
+        ``threads``: intra-op threads (None: ONNX Runtime's default, one per logical CPU)."""
         import onnxruntime as ort
 
         self._ort = ort
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
+        self.threads = threads
+        opts = session_options(ort, threads)
         if hasattr(path, "SerializeToString"):  # onnx.ModelProto
             path = path.SerializeToString()
         in_memory = isinstance(path, (bytes, bytearray))
@@ -56,6 +58,7 @@ class OrtRunner(Runner):
             raise ArtifactError(f"onnxruntime cannot load {label}: {exc}") from exc
         self.provider = provider
         self.input_name = input_name or self.session.get_inputs()[0].name
+        self._probe = None
 
     @property
     def device(self) -> str:
@@ -71,7 +74,33 @@ class OrtRunner(Runner):
         return TimedCall(lambda: run(None, feed))
 
     def versions(self) -> dict[str, str]:
-        return {"onnxruntime": self._ort.__version__, "ort_provider": self.provider}
+        v = {"onnxruntime": self._ort.__version__, "ort_provider": self.provider}
+        if self.threads is not None:
+            v["ort_threads"] = str(self.threads)
+        return v
+
+    def probe(self) -> TimedCall:
+        """The probe network in a session with this runner's provider and threading."""
+        from qatcheck.backends import probe
+
+        if self._probe is None:
+            self._probe = OrtRunner(probe.onnx_model_bytes(), self.provider, threads=self.threads)
+        return self._probe.timed_call(probe.probe_input(probe.CPU_SHAPE))
+
+
+def session_options(ort, threads: int | None):
+    """Session options timed like a benchmark: a fixed intra-op thread count, one inter-op thread,
+    sequential execution, and no spin-waiting - spinning threads hold the cores between runs and
+    turn any other process on the machine into latency noise."""
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if threads is not None:
+        opts.intra_op_num_threads = int(threads)
+        opts.inter_op_num_threads = 1
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    return opts
 
 
 class OrtBackend(Backend):
@@ -79,6 +108,7 @@ class OrtBackend(Backend):
 
     def __init__(self, options=None) -> None:
         self.requested_provider = getattr(options, "ort_provider", "auto")
+        self.threads = getattr(options, "threads", None)
 
     def unavailable_reason(self) -> str | None:
         try:
@@ -89,4 +119,4 @@ class OrtBackend(Backend):
 
     def runner(self, context: BuildContext) -> Runner:
         artifact = context.onnx_artifact(context.mode)
-        return OrtRunner(artifact.path, choose_provider(self.requested_provider))
+        return OrtRunner(artifact.path, choose_provider(self.requested_provider), threads=self.threads)

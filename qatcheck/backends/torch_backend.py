@@ -50,6 +50,7 @@ class TorchRunner(Runner):
         self._clock = "wall"
         self.dtype = torch.float16 if precision == "fp16" else torch.float32
         self.module = module.to(device=device, dtype=self.dtype).eval()
+        self._probe = None
 
     @property
     def device(self) -> str:
@@ -69,27 +70,47 @@ class TorchRunner(Runner):
         return [o.detach().float().cpu().numpy() for o in outs]
 
     def timed_call(self, x: np.ndarray) -> TimedCall:
+        call = self._timed(self.module, self._to_device(x), self._strict)
+        self._clock = call.clock
+        return call
+
+    def _timed(self, module, xt, strict: bool) -> TimedCall:
         torch = self._torch
-        xt = self._to_device(x)
-        module = self.module
         if not self._device.startswith("cuda"):
             def run() -> None:
                 with torch.inference_mode():
                     module(xt)
-            self._clock = "wall"
             return TimedCall(run, clock="wall")
         from qatcheck.backends import cuda_timing
+        from qatcheck.quantize.frozen_quant import freeze_fake_quant, is_fake_quant_model
+
+        note = ""
+        if is_fake_quant_model(module) and self.cuda_graph != "off":
+            # pytorch-quantization's quantizers synchronise with the host, so the module cannot
+            # be captured in a CUDA graph; its frozen twin computes bit-identical outputs with
+            # the calibrated scales precomputed (tests/test_frozen_quant.py) and can be
+            module = freeze_fake_quant(module).to(self._device)
+            note = "fake-quant timed through its frozen twin (identical outputs, capture-safe)"
 
         # CUDA events around a CUDA-graph replay (trtexec's GPU compute time); eager events when
         # --qatcheck-cuda-graph off or capture fails (the call's note says so)
-        strict = self._strict
-
         def forward():
             with strict_fp32(strict):
                 return module(xt)
         call = cuda_timing.timed_call(forward, self.cuda_graph)
-        self._clock = call.clock
+        if note and not call.note:
+            call.note = note
         return call
+
+    def probe(self) -> TimedCall:
+        """The probe network in fp32 on this runner's device, timed like the model."""
+        from qatcheck.backends import probe
+
+        shape = probe.CUDA_SHAPE if self._device.startswith("cuda") else probe.CPU_SHAPE
+        if self._probe is None:
+            self._probe = probe.torch_module(shape[1]).to(self._device)
+        xt = self._torch.from_numpy(probe.probe_input(shape)).to(self._device)
+        return self._timed(self._probe, xt, self._device.startswith("cuda"))
 
     def versions(self) -> dict[str, str]:
         """What a latency baseline depends on besides the device; the clock is included so eager
@@ -107,6 +128,11 @@ class TorchBackend(Backend):
     def __init__(self, options=None) -> None:
         self.requested_device = getattr(options, "device", "auto")
         self.cuda_graph = getattr(options, "cuda_graph", "auto")
+        threads = getattr(options, "threads", None)
+        if threads is not None:  # CPU intra-op threads (a process-wide setting in PyTorch)
+            import torch
+
+            torch.set_num_threads(int(threads))
 
     def unavailable_reason(self) -> str | None:
         try:

@@ -6,7 +6,7 @@ The sensitivity profile derives each of its variants from the one cached ``trt_p
 """
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import onnx
 
@@ -39,14 +39,16 @@ def quantized_layers(model: onnx.ModelProto) -> dict[str, list[str]]:
     return layers
 
 
-def strip_qdq(model: onnx.ModelProto, layers: Iterable[str]) -> onnx.ModelProto:
+def strip_qdq(model: onnx.ModelProto, layers: Iterable[str],
+              inputs: Sequence[int] = (0, 1)) -> onnx.ModelProto:
     """A copy of a Q/DQ ONNX with the given layers back in higher precision.
 
     ``layers`` are ONNX node names or PyTorch module names (as in ``OnnxPTQConfig.exclude``); an
     entry that matches no Conv/ConvTranspose/Gemm/MatMul node is a :class:`ConfigError` naming it.
-    Each matched node's inputs 0 and 1 that come from QuantizeLinear -> DequantizeLinear are
-    rewired to the tensor before the pair; pairs (and their scale / zero-point initializers) that
-    nothing uses any more are dropped, while a pair shared with a still-quantized layer stays. On
+    Each matched node's ``inputs`` (default 0 and 1: activation and weight; ``(0,)`` takes back
+    only the activation) that come from QuantizeLinear -> DequantizeLinear are rewired to the
+    tensor before the pair; pairs (and their scale / zero-point initializers) that nothing uses
+    any more are dropped, while a pair shared with a still-quantized layer stays. On
     a model made by :func:`qatcheck.quantize.onnx_ptq.quantize_onnx` the result computes exactly what
     ``quantize_onnx(..., exclude=layers)`` would, without recalibrating: activation ranges are per
     tensor and calibrated on the fp32 graph, so they do not depend on which other layers are
@@ -60,7 +62,9 @@ def strip_qdq(model: onnx.ModelProto, layers: Iterable[str]) -> onnx.ModelProto:
     for node in graph.node:
         if node.name not in targets:
             continue
-        for i in range(min(2, len(node.input))):
+        for i in inputs:
+            if i >= len(node.input):
+                continue
             dq = producer.get(node.input[i])
             if dq is None or dq.op_type != "DequantizeLinear":
                 continue

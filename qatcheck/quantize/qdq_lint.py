@@ -39,7 +39,7 @@ from qatcheck.errors import ArtifactError, ConfigError
 if TYPE_CHECKING:  # pragma: no cover
     import onnx
 
-__all__ = ["Finding", "LintReport", "lint_qdq", "FINDING_KINDS"]
+__all__ = ["Finding", "LintReport", "lint_qdq", "FINDING_KINDS", "QDQGraph", "load_qdq_model"]
 
 FINDING_KINDS = ("concat_scale_mismatch", "concat_unquantized_input", "add_unquantized_input")
 
@@ -96,7 +96,10 @@ def _fmt(scale: float | None) -> str:
     return "unquantized" if scale is None else f"{scale:.6g}"
 
 
-class _Graph:
+class QDQGraph:
+    """A Q/DQ graph's lookup tables: constants (initializers and Constant nodes), each tensor's
+    producer and consumers. Shared with :mod:`qatcheck.quantize.structure`."""
+
     def __init__(self, model: onnx.ModelProto) -> None:
         from onnx import numpy_helper
 
@@ -138,7 +141,8 @@ class _Graph:
         return s, z
 
 
-def _load(model_or_path: str | os.PathLike[str] | onnx.ModelProto) -> tuple[onnx.ModelProto, str]:
+def load_qdq_model(model_or_path: str | os.PathLike[str] | onnx.ModelProto) -> tuple[onnx.ModelProto, str]:
+    """A loaded model (returned as is) or an ONNX file, with a name for messages."""
     import onnx
 
     if isinstance(model_or_path, onnx.ModelProto):
@@ -172,8 +176,8 @@ def lint_qdq(model_or_path: str | os.PathLike[str] | onnx.ModelProto,
             patterns.append(re.compile(p))
         except re.error as exc:
             raise ConfigError(f"lint ignore pattern {p!r} is not a valid regex: {exc}") from None
-    model, source = _load(model_or_path)
-    g = _Graph(model)
+    model, source = load_qdq_model(model_or_path)
+    g = QDQGraph(model)
     report = LintReport(source=source)
     for n in g.nodes:
         if n.op_type == "QuantizeLinear":

@@ -1,0 +1,165 @@
+"""Latency verdicts decided with statistics: the judge on synthetic figures (every branch), the
+median's confidence interval, and the session's re-measure-then-judge loop on a fake runner.
+
+False-alarm and detection *rates* on real machines come from benchmarks/latency_gate.py, not
+from here: unit tests never assert wall-clock time.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from qatcheck import timing
+from qatcheck.backends.base import Runner, TimedCall
+from qatcheck.baselines import load
+from qatcheck.data.base import ArrayDataset
+from qatcheck.judges import CaseBaseline, judge_latency, slowdown
+from qatcheck.measurement import Case, Measurement
+from qatcheck.options import Options
+from qatcheck.recipe import InputSpec, Recipe, Tolerances
+from qatcheck.session import QatcheckSession
+from qatcheck.timing import LatencyStats
+
+CASE = Case("r", "fp32", "onnxruntime")
+FID = "f" * 12
+
+
+def stats(median: float, ci: float = 0.0, probe: float | None = None, probe_ci: float = 0.0) -> LatencyStats:
+    return LatencyStats(median_ms=median, mean_ms=median, p90_ms=median, p99_ms=median, min_ms=median,
+                        cv=ci, iterations=200, batch_size=1, clock="wall", ci_rel=ci, probe_ms=probe,
+                        probe_ci_rel=probe_ci)
+
+
+def measured(s: LatencyStats, mode: str = "fp32") -> Measurement:
+    return Measurement(case=Case("r", mode, "onnxruntime"), latency=s, fingerprint_id=FID,
+                       parts=frozenset({"latency"}), latency_attempts=1)
+
+
+def base(median: float, tol: float = 0.15, ci: float = 0.0, probe: float | None = None) -> CaseBaseline:
+    spread = {"ci_rel": ci, **({"probe_ms": probe, "probe_ci_rel": 0.0} if probe else {})}
+    return CaseBaseline("b.json", {"latency": {FID: {"median_ms": {"value": median, "tolerance": tol},
+                                                    "spread": spread}}})
+
+
+def test_a_clear_slowdown_fails_with_its_interval():
+    v = judge_latency(measured(stats(2.0, ci=0.02)), base(1.0, ci=0.02), tolerance_rel=0.15)
+    assert v.status == "fail" and "slower beyond the tolerance" in v.failures[0]
+    assert "x2.000" in v.failures[0] and "95% interval" in v.failures[0]
+
+
+def test_within_tolerance_passes_even_when_noisy():
+    v = judge_latency(measured(stats(1.1, ci=0.5)), base(1.0), tolerance_rel=0.15)
+    assert v.status == "pass" and v.ok
+
+
+def test_noise_larger_than_the_margin_retries_then_is_inconclusive_or_strict_fails():
+    m, b = measured(stats(1.3, ci=0.3)), base(1.0)
+    assert judge_latency(m, b, tolerance_rel=0.15, retries_left=1).status == "retry"
+    certain = measured(stats(2.0, ci=0.01))  # looks slower: re-measured before any verdict
+    assert judge_latency(certain, b, tolerance_rel=0.15, retries_left=1).status == "retry"
+    v = judge_latency(m, b, tolerance_rel=0.15, retries_left=0)
+    assert v.status == "inconclusive" and v.ok and "noise" in v.notes[0]
+    v = judge_latency(m, b, tolerance_rel=0.15, retries_left=0, strict=True)
+    assert v.status == "fail" and "inconclusive (--qatcheck-latency-strict)" in v.failures[0]
+
+
+def test_a_slower_machine_is_not_a_slower_model():
+    """The probe ran 2x slower too (a busy core): the model's 2x is the machine's, not a regression.
+    A model 2x slower on an unchanged machine is caught."""
+    v = judge_latency(measured(stats(2.0, ci=0.02, probe=1.0)), base(1.0, ci=0.02, probe=0.5),
+                      tolerance_rel=0.15)
+    assert v.status == "pass"
+    v = judge_latency(measured(stats(2.0, ci=0.02, probe=0.5)), base(1.0, ci=0.02, probe=0.5),
+                      tolerance_rel=0.15)
+    assert v.status == "fail" and "machine-speed probe x1.00" in v.failures[0]
+    sd = slowdown(stats(2.0, ci=0.03, probe=1.0, probe_ci=0.04), 1.0, {"ci_rel": 0.0, "probe_ms": 0.5})
+    assert sd.ratio == pytest.approx(1.0) and sd.raw == 2.0 and sd.machine == 2.0
+    assert sd.half_width == pytest.approx(0.05)
+
+
+def test_a_faster_run_is_reported_as_improved():
+    v = judge_latency(measured(stats(0.5, ci=0.02)), base(1.0, ci=0.02), tolerance_rel=0.15)
+    assert v.status == "improved" and v.ok and v.notes[0].startswith("improved:")
+
+
+def test_no_baseline_on_this_device_skips_and_offers_to_record():
+    v = judge_latency(measured(stats(1.0)), CaseBaseline("b.json", {}), tolerance_rel=0.15, device="cpu")
+    assert v.status == "skip" and "record one with --update-baselines" in v.reason
+    assert v.updates[0].spread == (("ci_rel", 0.0), ("cv", 0.0), ("samples", 200.0))
+
+
+def test_speedup_floor_holds_on_any_machine():
+    ref = measured(stats(3.0, ci=0.01), mode="fp32")
+    fast = measured(stats(1.0, ci=0.01), mode="trt_ptq")
+    assert judge_latency(fast, None, tolerance_rel=0.15, speedup=(1.5, "fp32", ref)).ok
+    slow = measured(stats(2.5, ci=0.01), mode="trt_ptq")
+    v = judge_latency(slow, None, tolerance_rel=0.15, speedup=(1.5, "fp32", ref))
+    assert not v.ok and "speedup vs fp32 on onnxruntime is x1.20" in v.failures[0]
+
+
+def test_median_ci_widens_with_drift_and_noise():
+    flat = np.full(200, 1.0)
+    assert timing.median_ci_rel(flat) == 0.0
+    rng = np.random.default_rng(0)
+    noisy = 1.0 + 0.1 * rng.standard_normal(200)
+    drift = np.linspace(1.0, 1.5, 200)  # a clock ramp: i.i.d. formulas would call it precise
+    assert 0.0 < timing.median_ci_rel(noisy) < timing.median_ci_rel(drift)
+    assert math.isinf(timing.median_ci_rel([1.0, 1.0, 1.0]))
+
+
+# ---- the session's loop: re-measure before judging -------------------------------------------
+class ScriptedRunner(Runner):
+    """Each latency loop times at the next figure of ``script`` (device-side, so exactly)."""
+
+    backend = "onnxruntime"
+
+    def __init__(self, script: list[float]) -> None:
+        self.script = list(script)
+        self.loops = 0
+
+    @property
+    def device(self) -> str:
+        return "CPUExecutionProvider"
+
+    def infer(self, x):  # pragma: no cover - only latency is measured here
+        raise AssertionError("infer must not be called")
+
+    def timed_call(self, x) -> TimedCall:
+        ms = self.script[min(self.loops, len(self.script) - 1)]
+        self.loops += 1
+        times: list[float] = []
+        return TimedCall(run=lambda: times.append(ms + 0.02 * ms * (len(times) % 2)), device_times_ms=times)
+
+    def versions(self):
+        return {"onnxruntime": "test"}
+
+
+def session_with(tmp_path: Path, runner: Runner, update: bool = False) -> QatcheckSession:
+    ds = ArrayDataset("tiny", np.zeros((4, 1, 4, 4)), np.arange(4) % 2)
+    recipe = Recipe(name="r", task="classification", model=lambda: None, eval_data=lambda: ds,
+                    calib_data=lambda: ds, input=InputSpec(shape=(2, 1, 4, 4)), modes=("fp32",),
+                    backends=("onnxruntime",), top_k=(1,), tolerances=Tolerances(latency_rel=0.15))
+    session = QatcheckSession(Options(baselines_dir=tmp_path, cache_dir=tmp_path, update_baselines=update,
+                                      latency_iterations=20, warmup_s=0.0, progress=False, latency_retries=2))
+    session.register(recipe)
+    session._runners[("r", "fp32", "onnxruntime", False)] = runner
+    return session
+
+
+def test_a_transient_slowdown_is_re_measured_and_passes(tmp_path):
+    s = session_with(tmp_path, ScriptedRunner([1.0]), update=True)
+    s.check_latency(CASE)
+    s.store.commit()
+    assert load(tmp_path / "r.json", "r")["cases"]["fp32-onnxruntime"]["latency"]
+    # first loop 3x slower (another process), then normal again: re-measured, passes
+    runner = ScriptedRunner([3.0, 1.0])
+    s = session_with(tmp_path, runner)
+    v = s.check_latency(CASE)
+    assert v.status == "pass" and runner.loops == 2 and s.measurements[CASE].latency_attempts == 2
+    # a real slowdown stays slow however often it is measured: fails after the retries
+    runner = ScriptedRunner([3.0])
+    v = session_with(tmp_path, runner).check_latency(CASE)
+    assert v.status == "fail" and runner.loops == 3 and "x3.0" in v.failures[0]
