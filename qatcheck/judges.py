@@ -161,6 +161,8 @@ def judge_parity(m: Measurement, base: CaseBaseline | None, *, thresholds, agree
 
 def _spread(stats) -> tuple[tuple[str, float], ...]:
     out = [("ci_rel", stats.ci_rel), ("cv", stats.cv), ("samples", float(stats.iterations))]
+    if stats.foreign_load is not None:
+        out.append(("foreign_load", stats.foreign_load))
     if stats.probe_ms is not None:
         out += [("probe_ms", stats.probe_ms), ("probe_ci_rel", stats.probe_ci_rel)]
     return tuple((k, float(v)) for k, v in out if math.isfinite(v))
@@ -190,23 +192,45 @@ class Slowdown:
         return f"x{self.ratio:.3f} (95% interval x{self.low:.3f} .. x{self.high:.3f}{machine})"
 
 
-def slowdown(stats, median_ms: float, spread: Mapping[str, float] | None) -> Slowdown:
+#: a probe that is this much slower than in the baseline's run says the machine is busier or
+#: slower now (another process took a core, clocks dropped): the model's ratio is then
+#: normalised by the probe's
+MACHINE_CHANGED = 1.25
+
+
+def slowdown(stats, median_ms: float, spread: Mapping[str, float] | None,
+             attempts: tuple[float, ...] = ()) -> Slowdown:
     """How much slower ``stats`` is than a baseline median with its ``spread``.
 
-    The ratio of medians is divided by the ratio of the probe medians (both timed the same way in
-    each run), so a machine that is slower as a whole - a busy core, a clock change - does not
-    read as the model's regression. The interval combines the four medians' relative confidence
-    half-widths in quadrature (independent runs), on the log scale.
+    The interval combines, in quadrature on the log scale: the two medians' confidence
+    half-widths (within each run), and the spread between this run's re-measurements
+    (``attempts``: each a fresh timed loop in a fresh runtime session - what a second run would
+    have seen, which a within-run interval cannot). The machine-speed probe, timed the same way in
+    both runs, can only explain a slowdown away, never create one:
+
+    - probe slower by more than ``MACHINE_CHANGED``: the machine is busier now; the model's ratio
+      is divided by the probe's (and the probe's intervals join the model's);
+    - probe slower by less: the interval widens by the probe's move;
+    - probe as fast or faster: nothing - the plain ratio already errs on the side of "not slower".
     """
     spread = spread or {}
     raw = stats.median_ms / median_ms
     widths = [stats.ci_rel, spread.get("ci_rel", 0.0)]
+    if len(attempts) > 1:
+        logs = [math.log(a) for a in attempts if a > 0]
+        mean = sum(logs) / len(logs)
+        widths.append(math.sqrt(sum((x - mean) ** 2 for x in logs) / (len(logs) - 1)))
     machine = None
+    ratio = raw
     if stats.probe_ms and spread.get("probe_ms"):
         machine = stats.probe_ms / spread["probe_ms"]
-        widths += [stats.probe_ci_rel, spread.get("probe_ci_rel", 0.0)]
+        if machine > MACHINE_CHANGED:
+            ratio = raw / machine
+            widths += [stats.probe_ci_rel, spread.get("probe_ci_rel", 0.0)]
+        elif machine > 1:
+            widths.append(math.log(machine))
     h = math.sqrt(sum(min(w, 10.0) ** 2 for w in widths))
-    return Slowdown(raw / machine if machine else raw, raw, machine, h)
+    return Slowdown(ratio, raw, machine, h)
 
 
 def judge_latency(m: Measurement, base: CaseBaseline | None, *, tolerance_rel: float,
@@ -236,6 +260,12 @@ def judge_latency(m: Measurement, base: CaseBaseline | None, *, tolerance_rel: f
     notes: list[str] = []
     improved: list[str] = []
     status = None
+    if base is None and (stats.foreign_load or 0.0) >= CONTENTION_CORES:
+        # a baseline timed under contention would make every quiet rerun look "improved" and hide
+        # the next real slowdown: it is not recorded
+        notes.append(f"latency not recorded: other processes kept {stats.foreign_load:.1f} CPU cores busy "
+                     "while it was timed; record on a quiet machine")
+        updates = []
     if speedup is not None:
         failures += _judge_speedup(m, *speedup)
     b = base.get("latency", "median_ms", fid) if base is not None else None
@@ -244,12 +274,19 @@ def judge_latency(m: Measurement, base: CaseBaseline | None, *, tolerance_rel: f
                        reason=(f"no latency baseline for {m.case.key} on this device (fingerprint "
                                f"{fid}: {device}); record one with --update-baselines"))
     if b is not None:
-        sd = slowdown(stats, b["value"], base.get("latency", "spread", fid))
+        sd = slowdown(stats, b["value"], base.get("latency", "spread", fid), m.latency_attempt_medians)
         limit = 1 + b["tolerance"]
         figures = (f"median {stats.median_ms:.4f} ms vs the baseline {b['value']:.4f} ms on this device: "
                    f"{sd.describe()}; tolerance +{b['tolerance']:.0%}")
+        contention = _contention(stats, base.get("latency", "spread", fid))
         if sd.ratio > limit + EPS and retries_left > 0:
             status = "retry"  # looks slower: measure again before judging
+        elif sd.ratio > limit + EPS and contention:
+            if strict:
+                failures.append(f"inconclusive (--qatcheck-latency-strict): {figures}; {contention}")
+            else:
+                status = "inconclusive"
+                notes.append(f"inconclusive: looks slower ({figures}), but {contention}")
         elif sd.low > limit + EPS:
             failures.append(f"slower beyond the tolerance: {figures}")
         elif sd.ratio > limit + EPS:
@@ -267,6 +304,24 @@ def judge_latency(m: Measurement, base: CaseBaseline | None, *, tolerance_rel: f
     if status in ("retry", "inconclusive") and not failures:
         return Verdict("latency", m.case, status, notes=tuple(notes), updates=tuple(updates))
     return _verdict("latency", m, failures, updates, notes=notes, improved=improved)
+
+
+#: other processes using this many more CPU cores than while the baseline was recorded make a
+#: slowdown undecidable: contention slows a model by 1x..14x depending on its runtime's threads
+CONTENTION_CORES = 0.25
+
+
+def _contention(stats, spread: Mapping[str, float] | None) -> str:
+    """Why a slowdown cannot be told from contention, or "" when the CPUs were as quiet as at
+    recording."""
+    if stats.foreign_load is None:
+        return ""
+    before = (spread or {}).get("foreign_load", 0.0)
+    if stats.foreign_load - before < CONTENTION_CORES:
+        return ""
+    return (f"other processes kept {stats.foreign_load:.1f} CPU cores busy while it was timed "
+            f"({before:.1f} when the baseline was recorded): contention, not the model, may be the "
+            "cause - rerun on a quiet machine")
 
 
 def _judge_speedup(m: Measurement, floor: float, ref_mode: str, ref: Measurement) -> list[str]:

@@ -80,8 +80,11 @@ class Measurement:
     nonfinite_outputs: int = 0
     #: int8 cases: qatcheck.quantize.structure.QuantStructure of what was measured
     structure: Any = None
-    #: how many times the latency loop ran (re-measured when the first looked slower)
+    #: how many times the latency loop ran (re-measured when the first looked slower), and each
+    #: attempt's median (relative to its probe, when timed); the judge uses the fastest attempt
+    #: and counts the spread between them as noise
     latency_attempts: int = 0
+    latency_attempt_medians: tuple[float, ...] = ()
     #: which PARTS this record holds
     parts: frozenset = frozenset()
     #: what a reader of the table should know (timing fell back to eager events, fake-quant

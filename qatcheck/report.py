@@ -100,7 +100,8 @@ def rows_for(session, recipe_name: str) -> tuple[list[str], list[list[str]], lis
                      "-" if d_fp32 is None else f"{d_fp32:+.2f}", "-" if d_base is None else f"{d_base:+.2f}",
                      "-" if lat is None else f"{lat:.3f}", "-" if speed is None else f"{speed:.2f}x",
                      par, verdict])
-        checks = {chk: {"status": v.status, "failures": list(v.failures), "reason": v.reason}
+        checks = {chk: {"status": v.status, "failures": list(v.failures), "reason": v.reason,
+                        "notes": list(v.notes)}
                   for (case, chk), v in session.verdicts.items() if case == c}
         records.append({**m.to_dict(), "verdict": verdict, "checks": checks,
                         "outcomes": session.outcomes.get(c, {}), "delta_fp32_points": d_fp32,
@@ -123,10 +124,12 @@ def kept_layers(session, recipe_name: str) -> dict[str, str]:
 def notes_text(session, recipe_name: str) -> str:
     """Per-case notes (timing fallbacks, fake-quant latency, noise), each distinct note once."""
     seen: dict[str, list[str]] = {}
-    for m in tested_cases(session, recipe_name):
+    cases = tested_cases(session, recipe_name)
+    for m in cases:
         for note in m.notes:
             seen.setdefault(note, []).append(m.case.key)
-    out = "".join(f"note ({', '.join(keys)}): {note}\n" for note, keys in seen.items())
+    out = "".join(f"note ({'all cases' if len(keys) == len(cases) > 1 else ', '.join(keys)}): {note}\n"
+                  for note, keys in seen.items())
     # what the judges said beyond pass / fail: improvements, inconclusive latency, audits
     for (case, check), v in session.verdicts.items():
         if case.recipe == recipe_name:

@@ -7,6 +7,7 @@ The timing loop itself runs through pytest-benchmark's ``pedantic`` so ``--bench
 """
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import asdict, dataclass
 from typing import Callable, Sequence
@@ -40,6 +41,8 @@ class LatencyStats:
     #: the machine-speed probe timed next to the case (Runner.probe), and its CI; see judges
     probe_ms: float | None = None
     probe_ci_rel: float = 0.0
+    #: CPU cores' worth of work other processes did while the loop ran (None: not measurable)
+    foreign_load: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -47,6 +50,47 @@ class LatencyStats:
     @property
     def noisy(self) -> bool:
         return self.cv > CV_WARNING
+
+
+class CpuLoad:
+    """How busy *other* processes kept the CPUs during a block: (all CPUs' busy time - this
+    process's CPU time) / wall time, in cores. Why: a busy core slows a model by 1x..14x
+    depending on how its runtime waits for threads (PyTorch's OpenMP spins), so no fixed reference
+    workload can tell contention from a regression - but the contention itself can be measured."""
+
+    MIN_SECONDS = 0.25
+
+    def __enter__(self) -> "CpuLoad":
+        self.load: float | None = None
+        self._start = (_busy_seconds(), _own_seconds(), time.perf_counter())
+        return self
+
+    def __exit__(self, *exc) -> None:
+        busy0, own0, t0 = self._start
+        busy1, wall = _busy_seconds(), time.perf_counter() - t0
+        # /proc/stat counts in clock ticks (10 ms): a shorter block cannot be measured
+        if busy0 is None or busy1 is None or wall < self.MIN_SECONDS:
+            return
+        self.load = max(0.0, ((busy1 - busy0) - (_own_seconds() - own0)) / wall)
+
+
+def _busy_seconds() -> float | None:
+    """Busy CPU seconds of the whole machine so far (/proc/stat; None where there is none)."""
+    try:
+        with open("/proc/stat", encoding="ascii") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return (sum(fields[:8]) - idle) / _HZ
+
+
+def _own_seconds() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+_HZ = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
 def median_ci_rel(samples_ms: Sequence[float], blocks: int = CI_BLOCKS) -> float:

@@ -29,4 +29,6 @@ def single_thread_module():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+import qatcheck.backends.onnxruntime_backend  # noqa: E402,F401
+import qatcheck.backends.torch_backend  # noqa: E402,F401
 import qatcheck.session  # noqa: E402,F401

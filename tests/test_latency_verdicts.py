@@ -6,6 +6,7 @@ from here: unit tests never assert wall-clock time.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -78,6 +79,47 @@ def test_a_slower_machine_is_not_a_slower_model():
     sd = slowdown(stats(2.0, ci=0.03, probe=1.0, probe_ci=0.04), 1.0, {"ci_rel": 0.0, "probe_ms": 0.5})
     assert sd.ratio == pytest.approx(1.0) and sd.raw == 2.0 and sd.machine == 2.0
     assert sd.half_width == pytest.approx(0.05)
+
+
+def test_the_probe_can_explain_a_slowdown_away_but_never_create_one():
+    """A probe a little slower than at recording: run-to-run variation the within-run intervals
+    cannot see - it widens the interval. A probe that got *faster* (the baseline run was the busy
+    one) must not turn an unchanged model into a slowdown: it is ignored."""
+    sd = slowdown(stats(1.0, ci=0.0, probe=1.08), 1.0, {"ci_rel": 0.0, "probe_ms": 1.0})
+    assert sd.ratio == 1.0 and sd.half_width == pytest.approx(math.log(1.08))
+    sd = slowdown(stats(1.0, ci=0.0, probe=0.7), 1.0, {"ci_rel": 0.0, "probe_ms": 1.0})
+    assert sd.ratio == 1.0 and sd.half_width == 0.0 and sd.machine == 0.7
+    # measured on the GPU machine's CPU provider: probe x0.70, model x1.04 -> was a false x1.44
+    v = judge_latency(measured(stats(0.2167, ci=0.02, probe=0.56)), base(0.208, ci=0.02, probe=0.8),
+                      tolerance_rel=0.05)
+    assert v.status != "fail"
+
+
+def test_the_spread_between_re_measurements_is_noise_too():
+    """Each re-measurement is a fresh session: how much they disagree is what two runs differ by."""
+    tight = slowdown(stats(1.1, ci=0.01), 1.0, {"ci_rel": 0.01}, attempts=(1.10, 1.11, 1.10))
+    loose = slowdown(stats(1.1, ci=0.01), 1.0, {"ci_rel": 0.01}, attempts=(1.10, 1.30, 1.45))
+    assert tight.low > 1.05 > loose.low
+
+
+def test_a_slowdown_measured_while_other_processes_compete_is_inconclusive():
+    """Another process kept a core busy while the case was timed: a busy core slows a model by
+    1x..14x depending on how its runtime waits for threads, so no verdict can be red - it says so,
+    with the load. On a quiet machine the same figures fail."""
+    busy = dataclasses.replace(stats(2.0, ci=0.01), foreign_load=1.0)
+    v = judge_latency(measured(busy), base(1.0, ci=0.01), tolerance_rel=0.15)
+    assert v.status == "inconclusive" and "other processes kept 1.0 CPU cores busy" in v.notes[0]
+    assert not judge_latency(measured(busy), base(1.0, ci=0.01), tolerance_rel=0.15, strict=True).ok
+    quiet = dataclasses.replace(stats(2.0, ci=0.01), foreign_load=0.05)
+    assert judge_latency(measured(quiet), base(1.0, ci=0.01), tolerance_rel=0.15).status == "fail"
+    load = timing.CpuLoad()
+    with load:
+        pass
+    assert load.load is None or load.load >= 0.0
+    # and a latency timed under contention is never recorded as a baseline
+    v = judge_latency(measured(busy), None, tolerance_rel=0.15)
+    assert v.ok and v.updates == () and "latency not recorded" in v.notes[0]
+    assert judge_latency(measured(quiet), None, tolerance_rel=0.15).updates
 
 
 def test_a_faster_run_is_reported_as_improved():

@@ -84,7 +84,10 @@ def graph_timed_call(fn: Callable[[], Any], warmup_iters: int = 3) -> TimedCall:
         end.synchronize()
         times.append(start.elapsed_time(end))
     call = TimedCall(run, times, clock=GRAPH_CLOCK)
-    call.graph = graph  # keep the graph (and its memory pool) alive with the call
+    # keep the graph (and its memory pool) alive with the call - and ``fn`` with the static input
+    # tensors it closes over: the graph replays from their addresses, so freeing them would make
+    # each replay read memory the allocator has handed to something else (or given back)
+    call.graph, call.fn = graph, fn
     return call
 
 

@@ -52,13 +52,13 @@ class OrtRunner(Runner):
         in_memory = isinstance(path, (bytes, bytearray))
         src = bytes(path) if in_memory else str(path)
         label = "an in-memory ONNX model" if in_memory else src
+        self._src, self._opts = src, opts
         try:
             self.session = ort.InferenceSession(src, opts, providers=[provider])
         except Exception as exc:
             raise ArtifactError(f"onnxruntime cannot load {label}: {exc}") from exc
         self.provider = provider
         self.input_name = input_name or self.session.get_inputs()[0].name
-        self._probe = None
 
     @property
     def device(self) -> str:
@@ -69,8 +69,10 @@ class OrtRunner(Runner):
         return [np.asarray(o, dtype=np.float32) for o in outs]
 
     def timed_call(self, x: np.ndarray) -> TimedCall:
+        """Each timed loop runs in a fresh session: a new thread pool lands on the cores anew, so
+        a re-measurement is a second look at the model, not at one unlucky thread placement."""
         feed = {self.input_name: np.ascontiguousarray(x, dtype=np.float32)}
-        run = self.session.run
+        run = self._ort.InferenceSession(self._src, self._opts, providers=[self.provider]).run
         return TimedCall(lambda: run(None, feed))
 
     def versions(self) -> dict[str, str]:
@@ -78,14 +80,6 @@ class OrtRunner(Runner):
         if self.threads is not None:
             v["ort_threads"] = str(self.threads)
         return v
-
-    def probe(self) -> TimedCall:
-        """The probe network in a session with this runner's provider and threading."""
-        from qatcheck.backends import probe
-
-        if self._probe is None:
-            self._probe = OrtRunner(probe.onnx_model_bytes(), self.provider, threads=self.threads)
-        return self._probe.timed_call(probe.probe_input(probe.CPU_SHAPE))
 
 
 def session_options(ort, threads: int | None):

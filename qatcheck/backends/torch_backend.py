@@ -102,15 +102,18 @@ class TorchRunner(Runner):
             call.note = note
         return call
 
-    def probe(self) -> TimedCall:
-        """The probe network in fp32 on this runner's device, timed like the model."""
+    def probe(self) -> TimedCall | None:
+        """On CUDA, the probe network timed like the model (GPU clocks and other tenants move
+        both alike). None on the CPU: there contention is measured directly (timing.CpuLoad) -
+        a fixed CPU workload was seen not to slow down with a busy core the way models do."""
         from qatcheck.backends import probe
 
-        shape = probe.CUDA_SHAPE if self._device.startswith("cuda") else probe.CPU_SHAPE
+        if not self._device.startswith("cuda"):
+            return None
         if self._probe is None:
-            self._probe = probe.torch_module(shape[1]).to(self._device)
-        xt = self._torch.from_numpy(probe.probe_input(shape)).to(self._device)
-        return self._timed(self._probe, xt, self._device.startswith("cuda"))
+            self._probe = probe.torch_module(probe.CUDA_SHAPE[1]).to(self._device)
+        xt = self._torch.from_numpy(probe.probe_input(probe.CUDA_SHAPE)).to(self._device)
+        return self._timed(self._probe, xt, True)
 
     def versions(self) -> dict[str, str]:
         """What a latency baseline depends on besides the device; the clock is included so eager

@@ -1,0 +1,311 @@
+"""Verdicts end to end (pytester): each test plants one regression in a real recipe run, shows the
+check that must catch it fails with a message naming the cause, and that a clean run stays green.
+
+Plants are installed in this process with a private ``pytest.MonkeyPatch.context()`` (pytester runs
+in-process, so the run sees them) and undone before the clean rerun - not with the ``monkeypatch``
+fixture: pytester chdirs through that same fixture, and undoing it would send the next run to the
+repository's own test paths. A planted artifact is built into its own cache dir, never into the
+module's shared one.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import onnx
+import pytest
+
+# imported at collection, before any in-process run: a module first imported inside a pytester run
+# is dropped from sys.modules afterwards, and a plant set on that stale copy would never be seen
+from qatcheck.backends import onnxruntime_backend
+from qatcheck.quantize import onnx_ptq, torch_quant
+from qatcheck.quantize.qdq_edit import quantized_layers, strip_qdq
+
+SUITE = '''
+import numpy as np
+import pytest
+from qatcheck.data import ArrayDataset
+from qatcheck.data.digits import digits_split
+from qatcheck.recipe import Tolerances
+from qatcheck.standard import test_accuracy, test_latency, test_parity, test_structure  # noqa: F401
+from qatcheck.zoo import recipes
+{prelude}
+pytestmark = pytest.mark.qatcheck_recipe(recipes.{factory}(
+    modes={modes!r}, backends={backends!r}, dynamic_modes=(), **{overrides}))
+'''
+
+NAN_VAL = '''
+def eval_data():  # the val split with a few NaN pixels: same name, same labels
+    ds = digits_split("val")
+    images = ds.images.copy()
+    images[:4, 0, 5, 5] = np.nan
+    return ArrayDataset(ds.name, images, ds.targets, source=ds.source)
+'''
+
+SHORTER_VAL = '''
+def eval_data():  # the val split minus its first 10 samples
+    ds = digits_split("val")
+    return ArrayDataset(ds.name, ds.images[10:], ds.targets[10:], source=ds.source)
+'''
+
+BROKEN_VAL = '''
+def eval_data():
+    raise RuntimeError("disk gone")
+'''
+
+# digitdet's own entropy calibrator costs ~10 s per trt_ptq build on 2 cores; the structure
+# check does not care which calibrator set the scales
+PERCENTILE = '''
+import dataclasses
+QUANT = dataclasses.replace(recipes.detection_recipe().quant, calibrator="percentile")
+'''
+
+
+@pytest.fixture(scope="module")
+def shared_cache(tmp_path_factory) -> Path:
+    """Clean artifacts only: every plant builds into its own cache."""
+    return tmp_path_factory.mktemp("verdicts-cache")
+
+
+def write_suite(pytester, modes=("fp32",), backends=("onnxruntime",), overrides="{}", prelude="",
+                factory="digits_recipe"):
+    pytester.makepyfile(test_suite=SUITE.format(modes=tuple(modes), backends=tuple(backends),
+                                                overrides=overrides, prelude=prelude, factory=factory))
+
+
+def run(pytester, cache: Path, *args: str):
+    return pytester.runpytest_inprocess("-p", "no:cacheprovider", f"--rootdir={pytester.path}",
+                                        "--qatcheck-cache", str(cache), "--qatcheck-iterations", "30",
+                                        "--qatcheck-warmup", "0.05", "--benchmark-disable-gc", *args,
+                                        str(pytester.path / "test_suite.py"))  # never anything else
+
+
+def baseline_path(pytester, recipe: str = "digits") -> Path:
+    return pytester.path / "baselines" / f"{recipe}.json"
+
+
+def failures(result) -> dict[str, str]:
+    """Failure text per failed test node id."""
+    return {r.nodeid: r.longreprtext for r in result.reprec.getreports("pytest_runtest_logreport") if r.failed}
+
+
+def outcomes(result) -> dict[str, int]:
+    return {k: v for k, v in result.parseoutcomes().items() if k in ("passed", "failed", "skipped", "errors")}
+
+
+# ---- quantization structure --------------------------------------------------------------------
+
+def test_amax_x8_on_one_input_quantizer_fails_structure_not_accuracy(pytester, shared_cache):
+    """Plant: calibration leaves ``layer1.conv1``'s input quantizer with 8x its amax (a calibration
+    bug). Top-1 stays within its tolerance on digits, so only the structure check can catch it - on the torch
+    model and on its exported Q/DQ ONNX alike, naming the quantizer and the factor."""
+    write_suite(pytester, modes=("fp32", "torch_ptq"), backends=("torch", "onnxruntime"))
+    select = ("-k", "structure or accuracy", "--benchmark-disable")
+    assert outcomes(run(pytester, shared_cache, *select, "--update-baselines")) == {"passed": 6, "skipped": 2}
+
+    calibrate = torch_quant.calibrate
+
+    def planted(qmodel, *args, **kwargs):
+        calibrate(qmodel, *args, **kwargs)
+        quantizer = qmodel.get_submodule("layer1.conv1")._input_quantizer
+        quantizer._amax.data.mul_(8.0)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch_quant, "calibrate", planted)
+        result = run(pytester, pytester.path / "planted-cache", *select)
+    failed = failures(result)
+    assert sorted(failed) == ["test_suite.py::test_structure[digits-torch_ptq-onnxruntime]",
+                              "test_suite.py::test_structure[digits-torch_ptq-torch]"], failed
+    for text in failed.values():
+        lines = text.splitlines()
+        assert len(lines) == 2, text  # one quantizer moved, nothing else
+        assert "quantizer 'layer1.conv1:input' scale " in lines[1] and "(x8.00, tolerance" in lines[1]
+    assert outcomes(result) == {"passed": 4, "failed": 2, "skipped": 2}  # accuracy still passes
+
+    assert outcomes(run(pytester, shared_cache, *select)) == {"passed": 6, "skipped": 2}
+
+
+@pytest.mark.parametrize("factory, layer", [("digits_recipe", "layer1.conv2"),
+                                            ("detection_recipe", "block1.conv2")])
+def test_dropped_activation_qdq_pair_fails_structure(pytester, shared_cache, factory, layer):
+    """Plant: the ONNX PTQ writes its graph without one activation Q/DQ pair. That layer then runs
+    in fp32 in ONNX Runtime (and TensorRT keeps it, often with neighbours, in higher precision)
+    while accuracy barely moves: the structure check must name the layer and the pair count."""
+    recipe = "digits" if factory == "digits_recipe" else "digitdet"
+    prelude, overrides = (PERCENTILE, '{"quant": QUANT}') if recipe == "digitdet" else ("", "{}")
+    write_suite(pytester, modes=("fp32", "trt_ptq"), overrides=overrides, prelude=prelude, factory=factory)
+    select = ("-k", "structure", "--benchmark-disable")
+    assert outcomes(run(pytester, shared_cache, *select, "--update-baselines")) == {"passed": 1, "skipped": 1}
+    stored = json.loads(baseline_path(pytester, recipe).read_text())["cases"]["trt_ptq-onnxruntime"]["structure"]
+    pairs = int(stored["qdq_pairs"]["value"])
+
+    quantize_onnx = onnx_ptq.quantize_onnx
+
+    def planted(model_path, out_path, *args, **kwargs):
+        res = quantize_onnx(model_path, out_path, *args, **kwargs)
+        graph = onnx.load(str(out_path))
+        assert layer in quantized_layers(graph)
+        onnx.save(strip_qdq(graph, [layer], inputs=(0,)), str(out_path))
+        return res
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(onnx_ptq, "quantize_onnx", planted)
+        result = run(pytester, pytester.path / "planted-cache", *select)
+    assert outcomes(result) == {"failed": 1, "skipped": 1}
+    result.stdout.fnmatch_lines([f"*{recipe}-trt_ptq-onnxruntime structure check failed:*",
+                                 f"*quantizer '{layer}:input' was dropped (baseline scale *)*",
+                                 f"*Q/DQ pair count changed: {pairs} -> {pairs - 1}*"])
+
+    assert outcomes(run(pytester, shared_cache, *select)) == {"passed": 1, "skipped": 1}
+
+
+def test_fp32_onnx_in_place_of_trt_ptq_vanishes(pytester, shared_cache):
+    """Plant: a stale or corrupt cache serves the fp32 ONNX as the trt_ptq artifact - "int8" with
+    cosine 1.0 and fp32 accuracy, so accuracy and parity look perfect; structure must fail."""
+    write_suite(pytester, modes=("fp32", "trt_ptq"))
+    select = ("-k", "structure", "--benchmark-disable")
+    assert outcomes(run(pytester, shared_cache, *select, "--update-baselines")) == {"passed": 1, "skipped": 1}
+    cache = pytester.path / "stale-cache"
+    shutil.copytree(shared_cache, cache)
+    [fp32] = cache.glob("digits-fp32-*.onnx")
+    [int8] = cache.glob("digits-trt_ptq-*.onnx")
+    shutil.copyfile(fp32, int8)
+    result = run(pytester, cache, *select)
+    assert outcomes(result) == {"failed": 1, "skipped": 1}
+    result.stdout.fnmatch_lines(["*digits-trt_ptq-onnxruntime structure check failed:*",
+                                 "*quantization vanished: the int8 artifact has no Q/DQ (0 quantizers; baseline 14)*"])
+    assert outcomes(run(pytester, shared_cache, *select)) == {"passed": 1, "skipped": 1}
+
+
+# ---- accuracy: improvements, NaN inputs, changed data ------------------------------------------
+
+ACCURACY = ("-k", "accuracy", "--benchmark-disable")
+
+
+def test_improvement_is_a_note_and_fails_only_under_strict(pytester, shared_cache):
+    """Plant: a stored top-1 2 points below what the model scores (a stale baseline). It is not a
+    regression, so the run passes, but it says so; --qatcheck-strict fails it (stale baselines hide
+    later regressions inside the gap)."""
+    write_suite(pytester)
+    assert outcomes(run(pytester, shared_cache, *ACCURACY, "--update-baselines")) == {"passed": 1}
+    path = baseline_path(pytester)
+    data = json.loads(path.read_text())
+    top1 = data["cases"]["fp32-onnxruntime"]["metrics"]["top1"]
+    assert top1["tolerance"] == 0.5
+    top1["value"] -= 0.02
+    path.write_text(json.dumps(data))
+    result = run(pytester, shared_cache, *ACCURACY)
+    assert outcomes(result) == {"passed": 1}
+    result.stdout.fnmatch_lines(["*improved: top1 *% is above the baseline *% by 2.00 points; "
+                                 "--update-baselines keeps it*"])
+    result = run(pytester, shared_cache, *ACCURACY, "--qatcheck-strict")
+    assert outcomes(result) == {"failed": 1}
+    result.stdout.fnmatch_lines(["*digits-fp32-onnxruntime accuracy check failed:*",
+                                 "*top1 *% is above the baseline *% by 2.00 points "
+                                 "(--qatcheck-strict: record it with --update-baselines)*"])
+
+
+def test_nan_inputs_fail_and_update_baselines_writes_nothing(pytester, shared_cache):
+    """Plant: NaN pixels in the eval data. The outputs go NaN, so every number is meaningless: the
+    check fails naming the inputs as the cause, and --update-baselines must not record any of it."""
+    write_suite(pytester)
+    assert outcomes(run(pytester, shared_cache, *ACCURACY, "--update-baselines")) == {"passed": 1}
+    path = baseline_path(pytester)
+    before = path.read_bytes()
+    write_suite(pytester, overrides='{"eval_data": eval_data}', prelude=NAN_VAL)
+    result = run(pytester, shared_cache, *ACCURACY, "--update-baselines")
+    assert result.ret != 0 and outcomes(result) == {"failed": 1}
+    assert path.read_bytes() == before
+    result.stdout.fnmatch_lines([
+        "*digits-fp32-onnxruntime accuracy check failed:*",
+        "*output values are NaN/inf over the eval set; the eval inputs themselves hold 4 NaN/inf values*",
+        "*baselines NOT recorded for 1 failing check(s)*",
+        "*- fp32-onnxruntime accuracy: *NaN/inf*"])
+
+
+def test_changed_eval_data_is_named_first(pytester, shared_cache):
+    """Plant: the eval set lost 10 samples since the baseline was recorded. Any metric move is then
+    the data's as much as the model's; the failure must say that first."""
+    write_suite(pytester)
+    assert outcomes(run(pytester, shared_cache, *ACCURACY, "--update-baselines")) == {"passed": 1}
+    write_suite(pytester, overrides='{"eval_data": eval_data}', prelude=SHORTER_VAL)
+    result = run(pytester, shared_cache, *ACCURACY)
+    assert outcomes(result) == {"failed": 1}
+    [text] = failures(result).values()
+    first = text.splitlines()[1].strip()
+    assert first.startswith("the eval data changed since the baseline was recorded (fingerprint "), text
+    assert "540 samples -> " in first and ", 530 samples)" in first
+
+
+def test_one_message_per_root_cause(pytester, shared_cache):
+    """Plant: an eval_data factory that raises. Every case hits the same error: it is reported in
+    full once, and the other tests point to that one instead of repeating it."""
+    write_suite(pytester, modes=("fp32", "torch_ptq"), backends=("torch", "onnxruntime"),
+                overrides='{"eval_data": eval_data}', prelude=BROKEN_VAL)
+    result = run(pytester, shared_cache, *ACCURACY)
+    assert outcomes(result) == {"failed": 4}
+    full = "DataError: Recipe(digits).eval_data failed to load its data: RuntimeError: disk gone"
+    texts = failures(result)
+    [first] = [node for node, text in texts.items() if text.startswith(full)]
+    pointers = [text for node, text in texts.items() if node != first]
+    assert len(pointers) == 3
+    for text in pointers:
+        assert text.startswith(f"same error as {first} (reported there in full): "), text
+
+
+# ---- latency --------------------------------------------------------------------------------------
+
+def test_one_table_unless_asked(pytester, shared_cache):
+    """pytest-benchmark's own table repeats qatcheck's latency column in other units: by default
+    only qatcheck's table is printed; --qatcheck-benchmark-table brings the other back."""
+    write_suite(pytester)
+    for extra, shown in (((), False), (("--qatcheck-benchmark-table",), True)):
+        result = run(pytester, shared_cache, "-k", "latency", "--update-baselines", *extra)
+        assert outcomes(result) == {"passed": 1}
+        out = result.stdout.str()
+        assert "qatcheck: digits" in out
+        assert ("benchmark: 1 tests" in out) is shown and ("Name (time in" in out) is shown, out
+
+
+def test_planted_slowdown_in_one_case_fails_only_that_case(pytester, shared_cache):
+    """Plant: the trt_ptq ONNX Runtime session runs three times per timed iteration (a 3x slowdown
+    of one case). Its latency check fails beyond a generous 50% tolerance; fp32 and the clean rerun
+    pass. (A 2x plant leaves only a third over the +50% limit: on this 2-core box with another
+    process running, about 1 run in 7 recorded a baseline ~35% slow, or timed the probe in a burst,
+    and the planted case came out inconclusive instead of failed.)"""
+    write_suite(pytester, modes=("fp32", "trt_ptq"), overrides='{"tolerances": Tolerances(latency_rel=0.5)}')
+    # qatcheck's default 200 iterations: the other tests' 30 take ~30 ms, and one burst of another
+    # process then moves a median (this test's baseline) by a third
+    select = ("-k", "latency", "--qatcheck-iterations", "200")
+    assert outcomes(run(pytester, shared_cache, *select, "--update-baselines")) == {"passed": 2}
+    stored = json.loads(baseline_path(pytester).read_text())["cases"]["trt_ptq-onnxruntime"]["latency"]
+    assert [e["median_ms"]["tolerance"] for e in stored.values()] == [0.5]
+
+    runner = onnxruntime_backend.OrtRunner
+    init, timed_call = runner.__init__, runner.timed_call
+
+    def remember_path(self, path, *args, **kwargs):
+        init(self, path, *args, **kwargs)
+        self.planted_path = path if isinstance(path, (str, Path)) else ""
+
+    def three_times(self, x):
+        call = timed_call(self, x)
+        if "trt_ptq" in Path(self.planted_path).name:
+            once = call.run
+            call.run = lambda: (once(), once(), once())
+        return call
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(runner, "__init__", remember_path)
+        mp.setattr(runner, "timed_call", three_times)
+        result = run(pytester, shared_cache, *select)
+    assert outcomes(result) == {"passed": 1, "failed": 1}, result.stdout.str()
+    assert list(failures(result)) == ["test_suite.py::test_latency[digits-trt_ptq-onnxruntime]"]
+    result.stdout.fnmatch_lines(["*digits-trt_ptq-onnxruntime latency check failed:*",
+                                 "*slower beyond the tolerance: median * ms vs the baseline * ms on this "
+                                 "device: x* (95% interval x* .. x*)*; tolerance +50%*"])
+
+    result = run(pytester, shared_cache, *select)  # clean: passed or inconclusive, never failed
+    assert outcomes(result) == {"passed": 2}, result.stdout.str()
+    result.stdout.no_fnmatch_line("*failed*")
