@@ -5,10 +5,7 @@
 # Usage: OUT=dir bash benchmarks/device_latency_gate.sh <latency_gate.py arguments>
 set -o pipefail
 OUT=${OUT:-bench_out}; mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  && export PYTHONPATH=/tmp/site:$PWD || exit 1
-export PYTHONUNBUFFERED=1 QATCHECK_DATA_CACHE=/tmp/qdata
-nvidia-smi --query-gpu=name,driver_version,clocks.sm,temperature.gpu,power.draw --format=csv | tee "$OUT/gpu.txt"
+. benchmarks/device_env.sh "$OUT/gpu.txt"
 python3 benchmarks/latency_gate.py --out "$OUT" "$@" -- -p qatcheck.plugin --qatcheck-device cuda \
   --qatcheck-require cuda --qatcheck-backends torch,onnxruntime --qatcheck-cache /tmp/qcache \
   ${GATE_PYTEST_ARGS:-}

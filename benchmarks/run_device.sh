@@ -9,10 +9,7 @@
 PART=${1:-all}
 set -o pipefail
 OUT=${OUT:-bench_out}; mkdir -p "$OUT/r"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  && export PYTHONPATH=/tmp/site:$PWD || exit 1
-export PYTHONUNBUFFERED=1 QATCHECK_DATA_CACHE=/tmp/qdata
-nvidia-smi --query-gpu=name,driver_version,clocks.sm,temperature.gpu,power.draw --format=csv | tee "$OUT/r/gpu.txt"
+. benchmarks/device_env.sh "$OUT/r/gpu.txt"
 SUITES="suites/test_digits.py suites/test_digits_entropy.py suites/test_digitdet.py"
 run_suites() {
   python3 -m pytest -p qatcheck.plugin -p no:cacheprovider -q -rfE $SUITES --qatcheck-device cuda \

@@ -28,9 +28,6 @@ from qatcheck.modes import ModeSpec, resolve, spec as mode_spec
 from qatcheck.quantize import export
 from qatcheck.recipe import Recipe
 
-__all__ = ["ArtifactBuilder", "RecipeState", "fixed_batches", "state_digest"]
-
-
 def state_digest(model: torch.nn.Module) -> str:
     """Digest of the weights, so a retrained checkpoint invalidates every cached artifact."""
     h = hashlib.sha256()

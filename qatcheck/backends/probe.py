@@ -16,11 +16,8 @@ from __future__ import annotations
 
 import numpy as np
 
-#: the probe's input (batch, channels, height, width) per device kind; fixed forever, since a
-#: baseline's probe figure is only comparable with the same workload. It must be big enough to be
-#: split over every intra-op thread, as a model's batch is: a probe that runs on one thread does
-#: not notice that another process took the second core, the model does.
-CPU_SHAPE = (4, 32, 32, 32)
+#: the probe's input (batch, channels, height, width); fixed forever, since a baseline's probe
+#: figure is only comparable with the same workload
 CUDA_SHAPE = (8, 64, 64, 64)
 LAYERS = 4
 #: time spent timing the probe, per case (it runs before and after the case's loop)
@@ -30,27 +27,6 @@ SECONDS = 0.15
 def _weights(channels: int, layer: int) -> np.ndarray:
     rng = np.random.default_rng(1000 + layer)
     return (rng.standard_normal((channels, channels, 3, 3)) / (3 * np.sqrt(channels))).astype(np.float32)
-
-
-def onnx_model_bytes(shape=CPU_SHAPE) -> bytes:  # kept for experiments with CPU probes
-    """A conv + relu stack as an ONNX model (built in memory: nothing to ship or download)."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    c = shape[1]
-    nodes, inits, x = [], [], "x"
-    for i in range(LAYERS):
-        w = numpy_helper.from_array(_weights(c, i), f"w{i}")
-        inits.append(w)
-        nodes += [helper.make_node("Conv", [x, f"w{i}"], [f"c{i}"], pads=[1, 1, 1, 1]),
-                  helper.make_node("Relu", [f"c{i}"], [f"r{i}"])]
-        x = f"r{i}"
-    graph = helper.make_graph(nodes, "qatcheck_probe",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(shape))],
-                              [helper.make_tensor_value_info(x, TensorProto.FLOAT, list(shape))], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    return model.SerializeToString()
 
 
 def torch_module(channels: int):
