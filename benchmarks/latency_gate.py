@@ -52,7 +52,8 @@ def verdicts(reports: Path) -> dict[str, dict]:
             said = chk["failures"] or chk.get("notes") or [chk["reason"]]
             out[c["case"]["id"]] = {"status": chk["status"], "message": said[0],
                                     "median_ms": lat.get("median_ms"), "ci_rel": lat.get("ci_rel"),
-                                    "probe_ms": lat.get("probe_ms"), "attempts": c.get("latency_attempts")}
+                                    "probe_ms": lat.get("probe_ms"), "attempts": c.get("latency_attempts"),
+                                    "paired_ratio": (c.get("latency_paired") or {}).get("ratio")}
     return out
 
 
@@ -72,22 +73,35 @@ def main(argv=None) -> int:
     p.add_argument("--tolerance", type=float, default=None,
                    help="latency tolerance to record with (default: the recipes')")
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--state", type=Path, default=None,
+                   help="keep the recorded baselines and latency-reference artifacts here; when it already "
+                        "holds them, record nothing and go on from them (a benchmark split over machines)")
+    p.add_argument("--append", type=Path, default=None,
+                   help="an earlier latency-gate.json whose runs this one continues")
     p.add_argument("pytest_args", nargs="*", help="after --: extra pytest arguments")
     a = p.parse_args(argv)
     a.out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="latency-gate-"))
-    baselines = work / "baselines"
-    shutil.copytree(ROOT / "baselines", baselines)
-    log = []
+    state = a.state or work
+    baselines, reference = state / "baselines", state / "latency-reference"
+    a.pytest_args = [*a.pytest_args, "--qatcheck-latency-reference", str(reference)]
+    earlier = json.loads(a.append.read_text()) if a.append else {"runs": [], "log": []}
+    log = earlier["log"]
 
     def say(msg: str) -> None:
         print(msg, flush=True)
         log.append(msg)
 
-    rec = work / "record"
-    rec.mkdir()
-    rc, secs = pytest_run(a.suites, baselines, rec, a.pytest_args, record=True)
-    say(f"record: rc={rc} in {secs:.0f} s, {len(verdicts(rec))} latency cases")
+    if baselines.is_dir():
+        say(f"continuing from the baselines in {baselines}")
+    else:
+        shutil.copytree(ROOT / "baselines", baselines)
+        rec = work / "record"
+        rec.mkdir()
+        rc, secs = pytest_run(a.suites, baselines, rec, a.pytest_args, record=True)
+        recorded = verdicts(rec)
+        say(f"record: rc={rc} in {secs:.0f} s, {len(recorded)} latency cases")
+        (a.out / "record-verdicts.json").write_text(json.dumps(recorded, indent=1))
     if a.tolerance is not None:  # a stored tolerance is what later runs compare with
         for f in baselines.glob("*.json"):
             doc = json.loads(f.read_text())
@@ -96,12 +110,13 @@ def main(argv=None) -> int:
                     entry["median_ms"]["tolerance"] = a.tolerance
             f.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
     busy = busy_process() if a.busy else None
-    runs = []
+    runs = earlier["runs"]
+    first = {k: sum(r["kind"] == k for r in runs) for k in ("clean", "planted")}
     try:
         # clean and planted runs interleaved: drift over the session hits both alike, and a run cut
         # short by a time limit still leaves figures of both kinds
-        plan = [("clean", i, {}) for i in range(a.rechecks)]
-        planted = [("planted", i, {"QATCHECK_PLANT": ",".join(a.plant)})
+        plan = [("clean", first["clean"] + i, {}) for i in range(a.rechecks)]
+        planted = [("planted", first["planted"] + i, {"QATCHECK_PLANT": ",".join(a.plant)})
                    for i in range(a.planted_runs if a.plant else 0)]
         order = [r for pair in zip(plan, planted) for r in pair]
         order += plan[len(planted):] + planted[len(plan):]

@@ -10,7 +10,8 @@ Layout (stable key order, so a baseline update is a small, reviewable diff)::
         "structure": {"qdq_pairs": {"value": 14, "tolerance": 0}, "layer1.conv1:input.scale": {...}},
         "latency": {"<fingerprint id>": {"device": "...", "median_ms": {"value": 0.41, "tolerance": 0.15},
                                          "spread": {"ci_rel": 0.01, "cv": 0.03, "samples": 200,
-                                                    "probe_ms": 0.52, "probe_ci_rel": 0.004}}}}}}
+                                                    "probe_ms": 0.52, "probe_ci_rel": 0.004},
+                                         "artifact": "9c41..."}}}}}     # what was timed (qatcheck.reference_store)
 
 Updates are staged during the session and written at its end, atomically per file, merged into
 what is there: entries the run did not measure are kept, a hand-set tolerance is kept. A file that
@@ -45,6 +46,8 @@ class Update:
     device: str | None = None
     #: latency: the measurement's dispersion, stored beside the median as ``spread``
     spread: tuple[tuple[str, float], ...] = ()
+    #: latency: the digest of the artifact that was timed, kept in qatcheck.reference_store
+    artifact: str = ""
 
 
 @dataclass(frozen=True)
@@ -123,7 +126,10 @@ def validate(data: Any, path: Path, recipe: str) -> dict[str, Any]:
                 for stat, value in entry.items():
                     if stat == "spread":
                         _check_spread(path, f"{where}.{name}.spread", value)
-                    elif stat != "device":
+                    elif stat in ("device", "artifact"):
+                        if not isinstance(value, str):
+                            raise _fail(path, f"{where}.{name}.{stat}", f"must be a string, got {value!r}")
+                    else:
                         _check_value(path, f"{where}.{name}.{stat}", value)
     return data
 
@@ -173,6 +179,10 @@ def merge(data: dict[str, Any], updates: list[Update]) -> tuple[dict[str, Any], 
         section[u.name] = {"tolerance": tolerance, "value": u.value}
         if u.spread:
             section["spread"] = dict(u.spread)
+        if u.section == "latency":  # an artifact no longer kept must not be named as the reference
+            section.pop("artifact", None)
+            if u.artifact:
+                section["artifact"] = u.artifact
         old_value = old.get("value") if isinstance(old, dict) else None
         if old_value != u.value:
             changes.append(Change(u.case, u.section, u.name, old_value, u.value))

@@ -85,6 +85,12 @@ class Measurement:
     #: and counts the spread between them as noise
     latency_attempts: int = 0
     latency_attempt_medians: tuple[float, ...] = ()
+    #: the digest of the artifact that was timed, where a later run can time it again beside its
+    #: own (qatcheck.reference_store); "" for backends that cannot
+    latency_artifact: str = ""
+    #: this run's artifact timed against the baseline's recorded artifact, interleaved (a
+    #: timing.PairedStats), when the artifact changed since the baseline and the recorded one is kept
+    latency_paired: Any = None
     #: which PARTS this record holds
     parts: frozenset = frozenset()
     #: what a reader of the table should know (timing fell back to eager events, fake-quant
@@ -95,6 +101,7 @@ class Measurement:
         d = asdict(self)
         d["case"] = {**asdict(self.case), "id": self.case.id, "key": self.case.key}
         d["latency"] = self.latency.to_dict() if self.latency else None
+        d["latency_paired"] = self.latency_paired.to_dict() if self.latency_paired else None
         d["parts"] = sorted(self.parts)
         d["notes"] = list(self.notes)
         if self.structure is not None:

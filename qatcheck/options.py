@@ -19,6 +19,8 @@ class Options:
     baselines_dir: Path = Path("baselines")
     reports_dir: Path = Path("reports")
     cache_dir: Path = Path(".qatcheck_cache")
+    #: where recorded latency-baseline artifacts are kept (None: <cache_dir>/latency-reference)
+    latency_reference_dir: Path | None = None
     use_cache: bool = True
     update_baselines: bool = False
     #: record a case's values even when it failed a floor or budget (--qatcheck-force-update)

@@ -60,6 +60,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                 help="report directory (default: <rootdir>/reports)")
     g.addoption("--qatcheck-cache", default=None, metavar="DIR",
                 help="artifact cache directory (default: <rootdir>/.qatcheck_cache)")
+    g.addoption("--qatcheck-latency-reference", default=None, metavar="DIR",
+                help="where the artifacts latency baselines were recorded from are kept, to be timed "
+                     "beside a changed artifact (default: <cache>/latency-reference; keep it between CI runs)")
     g.addoption("--qatcheck-no-cache", action="store_true", default=False,
                 help="rebuild every artifact (the cache is still written)")
     g.addoption("--qatcheck-device", default="auto", metavar="DEV",
@@ -129,6 +132,8 @@ def pytest_configure(config: pytest.Config) -> None:
         baselines_dir=opt_path("--qatcheck-baselines", "baselines"),
         reports_dir=opt_path("--qatcheck-reports", "reports"),
         cache_dir=opt_path("--qatcheck-cache", ".qatcheck_cache"),
+        latency_reference_dir=(opt_path("--qatcheck-latency-reference", "")
+                               if config.getoption("--qatcheck-latency-reference") else None),
         use_cache=not config.getoption("--qatcheck-no-cache"),
         update_baselines=config.getoption("--update-baselines"),
         force_update=config.getoption("--qatcheck-force-update"),

@@ -13,7 +13,9 @@ logic can be used (and tested) without pytest.
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
+from pathlib import Path
 from typing import Iterable
 
 import numpy as np
@@ -27,11 +29,13 @@ from qatcheck.baselines import BaselineStore
 from qatcheck.cache import ArtifactCache
 from qatcheck.data.batching import eval_batches, pad_batch, resize
 from qatcheck.errors import ConfigError
+from qatcheck.fsutil import file_digest
 from qatcheck.evaluate import combined_parity, evaluate
 from qatcheck.measurement import PARTS, Case, Measurement, Verdict
 from qatcheck.modes import PROFILE_POINTS, calibrator_of, parity_reference, spec as mode_spec, unsupported_reason
 from qatcheck.options import Options
 from qatcheck.recipe import ParityThresholds, Recipe
+from qatcheck.reference_store import ReferenceStore
 from qatcheck.tasks import make_task
 
 __all__ = ["Options", "QatcheckSession"]
@@ -44,6 +48,7 @@ class QatcheckSession:
         self._backends: dict[str, Backend] = dict(backends or {})
         self.store = BaselineStore(options.baselines_dir)
         self.cache = ArtifactCache(options.cache_dir, enabled=options.use_cache)
+        self.references = ReferenceStore(options.latency_reference_dir or Path(options.cache_dir) / "latency-reference")
         self.recipes: dict[str, Recipe] = {}
         self._states: dict[str, RecipeState] = {}
         self._builders: dict[str, ArtifactBuilder] = {}
@@ -226,10 +231,7 @@ class QatcheckSession:
     def _measure_latency(self, case: Case, benchmark=None) -> dict:
         runner = self.runner(case)
         shape = self.shape(case)
-        self.builder(case.recipe)
-        x, _ = next(iter(self._states[case.recipe].eval_data.batches(shape[0])))
-        x, _ = pad_batch(resize(x, shape[2:]), shape[0])
-        call = runner.timed_call(x)
+        call = runner.timed_call(self._latency_input(case))
         notes = [call.note] if getattr(call, "note", "") else []
         probe = self._time_probe(runner)
         with timing.CpuLoad() as load:
@@ -238,7 +240,7 @@ class QatcheckSession:
         if stats is None:  # pytest-benchmark is disabled: nothing was timed
             return dict(device=runner.device, latency=None, notes=tuple(notes))
         probe += self._time_probe(runner)  # before and after: drift during the loop hits both
-        stats = dataclasses.replace(stats, foreign_load=load.load)
+        stats = dataclasses.replace(stats, foreign_load=load.load, cpus=os.cpu_count() or 0)
         if probe:
             stats = dataclasses.replace(stats, probe_ms=float(np.median(probe)),
                                         probe_ci_rel=timing.median_ci_rel(probe))
@@ -250,7 +252,45 @@ class QatcheckSession:
             notes.append("int8 Q/DQ on onnxruntime CPU runs as fake-quant: not an int8 latency")
         return dict(device=runner.device, latency=stats, fingerprint=fp,
                     fingerprint_id=fpr.fingerprint_id(fp), notes=tuple(notes), latency_attempts=1,
-                    latency_attempt_medians=(stats.median_ms,))
+                    latency_attempt_medians=(stats.median_ms,), latency_artifact=self._timed_onnx(case, runner))
+
+    def _latency_input(self, case: Case) -> np.ndarray:
+        """The batch every latency loop of the case times: the eval set's first, at the case's shape."""
+        shape = self.shape(case)
+        self.builder(case.recipe)
+        x, _ = next(iter(self._states[case.recipe].eval_data.batches(shape[0])))
+        return pad_batch(resize(x, shape[2:]), shape[0])[0]
+
+    def _timed_onnx(self, case: Case, runner: Runner) -> str:
+        """The digest of the ONNX file the case times, where its backend can time a recorded one
+        beside it (Backend.reference_runner); "" otherwise."""
+        path = getattr(runner, "artifact_path", None)
+        if path is None or type(self.backend(case.backend)).reference_runner is Backend.reference_runner:
+            return ""
+        return file_digest(path)
+
+    def measure_paired(self, case: Case) -> Measurement:
+        """Time the case's artifact beside the one its latency baseline was recorded from
+        (qatcheck.reference_store), interleaved in this process - when the artifact changed since the
+        baseline and the recorded one is kept. A second call adds rounds to the first."""
+        m = self.measure(case, ("latency",))
+        base = self.baseline(case)
+        ref = base.get("latency", "artifact", m.fingerprint_id) if base is not None and m.latency else None
+        if not ref or not m.latency_artifact or ref == m.latency_artifact:
+            return m
+        path = self.references.get(ref)
+        if path is None:
+            return self._extend(m, "latency", {"notes": (
+                f"the artifact changed since the latency baseline, but the recorded one ({ref}) is not in "
+                f"{self.references.root}: judged against the stored number alone (keep that directory "
+                "between runs, --qatcheck-latency-reference)",)})
+        reference = self.backend(case.backend).reference_runner(self.context(case), path)
+        x = self._latency_input(case)
+        got = timing.paired(self.runner(case).timed_call(x), reference.timed_call(x), ref,
+                            self.options.latency_duration_s or 3.0, self.options.warmup_s)
+        if m.latency_paired is not None:
+            got = m.latency_paired.extended(got)
+        return self._extend(m, "latency", {"latency_paired": got})
 
     def _time_probe(self, runner: Runner) -> list[float]:
         """Samples of the runner's machine-speed probe (qatcheck.backends.probe): a fixed workload
@@ -329,6 +369,7 @@ class QatcheckSession:
         tolerance is re-measured (up to --qatcheck-latency-retries times) before the verdict."""
         tol = self.recipes[case.recipe].tolerances
         m = self.measure(case, ("latency",), benchmark)
+        m = self.measure_paired(case)
         floor = tol.speedup_for(case.mode)
         speedup = None
         if floor is not None and m.latency is not None:
@@ -342,7 +383,10 @@ class QatcheckSession:
                 strict=self.options.latency_strict, speedup=speedup)
             if verdict.status != "retry":
                 return self._conclude(verdict)
-            m = self.remeasure_latency(case)
+            if m.latency_paired is not None:  # more interleaved rounds, counted as an attempt
+                m = self._extend(self.measure_paired(case), "latency", {"latency_attempts": m.latency_attempts + 1})
+            else:
+                m = self.remeasure_latency(case)
 
     def check_structure(self, case: Case) -> Verdict:
         m = self.measure(case, ("structure",))
@@ -370,6 +414,8 @@ class QatcheckSession:
             return verdict
         for update in verdict.updates:
             self.store.stage(verdict.case.recipe, update)
+            if update.artifact:  # kept, so a later run can time it beside a changed artifact
+                self.references.put(self.runner(verdict.case).artifact_path, update.artifact)
         if verdict.check == "accuracy":  # metrics are only comparable on the same eval data
             m = self.measurements[verdict.case]
             self.store.stage_meta(verdict.case.recipe, "eval_data",

@@ -7,6 +7,8 @@ The timing loop itself runs through pytest-benchmark's ``pedantic`` so ``--bench
 """
 from __future__ import annotations
 
+import contextlib
+import gc
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -43,6 +45,8 @@ class LatencyStats:
     probe_ci_rel: float = 0.0
     #: CPU cores' worth of work other processes did while the loop ran (None: not measurable)
     foreign_load: float | None = None
+    #: CPUs of the machine the load was measured over (the contention threshold scales with it)
+    cpus: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -155,10 +159,31 @@ def measure(call: TimedCall, batch_size: int, iterations: int, warmup_s: float,
     return None if got is None else stats_from_samples(got[0], batch_size, got[1])
 
 
+@contextlib.contextmanager
+def gc_paused():
+    """No garbage collection inside a timed loop (timeit's rule): a collection is the harness's
+    time, not the model's, and it grows with the objects the process holds - a session that has
+    just built its artifacts collects slower, and its baselines came out slow."""
+    enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def collect(call: TimedCall, iterations: int, warmup_s: float, benchmark=None,
             duration_s: float | None = None) -> tuple[list[float], str] | None:
     """The timed loop of :func:`measure`: (per-iteration milliseconds, clock), or None when
     pytest-benchmark is disabled. Device times (CUDA events) win over wall-clock."""
+    with gc_paused():
+        return _collect(call, iterations, warmup_s, benchmark, duration_s)
+
+
+def _collect(call: TimedCall, iterations: int, warmup_s: float, benchmark=None,
+             duration_s: float | None = None) -> tuple[list[float], str] | None:
     t0 = time.perf_counter()
     n = warm_up(call.run, warmup_s)
     iterations = rounds_for(iterations, duration_s, (time.perf_counter() - t0) / n)
@@ -179,3 +204,79 @@ def collect(call: TimedCall, iterations: int, warmup_s: float, benchmark=None,
     if call.device_times_ms:  # CUDA events, eager or around a CUDA-graph replay
         return list(call.device_times_ms[-iterations:]), getattr(call, "clock", None) or "cuda-events"
     return wall_ms, "wall"
+
+
+#: interleaved rounds of a paired measurement (each: one block of each artifact)
+PAIRED_ROUNDS = 10
+
+
+@dataclass(frozen=True)
+class PairedStats:
+    """The case's artifact timed against the recorded one, interleaved in one process: ``ratio``
+    > 1 means the case is slower. ``half_width`` is the ratio's 95% half-width on the log scale
+    (Student's t over the rounds' ratios)."""
+
+    ratio: float
+    half_width: float
+    rounds: int
+    reference: str  # the recorded artifact's digest
+    median_ms: float  # the case's artifact, over all rounds
+    reference_median_ms: float
+    round_ratios: tuple[float, ...] = ()
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def extended(self, more: "PairedStats") -> "PairedStats":
+        """Both measurements' rounds as one (a re-measurement adds rounds, it does not replace)."""
+        return paired_stats(self.round_ratios + more.round_ratios, self.reference,
+                            (self.median_ms + more.median_ms) / 2,
+                            (self.reference_median_ms + more.reference_median_ms) / 2)
+
+
+def paired_stats(ratios: Sequence[float], reference: str, median_ms: float,
+                 reference_median_ms: float) -> PairedStats:
+    logs = np.log(np.asarray(ratios, dtype=np.float64))
+    k = logs.size
+    t = _T95.get(k - 1, 1.96) if k > 1 else float("inf")
+    half = float(t * logs.std(ddof=1) / np.sqrt(k)) if k > 1 else float("inf")
+    return PairedStats(float(np.exp(logs.mean())), half, k, reference, median_ms, reference_median_ms,
+                       tuple(float(r) for r in ratios))
+
+
+def paired(call: TimedCall, reference: TimedCall, reference_digest: str, duration_s: float,
+           warmup_s: float, rounds: int = PAIRED_ROUNDS) -> PairedStats:
+    """Duet timing: ``rounds`` rounds, each a short block of ``call`` and one of ``reference``
+    (order alternating, ABBA, so a drift within a round hits both alike); each round gives the
+    ratio of the two blocks' medians. Whatever slows the machine during a round - another process,
+    a clock change, a noisy neighbour on the host - slows both sides of it, so the ratio keeps only
+    what differs between the artifacts."""
+    with gc_paused():
+        return _paired(call, reference, reference_digest, duration_s, warmup_s, rounds)
+
+
+def _paired(call: TimedCall, reference: TimedCall, reference_digest: str, duration_s: float,
+            warmup_s: float, rounds: int) -> PairedStats:
+    warm_up(call.run, warmup_s)
+    warm_up(reference.run, warmup_s)
+    block = max(duration_s / (2 * rounds), 0.01)
+    ratios, mine, theirs = [], [], []
+    for r in range(rounds):
+        order = (call, reference) if r % 2 == 0 else (reference, call)
+        got = {id(c): float(np.median(_block(c, block))) for c in order}
+        mine.append(got[id(call)])
+        theirs.append(got[id(reference)])
+        ratios.append(mine[-1] / theirs[-1])
+    return paired_stats(ratios, reference_digest, float(np.median(mine)), float(np.median(theirs)))
+
+
+def _block(call: TimedCall, seconds: float, min_runs: int = 5) -> list[float]:
+    """Per-run milliseconds of ``call`` for about ``seconds`` (device times when it has them)."""
+    if call.device_times_ms is not None:
+        call.device_times_ms.clear()
+    wall, t_end = [], time.perf_counter() + seconds
+    while len(wall) < min_runs or time.perf_counter() < t_end:
+        t = time.perf_counter()
+        call.run()
+        wall.append((time.perf_counter() - t) * 1e3)
+    return list(call.device_times_ms[-len(wall):]) if call.device_times_ms else wall

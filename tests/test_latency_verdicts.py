@@ -205,3 +205,93 @@ def test_a_transient_slowdown_is_re_measured_and_passes(tmp_path):
     runner = ScriptedRunner([3.0])
     v = session_with(tmp_path, runner).check_latency(CASE)
     assert v.status == "fail" and runner.loops == 3 and "x3.0" in v.failures[0]
+
+
+# ---- a changed artifact timed beside the recorded one (duet timing) --------------------------
+
+def paired(ratios, reference="r" * 16):
+    return timing.paired_stats(ratios, reference, 1.0, 1.0)
+
+
+def test_paired_rounds_decide_a_changed_artifact_whatever_the_stored_number_says():
+    # the stored median is 3x faster than this run (a slow machine), but timed beside each other
+    # the two artifacts agree: pass; 30% slower round after round: fail, naming the reference
+    m = dataclasses.replace(measured(stats(3.0, ci=0.01)), latency_artifact="new", latency_paired=paired([1.01, 0.99] * 5))
+    v = judge_latency(m, base(1.0), tolerance_rel=0.15)
+    assert v.status == "pass" and "judged against its recorded artifact" in v.notes[0]
+    m = dataclasses.replace(m, latency_paired=paired([1.29, 1.31] * 5))
+    v = judge_latency(m, base(1.0), tolerance_rel=0.15, retries_left=2)
+    assert v.status == "fail" and "timed beside the baseline's recorded artifact rrrrrrrrrrrrrrrr" in v.failures[0]
+    # rounds that disagree widen the interval: measured again while retries are left, then inconclusive
+    m = dataclasses.replace(m, latency_paired=paired([1.0, 1.6] * 5))
+    assert judge_latency(m, base(1.0), tolerance_rel=0.15, retries_left=1).status == "retry"
+    assert judge_latency(m, base(1.0), tolerance_rel=0.15).status == "inconclusive"
+
+
+def test_paired_interval_and_extension():
+    p = paired([1.1] * 10)
+    assert p.ratio == pytest.approx(1.1) and p.half_width == pytest.approx(0.0)
+    more = p.extended(paired([1.3] * 10))
+    assert more.rounds == 20 and 1.1 < more.ratio < 1.3 and more.half_width > 0
+    assert math.isinf(paired([1.2]).half_width)  # one round says nothing about the noise
+
+
+def test_an_unchanged_artifact_is_never_red_for_the_machine_being_slower():
+    b = CaseBaseline("b.json", {"latency": {FID: {"median_ms": {"value": 1.0, "tolerance": 0.15},
+                                                  "spread": {"ci_rel": 0.01}, "artifact": "same"}}})
+    m = dataclasses.replace(measured(stats(2.0, ci=0.01)), latency_artifact="same")
+    v = judge_latency(m, b, tolerance_rel=0.15)
+    assert v.status == "inconclusive" and "byte-identical" in v.notes[-1]
+    assert judge_latency(m, b, tolerance_rel=0.15, strict=True).status == "fail"
+    # another artifact, nothing kept to time beside it: the stored number decides
+    assert judge_latency(dataclasses.replace(m, latency_artifact="other"), b, tolerance_rel=0.15).status == "fail"
+
+
+def test_duet_timing_sees_the_slower_call(tmp_path):
+    fast, slow = TimedCall(lambda: _spin_ms(0.2)), TimedCall(lambda: _spin_ms(0.6))
+    p = timing.paired(slow, fast, "ref", duration_s=0.2, warmup_s=0.0, rounds=4)
+    assert p.rounds == 4 and p.ratio > 1.5 and p.reference == "ref" and len(p.round_ratios) == 4
+
+
+def _spin_ms(ms: float) -> None:
+    import time
+
+    end = time.perf_counter() + ms / 1e3
+    while time.perf_counter() < end:
+        pass
+
+
+def test_the_reference_store_keeps_intact_copies_only(tmp_path):
+    from qatcheck.fsutil import file_digest
+    from qatcheck.reference_store import ReferenceStore
+
+    src = tmp_path / "m.onnx"
+    src.write_bytes(b"model bytes")
+    digest = file_digest(src)
+    store = ReferenceStore(tmp_path / "refs")
+    assert store.get(digest) is None
+    kept = store.put(src, digest)
+    assert store.get(digest) == kept and kept.read_bytes() == b"model bytes"
+    kept.write_bytes(b"tampered")  # never used once its content no longer matches its name
+    assert store.get(digest) is None
+    assert store.put(src, digest).read_bytes() == b"model bytes"
+
+
+def test_a_recorded_artifact_digest_must_be_a_string(tmp_path):
+    import json
+
+    from qatcheck.errors import BaselineError
+
+    doc = {"qatcheck_baseline": 1, "recipe": "r", "cases": {"fp32-onnxruntime": {"latency": {FID: {
+        "median_ms": {"value": 1.0, "tolerance": 0.15}, "artifact": 7}}}}}
+    (tmp_path / "r.json").write_text(json.dumps(doc))
+    with pytest.raises(BaselineError, match=r"r.json.*latency.*artifact.*must be a string"):
+        load(tmp_path / "r.json", "r")
+
+
+def test_contention_scales_with_the_machine():
+    # half a core of other work: contention on a 2-core box, background noise on a 16-vCPU one
+    for cpus, recorded in ((2, False), (16, True)):
+        s = dataclasses.replace(stats(1.0, ci=0.01), foreign_load=0.5, cpus=cpus)
+        v = judge_latency(measured(s), None, tolerance_rel=0.15)
+        assert bool(v.updates) is recorded, cpus

@@ -103,3 +103,10 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def runner(self, context: BuildContext) -> Runner:
         """A runner for the context's mode: the backend takes the artifact it executes from it."""
+
+    def reference_runner(self, context: BuildContext, onnx_path: Path) -> Runner | None:
+        """A runner for a recorded ONNX artifact (:mod:`qatcheck.reference_store`), set up exactly
+        like ``runner(context)``: the latency judge times it beside the case's own artifact when
+        the artifact changed since the baseline. None when this backend cannot (the case is then
+        judged against the recorded number alone)."""
+        return None

@@ -5,6 +5,8 @@ not for int8 latency claims - the report says so next to such latencies.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from qatcheck.backends.base import Backend, BuildContext, Runner, TimedCall
@@ -53,6 +55,8 @@ class OrtRunner(Runner):
         src = bytes(path) if in_memory else str(path)
         label = "an in-memory ONNX model" if in_memory else src
         self._src, self._opts = src, opts
+        #: the ONNX file it runs (None: in memory) - the latency judge keeps it as a reference
+        self.artifact_path = None if in_memory else Path(src)
         try:
             self.session = ort.InferenceSession(src, opts, providers=[provider])
         except Exception as exc:
@@ -114,3 +118,6 @@ class OrtBackend(Backend):
     def runner(self, context: BuildContext) -> Runner:
         artifact = context.onnx_artifact(context.mode)
         return OrtRunner(artifact.path, choose_provider(self.requested_provider), threads=self.threads)
+
+    def reference_runner(self, context: BuildContext, onnx_path) -> Runner:
+        return OrtRunner(onnx_path, choose_provider(self.requested_provider), threads=self.threads)
