@@ -7,6 +7,8 @@
 
     python -m qatcheck lint model.onnx [--ignore REGEX ...]
 
+    python -m qatcheck cache [list | prune [--all | --older-than DAYS]] [--cache DIR]
+
 ``lint`` checks a Q/DQ ONNX against TensorRT's placement rules (qatcheck.quantize.qdq_lint) and exits
 1 when it has findings.
 
@@ -127,6 +129,27 @@ def cmd_lint(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def cmd_cache(args) -> int:
+    """List the artifact cache's entries (size, age, intact or what is wrong), or prune them."""
+    from qatcheck.cache import ArtifactCache
+
+    cache = ArtifactCache(args.cache)
+    if not cache.root.is_dir():
+        raise ConfigError(f"no artifact cache at {cache.root} (--cache DIR)")
+    if args.action == "prune":
+        gone = cache.prune(everything=args.all, older_than_days=args.older_than)
+        for e in gone:
+            print(f"removed {e.path.name}" + (f" ({e.problem})" if e.problem else ""))
+        print(f"{len(gone)} entr{'y' if len(gone) == 1 else 'ies'} removed, {sum(e.size for e in gone) / 1e6:.1f} MB")
+        return 0
+    entries = cache.entries()
+    rows = [(e.path.name, f"{e.size / 1e6:.2f}", f"{e.age_days:.1f}", e.problem or "ok") for e in entries]
+    print(_render(("entry", "MB", "age (days)", "state"), rows, f"artifact cache {cache.root}"), end="")
+    print(f"{len(entries)} entries, {sum(e.size for e in entries) / 1e6:.1f} MB, "
+          f"{sum(e.problem is not None for e in entries)} damaged")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m qatcheck", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -162,6 +185,13 @@ def build_parser() -> argparse.ArgumentParser:
     lint.add_argument("--ignore", action="append", default=[], metavar="REGEX",
                       help="skip Adds / Concats whose node name matches (repeatable)")
     lint.set_defaults(func=cmd_lint)
+    c = sub.add_parser("cache", help="list the artifact cache's entries, or prune them")
+    c.add_argument("action", choices=("list", "prune"), nargs="?", default="list")
+    c.add_argument("--cache", default=".qatcheck_cache", help="artifact cache (default .qatcheck_cache)")
+    c.add_argument("--all", action="store_true", help="prune: every entry (default: damaged ones only)")
+    c.add_argument("--older-than", type=float, default=None, metavar="DAYS",
+                   help="prune: also intact entries older than DAYS")
+    c.set_defaults(func=cmd_cache)
     return parser
 
 

@@ -48,6 +48,49 @@ def code_digest(fn: Any) -> str:
     return hashlib.sha256(src.encode()).hexdigest()[:16]
 
 
+def model_code_digest(model: torch.nn.Module, factory: Any = None) -> str:
+    """Digest of the code that defines what the model computes: the source of every module class
+    in it (with the user-defined classes they inherit ``forward`` from) and of the factory that
+    builds it. Changing ``forward()`` with the same weights rebuilds every artifact; torch's own
+    modules are covered by torch's version in the key."""
+    classes = set()
+    for m in model.modules():
+        for cls in type(m).__mro__:
+            if cls.__module__.split(".")[0] not in ("torch", "builtins"):
+                classes.add(cls)
+    h = hashlib.sha256()
+    for cls in sorted(classes, key=lambda c: f"{c.__module__}.{c.__qualname__}"):
+        h.update(f"{cls.__module__}.{cls.__qualname__}:{code_digest(cls)}".encode())
+    h.update(code_digest(factory).encode())
+    return h.hexdigest()[:16]
+
+
+#: qatcheck's own code that shapes artifacts (with each mode's builder modules): editing it
+#: rebuilds, where a version number would not change with a local edit
+_BUILD_CODE = ("artifacts.py", "quantize", "data/batching.py")
+
+
+def build_code_digest(spec: ModeSpec) -> str:
+    """Digest of qatcheck's build code and of the modules that hold the mode's builders."""
+    root = Path(__file__).resolve().parent
+    files: set[Path] = set()
+    for item in _BUILD_CODE:
+        p = root / item
+        files.update(p.rglob("*.py") if p.is_dir() else [p])
+    for builder in (spec.onnx_builder, spec.torch_builder):
+        if builder is None:
+            continue
+        fn = resolve(builder)
+        src = inspect.getsourcefile(fn) if callable(fn) else None
+        if src:
+            files.add(Path(src).resolve())
+    h = hashlib.sha256()
+    for f in sorted(files):
+        h.update(str(f.relative_to(root) if f.is_relative_to(root) else f.name).encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
 class RecipeState:
     """The recipe's lazily loaded pieces (model, datasets), loaded at most once per session."""
 
@@ -73,6 +116,10 @@ class RecipeState:
     @cached_property
     def weights(self) -> str:
         return self.recipe.weights_id + state_digest(self.model)
+
+    @cached_property
+    def model_code(self) -> str:
+        return model_code_digest(self.model, self.recipe.model)
 
     def _dataset(self, field: str) -> Dataset:
         factory = getattr(self.recipe, field)
@@ -124,9 +171,10 @@ class ArtifactBuilder:
         self._onnx: dict[tuple[str, bool], Artifact] = {}
 
     # ---- cache keys ---------------------------------------------------------------------------
-    def _field(self, name: str) -> Any:
+    def _field(self, name: str, dynamic: bool = False) -> Any:
         special = {"calib_data": self.calib_id, "train_data": lambda: self.state.train_data.fingerprint(),
-                   "device": lambda: self.device.split(":")[0], "loss": lambda: code_digest(self.recipe.loss)}
+                   "device": lambda: self.device.split(":")[0], "loss": lambda: code_digest(self.recipe.loss),
+                   "fp32_onnx": lambda: self.onnx_artifact("fp32", dynamic).digest}
         if name in special:
             return special[name]()
         value: Any = self.recipe
@@ -139,12 +187,13 @@ class ArtifactBuilder:
         library versions, whether it has dynamic axes, and the row's ``key_fields``."""
         r = self.recipe
         parts = {"recipe": r.name, "mode": spec.name, "weights": self.state.weights,
+                 "model_code": self.state.model_code, "build_code": build_code_digest(spec),
                  "input": [r.input.name, list(r.input.shape), r.input.dtype,
                            sorted((k, list(v)) for k, v in r.input.dynamic.items())],
                  "outputs": list(r.output_names), "versions": library_versions()}
         if dynamic:
             parts["dynamic"] = True
-        parts.update({f: self._field(f) for f in spec.key_fields})
+        parts.update({f: self._field(f, dynamic) for f in spec.key_fields})
         return parts
 
     def calib_batches(self) -> Iterator[np.ndarray]:

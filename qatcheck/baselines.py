@@ -20,8 +20,10 @@ does not parse or validate is reported by name and field and never rewritten.
 from __future__ import annotations
 
 import copy
+import fcntl
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -74,7 +76,17 @@ def _fail(path: Path, where: str, what: str) -> BaselineError:
                          "entry and re-record it with --update-baselines")
 
 
-def _check_value(path: Path, where: str, entry: Any) -> None:
+def _bounds(section: str, name: str) -> tuple[float, float] | None:
+    """The range a stored value must lie in: metrics are fractions (their tolerance is in points
+    of them), a cosine similarity is a cosine, an agreement is a fraction."""
+    if section == "metrics" or (section == "parity" and name.endswith("agreement")):
+        return (0.0, 1.0)
+    if section == "parity" and name == "cosine":
+        return (-1.0, 1.0)
+    return None
+
+
+def _check_value(path: Path, where: str, entry: Any, bounds: tuple[float, float] | None = None) -> None:
     if not isinstance(entry, dict):
         raise _fail(path, where, f"must be an object with 'value' and 'tolerance', got {entry!r}")
     for key in ("value", "tolerance"):
@@ -83,6 +95,8 @@ def _check_value(path: Path, where: str, entry: Any) -> None:
             raise _fail(path, f"{where}.{key}", f"must be a finite number, got {v!r}")
     if entry["tolerance"] < 0:
         raise _fail(path, f"{where}.tolerance", f"must be >= 0, got {entry['tolerance']!r}")
+    if bounds is not None and not bounds[0] <= entry["value"] <= bounds[1]:
+        raise _fail(path, f"{where}.value", f"must lie in [{bounds[0]:g}, {bounds[1]:g}], got {entry['value']!r}")
 
 
 def _check_spread(path: Path, where: str, spread: Any) -> None:
@@ -119,7 +133,7 @@ def validate(data: Any, path: Path, recipe: str) -> dict[str, Any]:
                 raise _fail(path, where, "must be an object")
             for name, entry in entries.items():
                 if section != "latency":
-                    _check_value(path, f"{where}.{name}", entry)
+                    _check_value(path, f"{where}.{name}", entry, _bounds(section, name))
                     continue
                 if not isinstance(entry, dict):
                     raise _fail(path, f"{where}.{name}", "must be an object")
@@ -176,17 +190,25 @@ def merge(data: dict[str, Any], updates: list[Update]) -> tuple[dict[str, Any], 
         if u.section == "structure":  # the cleared section: compare with what was there before
             old = data["cases"].get(u.case, {}).get("structure", {}).get(u.name)
         tolerance = old["tolerance"] if isinstance(old, dict) and "tolerance" in old else u.tolerance
-        section[u.name] = {"tolerance": tolerance, "value": u.value}
+        old_value = old.get("value") if isinstance(old, dict) else None
+        # equal to the precision a change is shown with: kept as it was (no listed "1 -> 1", no diff)
+        value = old_value if _same(old_value, u.value) else u.value
+        section[u.name] = {"tolerance": tolerance, "value": value}
         if u.spread:
             section["spread"] = dict(u.spread)
         if u.section == "latency":  # an artifact no longer kept must not be named as the reference
             section.pop("artifact", None)
             if u.artifact:
                 section["artifact"] = u.artifact
-        old_value = old.get("value") if isinstance(old, dict) else None
-        if old_value != u.value:
+        if value != old_value:
             changes.append(Change(u.case, u.section, u.name, old_value, u.value))
     return out, changes
+
+
+def _same(old: Any, new: float) -> bool:
+    if not isinstance(old, (int, float)) or isinstance(old, bool):
+        return False
+    return old == new or f"{old:.6g}" == f"{new:.6g}"
 
 
 def dumps(data: dict[str, Any]) -> str:
@@ -224,7 +246,24 @@ class BaselineStore:
         self._meta.setdefault(recipe, {})[key] = value
 
     def commit(self) -> dict[Path, list[Change]]:
-        """Write every recipe with staged updates; returns the changes per file."""
+        """Write every recipe with staged updates; returns the changes per file. Read, merge and
+        replace happen under a lock on the directory, so two runs recording at once both land."""
+        if not self._pending:
+            return {}
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.root, os.O_RDONLY)  # the directory itself is the lock: no lock file in it
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                return self._commit()
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            where = exc.filename or self.root
+            raise BaselineError(f"cannot write {where}: {exc.strerror or exc}; it was left as it was "
+                                "(make the directory writable, or point --qatcheck-baselines elsewhere)") from exc
+
+    def _commit(self) -> dict[Path, list[Change]]:
         written: dict[Path, list[Change]] = {}
         for recipe, updates in sorted(self._pending.items()):
             path = self.path(recipe)

@@ -1,21 +1,36 @@
 """Artifact cache: exports, calibrated models, Q/DQ ONNX files and QAT checkpoints are built once.
 
-The key is a hash of everything that determines the artifact (weights digest, recipe settings,
-mode, data fingerprints, library versions); a second run with nothing changed builds nothing.
+The key is a hash of everything that determines the artifact (weights digest, the model's code,
+qatcheck's build code, the settings the mode uses, data fingerprints, library versions); a second
+run with nothing changed builds nothing. Each entry is a file plus a manifest
+(``<name>-<key>.json``: what went into the key, the file's size and digest). A file is used only
+when it matches its manifest: a truncated or replaced file is rebuilt, with a note. Building holds
+a per-key lock, so two processes never build one artifact at once (the second reuses the first's);
+a rebuild replaces an entry only once the new file is complete.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import shutil
+import time
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
+
+from qatcheck.fsutil import file_digest, write_text_atomic
+
+DIGEST_LENGTH = 32
 
 
 def library_versions() -> dict[str, str]:
+    """Versions of the libraries that shape an artifact (qatcheck's own code is keyed by its
+    source: qatcheck.artifacts.build_code_digest)."""
     out = {}
-    for dist in ("qatcheck", "torch", "onnx", "onnxruntime", "pytorch-quantization"):
+    for dist in ("torch", "onnx", "onnxruntime", "pytorch-quantization"):
         try:
             out[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
@@ -28,33 +43,119 @@ def cache_key(parts: dict[str, Any]) -> str:
     return hashlib.sha256(blob).hexdigest()[:20]
 
 
+@dataclass(frozen=True)
+class Entry:
+    """One cached artifact as ``python -m qatcheck cache list`` shows it."""
+
+    path: Path
+    manifest: Path
+    size: int
+    age_days: float
+    problem: str | None  # None: intact
+
+
 class ArtifactCache:
     def __init__(self, root: str | Path, enabled: bool = True) -> None:
         self.root = Path(root)
+        #: False (--qatcheck-no-cache): build every artifact afresh (the new file replaces the entry)
         self.enabled = enabled
-        self.built: list[str] = []
-        self.reused: list[str] = []
+        self.built: set[str] = set()
+        self.reused: set[str] = set()
+        #: what was wrong with entries that had to be rebuilt (shown under the table)
+        self.notes: list[str] = []
 
     def get_or_build(self, name: str, parts: dict[str, Any], suffix: str,
                      build: Callable[[Path], None]) -> Path:
-        """Return the cached file for (name, parts), building it with ``build(path)`` if absent.
-
-        ``build`` must write ``path`` atomically (qatcheck's builders do), so an interrupted build
-        never leaves a file that looks complete.
-        """
+        """Return the cached file for (name, parts), building it with ``build(path)`` if absent or
+        damaged. ``build`` must write ``path`` atomically (qatcheck's builders do): the old entry
+        stays until the new file is complete."""
         key = cache_key({"artifact": name, **parts})
         path = self.root / f"{name}-{key}{suffix}"
-        if self.enabled and path.exists():
-            self.reused.append(path.name)
-            return path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if path.exists():
-            path.unlink()
-        build(path)
-        (self.root / f"{name}-{key}.json").write_text(
-            json.dumps({"artifact": name, **parts}, sort_keys=True, indent=1, default=str))
-        self.built.append(path.name)
+        manifest = self.root / f"{name}-{key}.json"
+        with self._lock(f"{name}-{key}"):
+            problem = verify(path, manifest)
+            if self.enabled and problem is None:
+                if path.name not in self.built:
+                    self.reused.add(path.name)
+                return path
+            if self.enabled and problem != "absent":
+                self.notes.append(f"cache entry {path} {problem}: rebuilt")
+            build(path)
+            if not path.is_file():
+                raise RuntimeError(f"the builder of {name} wrote no {path}")
+            write_text_atomic(manifest, json.dumps(
+                {"artifact": name, "file": path.name, "size": path.stat().st_size,
+                 "digest": file_digest(path, DIGEST_LENGTH), "parts": parts},
+                sort_keys=True, indent=1, default=str))
+            self.built.add(path.name)
+            self.reused.discard(path.name)
         return path
+
+    @contextlib.contextmanager
+    def _lock(self, key: str) -> Iterator[None]:
+        locks = self.root / ".locks"
+        locks.mkdir(parents=True, exist_ok=True)
+        with open(locks / f"{key}.lock", "a+") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    def entries(self) -> list[Entry]:
+        out = []
+        now = time.time()
+        for manifest in sorted(self.root.glob("*.json")):
+            try:
+                file = json.loads(manifest.read_text(encoding="utf-8")).get("file")
+            except (OSError, ValueError, AttributeError):
+                file = None
+            if not isinstance(file, str):
+                continue  # not a manifest (a sensitivity profile is a .profile.json artifact)
+            path = self.root / file
+            size = path.stat().st_size if path.is_file() else 0
+            out.append(Entry(path, manifest, size, (now - manifest.stat().st_mtime) / 86400,
+                             verify(path, manifest)))
+        return out
+
+    def prune(self, *, everything: bool = False, older_than_days: float | None = None) -> list[Entry]:
+        """Remove damaged entries, and with ``everything`` or ``older_than_days`` intact ones too."""
+        gone = []
+        for e in self.entries():
+            if everything or e.problem or (older_than_days is not None and e.age_days > older_than_days):
+                with self._lock(e.manifest.stem):
+                    e.path.unlink(missing_ok=True)
+                    e.manifest.unlink(missing_ok=True)
+                gone.append(e)
+        return gone
 
     def clear(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+def verify(path: Path, manifest: Path) -> str | None:
+    """None when ``path`` is the file its manifest describes; otherwise what is wrong ("absent"
+    when there is no entry at all)."""
+    if not path.exists():
+        return "absent" if not manifest.exists() else "lost its file"
+    try:
+        info = json.loads(manifest.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return "has no readable manifest"
+    if not isinstance(info, dict) or "digest" not in info:
+        return "has no recorded digest (written by an older qatcheck)"
+    size = path.stat().st_size
+    if size != info.get("size"):
+        return f"is {size} bytes, its manifest says {info.get('size')} (truncated or replaced)"
+    if file_digest(path, DIGEST_LENGTH) != info["digest"]:
+        return "does not match its recorded digest (changed since it was built)"
+    return None
+
+
+def adopt(path: Path) -> None:
+    """Record ``path``'s current content in its manifest, as if its builder had written it (tests
+    plant a broken artifact this way; a file changed without it is rebuilt)."""
+    manifest = path.parent / f"{path.name.split('.')[0]}.json"
+    info = json.loads(manifest.read_text(encoding="utf-8"))
+    info.update(size=path.stat().st_size, digest=file_digest(path, DIGEST_LENGTH))
+    write_text_atomic(manifest, json.dumps(info, sort_keys=True, indent=1, default=str))

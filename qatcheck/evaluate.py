@@ -12,6 +12,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
+from qatcheck.errors import DataError
 from qatcheck.parity import ParityAccumulator
 
 Infer = Callable[[np.ndarray], Sequence[np.ndarray]]
@@ -26,15 +27,15 @@ class Evaluation:
     agreement: dict[str, float] | None
     samples: int
     seconds: float
-    #: NaN / inf values among the inputs fed and the outputs produced (a metric over them means
-    #: nothing, and the message must say whether the data or the model produced them)
-    nonfinite_inputs: int = 0
+    #: NaN / inf values among the outputs (a metric over them means nothing); NaN / inf inputs
+    #: are an error before any model runs on them
     nonfinite_outputs: int = 0
 
 
 def evaluate(infer: Infer, batches: Iterable[tuple[np.ndarray, Any, int]], task, *,
              reference: Infer | Sequence[Sequence[np.ndarray]] | None = None,
-             keep: list | None = None, on_batch: Callable[[], None] | None = None) -> Evaluation:
+             keep: list | None = None, on_batch: Callable[[], None] | None = None,
+             source: str = "the eval data") -> Evaluation:
     """Run ``infer`` over ``(inputs, targets, real count)`` batches.
 
     ``reference`` is another model (run on the same batches) or the outputs it produced earlier, one
@@ -43,11 +44,11 @@ def evaluate(infer: Infer, batches: Iterable[tuple[np.ndarray, Any, int]], task,
     metric = task.metric()
     agreement = task.agreement() if reference is not None else None
     parities: list[ParityAccumulator] = []
-    samples = bad_in = bad_out = 0
+    samples = bad_out = 0
     t0 = time.perf_counter()
     for i, (x, y, n) in enumerate(batches):
+        _check_finite(x[:n], samples, source)
         outs = [np.asarray(o)[:n] for o in infer(x)]
-        bad_in += int(x[:n].size - np.isfinite(x[:n]).sum())
         bad_out += sum(int(o.size - np.isfinite(o).sum()) for o in outs)
         if i == 0 and hasattr(task, "check_model"):
             task.check_model(outs)  # e.g. a detector's class count vs the data's
@@ -69,7 +70,19 @@ def evaluate(infer: Infer, batches: Iterable[tuple[np.ndarray, Any, int]], task,
                       parity=tuple(p.result() for p in parities) if reference is not None else None,
                       agreement=agreement.result() if agreement is not None else None,
                       samples=samples, seconds=time.perf_counter() - t0,
-                      nonfinite_inputs=bad_in, nonfinite_outputs=bad_out)
+                      nonfinite_outputs=bad_out)
+
+
+def _check_finite(x: np.ndarray, first: int, source: str) -> None:
+    """NaN / inf in an input is the data's fault: said before any model runs on it, naming the
+    samples (a model's non-finite outputs would otherwise blame fp16 range or a scale)."""
+    finite = np.isfinite(x.reshape(len(x), -1)).all(axis=1)
+    if finite.all():
+        return
+    bad = np.flatnonzero(~finite) + first
+    shown = ", ".join(str(int(i)) for i in bad[:8]) + (", ..." if bad.size > 8 else "")
+    raise DataError(f"{source}: {bad.size} input sample(s) hold NaN/inf values (sample index {shown}); "
+                    "no model was run on them - fix or filter the data")
 
 
 def combined_parity(ev: Evaluation) -> dict[str, float] | None:

@@ -59,10 +59,9 @@ def _nonfinite(m: Measurement) -> str | None:
     """Non-finite outputs make every number of the case meaningless; say where they come from."""
     if not m.nonfinite_outputs:
         return None
-    where = (f"the eval inputs themselves hold {m.nonfinite_inputs} NaN/inf values - fix the data"
-             if m.nonfinite_inputs else "the inputs are finite: the model overflowed (fp16 range? a "
-             "zero or NaN scale?)")
-    return f"{m.nonfinite_outputs} output values are NaN/inf over the eval set; {where}"
+    # inputs are checked before the model runs (qatcheck.evaluate): finite inputs, so the model overflowed
+    return (f"{m.nonfinite_outputs} output values are NaN/inf over the eval set, from finite inputs: "
+            "the model overflowed (fp16 range? a zero or NaN scale?)")
 
 
 def _data_changed(m: Measurement, base: CaseBaseline) -> str | None:
@@ -301,8 +300,8 @@ def judge_latency(m: Measurement, base: CaseBaseline | None, *, tolerance_rel: f
             # byte for byte the artifact the baseline was timed from, on the same runtime versions
             # and device (the fingerprint): nothing this change did can make it slower
             not_the_model = (f"the artifact is byte-identical to the one the baseline was timed from "
-                          f"({recorded}) with the same runtime and device fingerprint: the machine, "
-                          "not the model, is slower now - rerun on a quiet machine")
+                             f"({recorded}) with the same runtime and device fingerprint: the machine, "
+                             "not the model, is slower now - rerun on a quiet machine")
     if b is not None:
         # an absolute comparison is re-measured whenever it looks slower (the fastest attempt
         # counts); a paired one only while its interval still reaches below the tolerance
@@ -337,9 +336,9 @@ def judge_latency(m: Measurement, base: CaseBaseline | None, *, tolerance_rel: f
 #: other processes using this many more CPU cores than while the baseline was recorded make a
 #: slowdown undecidable: contention slows a model by 1x..14x depending on its runtime's threads
 CONTENTION_CORES = 0.25
-#: ... or this share of the machine's CPUs, when that is more: on a 16-vCPU cloud machine other
-#: tenants' steal time alone keeps ~0.5 of a core busy (measured on the GPU machine), which must
-#: not keep every baseline from being recorded
+#: ... or this share of the machine's CPUs, when that is more: on the GPU machine's 16 vCPUs a
+#: recording run measured 0.4-0.6 of a core of other load (steal time, daemons: not visible from
+#: inside the VM), which must not keep every baseline there from being recorded
 CONTENTION_SHARE = 0.05
 
 

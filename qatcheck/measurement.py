@@ -75,8 +75,7 @@ class Measurement:
     eval_seconds: float = 0.0
     #: the eval data's fingerprint (a baseline recorded on other data says so)
     eval_fingerprint: str = ""
-    #: NaN / inf values among the eval inputs and among this case's outputs
-    nonfinite_inputs: int = 0
+    #: NaN / inf values among this case's outputs (inputs are checked before any model runs)
     nonfinite_outputs: int = 0
     #: int8 cases: qatcheck.quantize.structure.QuantStructure of what was measured
     structure: Any = None

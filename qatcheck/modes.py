@@ -43,9 +43,10 @@ class ModeSpec:
 
     ``key_fields`` name what, besides the weights, the input spec and the library versions, shapes
     the artifact: dotted recipe fields (``quant.calibrator``) or the special names ``calib_data``,
-    ``train_data`` (data fingerprints), ``device`` (where calibration / training run) and ``loss``
-    (the QAT loss's code). Only those enter the mode's cache key: changing the ONNX calibrator
-    rebuilds trt_ptq, not torch_ptq.
+    ``train_data`` (data fingerprints), ``device`` (where calibration / training run), ``loss``
+    (the QAT loss's code) and ``fp32_onnx`` (the digest of the fp32 export the mode is built from).
+    Only those enter the mode's cache key: changing the ONNX calibrator rebuilds trt_ptq, not
+    torch_ptq. Every key also holds the weights, the model's code and qatcheck's build code.
     """
 
     name: str
@@ -124,15 +125,16 @@ def unregister_mode(name: str) -> None:
 for _spec in (
     ModeSpec("fp32", "float", "fp32", f"{_A}:export_fp32", f"{_A}:plain_module",
              description="plain export, fp32 execution"),
-    ModeSpec("fp16", "float", "fp16", f"{_A}:convert_fp16", f"{_A}:plain_module",
+    ModeSpec("fp16", "float", "fp16", f"{_A}:convert_fp16", f"{_A}:plain_module", key_fields=("fp32_onnx",),
              description="fp16 execution (torch .half(); fp16 ONNX with fp32 I/O)"),
     ModeSpec("trt_ptq", "int8_graph", "int8", f"{_A}:onnx_ptq", None,
              calibrator_field="calibrator", calibrated=True,
-             key_fields=("quant.calibrator", *_PTQ_KEYS), trt_native_ptq=True,
+             key_fields=("fp32_onnx", "quant.calibrator", *_PTQ_KEYS), trt_native_ptq=True,
              description="PTQ on the plain ONNX: explicit TensorRT-style Q/DQ (or TensorRT's calibrator)"),
     ModeSpec("partial", "int8_graph", "int8", f"{_A}:onnx_ptq", None,
              calibrator_field="calibrator", calibrated=True,
-             key_fields=("quant.calibrator", *_PTQ_KEYS, "quant.keep_precision"), trt_native_ptq=True,
+             key_fields=("fp32_onnx", "quant.calibrator", *_PTQ_KEYS, "quant.keep_precision"),
+             trt_native_ptq=True,
              keeps_layers=True,
              description="trt_ptq with sensitive layers kept in higher precision"),
     ModeSpec("torch_ptq", "int8_torch", "int8", f"{_A}:torch_qdq_onnx", f"{_A}:ptq_module",

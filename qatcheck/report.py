@@ -210,14 +210,18 @@ def finish(session) -> Summary:
         out.write(terminal_table(f"qatcheck: {name}", header, rows))
         notes = notes_text(session, name)
         out.write(kept_text(kept) + notes)
-        reports.mkdir(parents=True, exist_ok=True)
-        md = reports / f"{name}.md"
-        write_text_atomic(md, f"# qatcheck report: {name}\n\n" + markdown_table(header, rows)
-                          + ("\n" + kept_text(kept) if kept else "")
-                          + ("\n" + notes.replace("\n", "\n\n") if notes else ""))
-        js = reports / f"{name}.json"
-        write_text_atomic(js, json.dumps({"recipe": name, "cases": records, "keep_precision": kept},
-                                         indent=2, default=str) + "\n")
+        md, js = reports / f"{name}.md", reports / f"{name}.json"
+        try:
+            reports.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(md, f"# qatcheck report: {name}\n\n" + markdown_table(header, rows)
+                              + ("\n" + kept_text(kept) if kept else "")
+                              + ("\n" + notes.replace("\n", "\n\n") if notes else ""))
+            write_text_atomic(js, json.dumps({"recipe": name, "cases": records, "keep_precision": kept},
+                                             indent=2, default=str) + "\n")
+        except OSError as exc:  # the table above is already out: say why the files are not
+            out.write(f"reports NOT written: cannot write {exc.filename or reports}: {exc.strerror or exc} "
+                      "(make it writable, or point --qatcheck-reports elsewhere)\n")
+            continue
         summary.files += [md, js]
         try:
             summary.files.append(chart(reports / f"{name}.png", f"qatcheck: {name}", header, rows,
@@ -225,8 +229,11 @@ def finish(session) -> Summary:
         except Exception as exc:  # a chart is a nicety; never fail a session over it
             out.write(f"(chart not written: {exc})\n")
     if session.options.update_baselines:
+        created = not session.store.root.is_dir()
         try:
             written = session.store.commit()
+            if created and written:
+                out.write(f"note: created the baselines directory {session.store.root} (it did not exist)\n")
         except BaselineError as exc:
             written = {}
             out.write(f"baselines NOT updated: {exc}\n")
@@ -243,5 +250,6 @@ def finish(session) -> Summary:
     c = session.cache
     if c.built or c.reused:
         out.write(f"artifact cache {c.root}: {len(c.built)} built, {len(c.reused)} reused\n")
+    out.write("".join(f"note: {n}\n" for n in c.notes))
     summary.text = out.getvalue()
     return summary

@@ -29,8 +29,8 @@ from qatcheck.baselines import BaselineStore
 from qatcheck.cache import ArtifactCache
 from qatcheck.data.batching import eval_batches, pad_batch, resize
 from qatcheck.errors import ConfigError
-from qatcheck.fsutil import file_digest
 from qatcheck.evaluate import combined_parity, evaluate
+from qatcheck.fsutil import file_digest
 from qatcheck.measurement import PARTS, Case, Measurement, Verdict
 from qatcheck.modes import PROFILE_POINTS, calibrator_of, parity_reference, spec as mode_spec, unsupported_reason
 from qatcheck.options import Options
@@ -207,10 +207,11 @@ class QatcheckSession:
         data = self._states[case.recipe].eval_data
         with self._progress(-(-len(data) // shape[0]), case.id) as bar:
             ev = evaluate(runner.infer, eval_batches(data, shape), task,
-                          reference=ref_runner.infer if ref_runner else None, on_batch=bar.update)
+                          reference=ref_runner.infer if ref_runner else None, on_batch=bar.update,
+                          source=f"Recipe({case.recipe}).eval_data ({data.name})")
         out = dict(device=runner.device, metrics=ev.metrics, artifact=self._artifact_digest(case, runner),
                    eval_samples=ev.samples, eval_seconds=ev.seconds, eval_fingerprint=data.fingerprint(),
-                   nonfinite_inputs=ev.nonfinite_inputs, nonfinite_outputs=ev.nonfinite_outputs)
+                   nonfinite_outputs=ev.nonfinite_outputs)
         if ref_runner is not None:
             names = [recipe.output_names[i] if i < len(recipe.output_names) else f"output{i}"
                      for i in range(len(ev.parity))]
@@ -328,8 +329,10 @@ class QatcheckSession:
             self.store.data(case.recipe)  # a malformed file fails now, before anything is recorded
             return None
         data = self.store.data(case.recipe)
-        return judges.CaseBaseline(str(self.store.path(case.recipe)), data["cases"].get(case.key, {}),
-                                   eval_data=data.get("eval_data"))
+        where = str(self.store.path(case.recipe))
+        if not self.store.root.is_dir():
+            where += f" (the directory {self.store.root} does not exist: a mistyped --qatcheck-baselines?)"
+        return judges.CaseBaseline(where, data["cases"].get(case.key, {}), eval_data=data.get("eval_data"))
 
     def _conclude(self, verdict: Verdict) -> Verdict:
         self.verdicts[(verdict.case, verdict.check)] = verdict

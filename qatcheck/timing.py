@@ -236,9 +236,11 @@ class PairedStats:
 
 def paired_stats(ratios: Sequence[float], reference: str, median_ms: float,
                  reference_median_ms: float) -> PairedStats:
+    from scipy.stats import t as student_t
+
     logs = np.log(np.asarray(ratios, dtype=np.float64))
     k = logs.size
-    t = _T95.get(k - 1, 1.96) if k > 1 else float("inf")
+    t = float(student_t.ppf(0.975, k - 1)) if k > 1 else float("inf")
     half = float(t * logs.std(ddof=1) / np.sqrt(k)) if k > 1 else float("inf")
     return PairedStats(float(np.exp(logs.mean())), half, k, reference, median_ms, reference_median_ms,
                        tuple(float(r) for r in ratios))

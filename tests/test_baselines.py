@@ -41,12 +41,22 @@ fingerprints = st.sampled_from(["aaaaaaaaaaaa", "bbbbbbbbbbbb"])
 
 
 @st.composite
-def updates(draw) -> Update:
-    section = draw(st.sampled_from(baselines.SECTIONS))
+def updates(draw, sections=baselines.SECTIONS) -> Update:
+    section = draw(st.sampled_from(sections))
     if section == "latency":
         return Update(draw(case_names), "latency", "median_ms", draw(finite), draw(tol),
                       draw(fingerprints), draw(st.sampled_from(["cpu x4 (ort 1.2)", "H100 (cuda 13)"])))
-    return Update(draw(case_names), section, draw(metric_names), draw(finite), draw(tol))
+    name = draw(metric_names)
+    # metrics and agreements are fractions, a cosine is a cosine (validate() checks the ranges)
+    fraction = section == "metrics" or (section == "parity" and name != "cosine")
+    value = draw(st.floats(min_value=0 if fraction else -1, max_value=1) if section in ("metrics", "parity")
+                 else finite)
+    return Update(draw(case_names), section, name, value, draw(tol))
+
+
+def shown(v) -> str | None:
+    """A value as a change is shown; merge keeps a stored value a new one equals at this precision."""
+    return None if v is None else f"{v:.6g}"
 
 
 def key(u: Update) -> tuple:
@@ -102,8 +112,9 @@ def test_merge_preserves_untouched_entries_and_applies_every_update(doc, ups):
             assert new_e[k] == e
     for u in ups:
         e = new_e[key(u)]
-        assert e["value"] == u.value
         existing = old_e.get(key(u))
+        assert e["value"] == u.value or (existing and e["value"] == existing["value"]
+                                         and shown(existing["value"]) == shown(u.value))
         assert e["tolerance"] == (existing["tolerance"] if existing else u.tolerance)
     assert set(new_e) == (set(old_e) - replaced) | touched
     baselines.validate(new, Path("x.json"), "r")
@@ -115,7 +126,7 @@ def test_merge_is_idempotent_and_reports_exactly_the_changed_values(doc, ups):
     old_e = entries(doc)
     once, changes = merge(doc, ups)
     expected = {(u.case, u.section, u.name, u.value) for u in ups
-                if old_e.get(key(u), {}).get("value") != u.value}
+                if shown(old_e.get(key(u), {}).get("value")) != shown(u.value)}
     got = {(c.case, c.section, c.name, c.new) for c in changes}
     assert got == expected
     assert len(changes) == len(expected)
@@ -138,7 +149,7 @@ def test_merge_keeps_hand_tuned_tolerance_but_new_entries_take_the_update_tolera
     assert [c.describe().strip()[0] for c in changes] == ["~", "+"]
 
 
-@given(st.lists(updates().filter(lambda u: u.section == "latency"), min_size=1, max_size=6))
+@given(st.lists(updates(("latency",)), min_size=1, max_size=6))
 def test_latency_updates_land_under_their_fingerprint_with_the_device(ups):
     ups = unique(ups)
     new, _ = merge(baselines.empty("r"), ups)
@@ -590,3 +601,67 @@ def test_non_finite_metric_fails_and_is_never_recorded(tmp_path):
     res = session.check_accuracy(case)
     assert not res.ok and "not a finite number" in res.failures[0]
     assert session.store.commit() == {} and not (tmp_path / "baselines" / "r.json").exists()
+
+
+@pytest.mark.parametrize("section, name, value, needle", [
+    ("metrics", "top1", 1.0026, "metrics.top1.value must lie in [0, 1], got 1.0026"),
+    ("metrics", "top1", -0.1, "metrics.top1.value must lie in [0, 1]"),
+    ("parity", "cosine", 1.5, "parity.cosine.value must lie in [-1, 1]"),
+    ("parity", "top1_agreement", 1.2, "parity.top1_agreement.value must lie in [0, 1]"),
+])
+def test_a_value_outside_its_range_names_the_file_and_field(tmp_path, section, name, value, needle):
+    doc = _good()
+    doc["cases"]["fp32-torch"][section] = {name: {"value": value, "tolerance": 0.5}}
+    p = _write(tmp_path, doc)
+    with pytest.raises(BaselineError) as ei:
+        load(p, "r")
+    assert str(p) in str(ei.value) and needle in str(ei.value)
+
+
+def test_no_op_changes_are_neither_listed_nor_written():
+    from qatcheck.baselines import Update, merge
+
+    doc = _good()
+    doc["cases"]["fp32-torch"]["parity"] = {"cosine": {"value": 0.99999994, "tolerance": 0.0005}}
+    new, changes = merge(doc, [Update("fp32-torch", "parity", "cosine", 1.0, 0.0005),
+                               Update("fp32-torch", "metrics", "top1", 0.9, 0.5),
+                               Update("fp32-torch", "metrics", "top5", 1.0, 0.5)])
+    assert [c.describe() for c in changes] == ["  + fp32-torch metrics.top5 = 1"]
+    assert new["cases"]["fp32-torch"]["parity"]["cosine"]["value"] == 0.99999994
+
+
+def test_an_unwritable_baselines_directory_is_one_error_and_nothing_changes(tmp_path):
+    from qatcheck.baselines import BaselineStore, Update
+
+    (tmp_path / "file").write_text("not a directory")
+    store = BaselineStore(tmp_path / "file" / "baselines")
+    store.stage("r", Update("fp32-torch", "metrics", "top1", 0.9, 0.5))
+    with pytest.raises(BaselineError, match=r"cannot write .*file/baselines.*Not a directory.*--qatcheck-baselines"):
+        store.commit()
+    assert (tmp_path / "file").read_text() == "not a directory"
+
+
+CONCURRENT_COMMIT = r'''
+import sys, time
+import qatcheck.baselines as b
+root, name = sys.argv[1], sys.argv[2]
+merge = b.merge
+def slow_merge(*args):  # read ... (the other process commits here) ... write
+    time.sleep(0.5)
+    return merge(*args)
+b.merge = slow_merge
+store = b.BaselineStore(root)
+store.stage("r", b.Update("fp32-torch", "metrics", name, 0.5, 0.5))
+store.commit()
+'''
+
+
+def test_two_runs_recording_at_once_both_land(tmp_path):
+    import subprocess
+    import sys
+
+    procs = [subprocess.Popen([sys.executable, "-c", CONCURRENT_COMMIT, str(tmp_path), name])
+             for name in ("top1", "top5")]
+    assert [p.wait(60) for p in procs] == [0, 0]
+    assert set(load(tmp_path / "r.json", "r")["cases"]["fp32-torch"]["metrics"]) == {"top1", "top5"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]

@@ -20,6 +20,7 @@ import pytest
 # imported at collection, before any in-process run: a module first imported inside a pytester run
 # is dropped from sys.modules afterwards, and a plant set on that stale copy would never be seen
 from qatcheck.backends import onnxruntime_backend
+from qatcheck.cache import adopt
 from qatcheck.quantize import onnx_ptq, torch_quant
 from qatcheck.quantize.qdq_edit import quantized_layers, strip_qdq
 
@@ -172,6 +173,7 @@ def test_fp32_onnx_in_place_of_trt_ptq_vanishes(pytester, shared_cache):
     [fp32] = cache.glob("digits-fp32-*.onnx")
     [int8] = cache.glob("digits-trt_ptq-*.onnx")
     shutil.copyfile(fp32, int8)
+    adopt(int8)  # as if the build had produced it (a file merely copied over is rebuilt: test_cache)
     result = run(pytester, cache, *select)
     assert outcomes(result) == {"failed": 1, "skipped": 1}
     result.stdout.fnmatch_lines(["*digits-trt_ptq-onnxruntime structure check failed:*",
@@ -208,8 +210,8 @@ def test_improvement_is_a_note_and_fails_only_under_strict(pytester, shared_cach
 
 
 def test_nan_inputs_fail_and_update_baselines_writes_nothing(pytester, shared_cache):
-    """Plant: NaN pixels in the eval data. The outputs go NaN, so every number is meaningless: the
-    check fails naming the inputs as the cause, and --update-baselines must not record any of it."""
+    """Plant: NaN pixels in the eval data. Found before any model runs on them: the check fails
+    naming the data and the samples, and --update-baselines records nothing."""
     write_suite(pytester)
     assert outcomes(run(pytester, shared_cache, *ACCURACY, "--update-baselines")) == {"passed": 1}
     path = baseline_path(pytester)
@@ -219,10 +221,9 @@ def test_nan_inputs_fail_and_update_baselines_writes_nothing(pytester, shared_ca
     assert result.ret != 0 and outcomes(result) == {"failed": 1}
     assert path.read_bytes() == before
     result.stdout.fnmatch_lines([
-        "*digits-fp32-onnxruntime accuracy check failed:*",
-        "*output values are NaN/inf over the eval set; the eval inputs themselves hold 4 NaN/inf values*",
-        "*baselines NOT recorded for 1 failing check(s)*",
-        "*- fp32-onnxruntime accuracy: *NaN/inf*"])
+        "*DataError: Recipe(digits).eval_data (*): 4 input sample(s) hold NaN/inf values (sample index "
+        "0, 1, 2, 3); no model was run on them - fix or filter the data*"])
+    result.stdout.no_fnmatch_line("*baselines updated*")
 
 
 def test_changed_eval_data_is_named_first(pytester, shared_cache):
@@ -337,3 +338,31 @@ def test_planted_slowdown_in_one_case_fails_only_that_case(pytester, shared_cach
     result = run(pytester, shared_cache, *select)  # clean: passed or inconclusive, never failed
     assert outcomes(result) == {"passed": 2}, result.stdout.str()
     result.stdout.no_fnmatch_line("*failed*")
+
+
+# ---- bad input at the session level: one line, the table still printed, nothing stored changed --
+
+def test_unwritable_baselines_and_reports_are_one_line_each_and_the_table_stays(pytester, shared_cache):
+    write_suite(pytester)
+    (pytester.path / "blocker").write_text("a file where directories were asked for")
+    result = run(pytester, shared_cache, *ACCURACY, "--update-baselines",
+                 "--qatcheck-baselines", str(pytester.path / "blocker" / "b"),
+                 "--qatcheck-reports", str(pytester.path / "blocker" / "r"))
+    out = result.stdout.str()
+    assert "qatcheck: digits" in out and "Traceback" not in out and "INTERNALERROR" not in out, out
+    result.stdout.fnmatch_lines(["*reports NOT written: cannot write *blocker*: Not a directory*",
+                                 "*baselines NOT updated: cannot write *blocker*: Not a directory*"])
+    assert (pytester.path / "blocker").read_text() == "a file where directories were asked for"
+
+
+def test_a_missing_baselines_directory_is_said_and_created_only_when_recording(pytester, shared_cache):
+    write_suite(pytester)
+    typo = pytester.path / "baselnes"
+    result = run(pytester, shared_cache, *ACCURACY, "--qatcheck-baselines", str(typo))
+    assert outcomes(result) == {"failed": 1}
+    result.stdout.fnmatch_lines([f"*no baseline for fp32-onnxruntime metrics.top1 in {typo}/digits.json (the "
+                                 f"directory {typo} does not exist: a mistyped --qatcheck-baselines?)*"])
+    assert not typo.exists()
+    result = run(pytester, shared_cache, *ACCURACY, "--qatcheck-baselines", str(typo), "--update-baselines")
+    result.stdout.fnmatch_lines([f"*note: created the baselines directory {typo} (it did not exist)*"])
+    assert (typo / "digits.json").is_file()

@@ -1,0 +1,237 @@
+"""The artifact cache never serves a stale or damaged artifact (issue 11): keys hold everything that
+shapes an artifact and nothing else, entries are verified on use, builds are locked and replace an
+entry only once complete."""
+from __future__ import annotations
+
+import json
+import multiprocessing
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from qatcheck.__main__ import main as cli
+from qatcheck.artifacts import ArtifactBuilder, RecipeState
+from qatcheck.cache import ArtifactCache
+from qatcheck.modes import MODE_SPECS, spec
+from qatcheck.zoo.digits_net import DIGITS_CHECKPOINT, DigitsNet, load_digits_net
+from qatcheck.zoo.recipes import digits_recipe
+
+BUILT_MODES = ("fp32", "fp16", "trt_ptq", "partial", "torch_ptq", "qat")
+
+
+class DoubledDigitsNet(DigitsNet):
+    """Same weights, another forward(): what a refactor that changes the model's output does."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 2 * super().forward(x)
+
+
+def doubled() -> DigitsNet:
+    m = DoubledDigitsNet()
+    m.load_state_dict(load_digits_net(DIGITS_CHECKPOINT).state_dict())
+    return m.eval()
+
+
+def keys(recipe, tmp_path: Path) -> dict[str, str]:
+    from qatcheck.cache import cache_key
+
+    b = ArtifactBuilder(RecipeState(recipe), ArtifactCache(tmp_path))
+    return {m: cache_key(b.key_parts(spec(m))) for m in BUILT_MODES}
+
+
+def changed(a: dict, b: dict) -> set[str]:
+    return {m for m in a if a[m] != b[m]}
+
+
+def test_changing_forward_with_the_same_weights_rebuilds_every_artifact(tmp_path):
+    before = keys(digits_recipe(), tmp_path)
+    after = keys(digits_recipe(model=doubled), tmp_path)
+    assert changed(before, after) == set(BUILT_MODES)
+
+
+def test_each_setting_rebuilds_only_the_modes_that_use_it(tmp_path):
+    import dataclasses
+
+    base = digits_recipe()
+    before = keys(base, tmp_path)
+    q = base.quant
+    assert changed(before, keys(digits_recipe(quant=dataclasses.replace(q, calibrator="minmax")), tmp_path)) \
+        == {"trt_ptq", "partial"}
+    assert changed(before, keys(digits_recipe(quant=dataclasses.replace(q, torch_calibrator="max")), tmp_path)) \
+        == {"torch_ptq", "qat"}
+    assert changed(before, keys(digits_recipe(loss=lambda out, y: out.sum()), tmp_path)) == {"qat"}
+    assert changed(before, keys(digits_recipe(quant=dataclasses.replace(q, keep_precision=())), tmp_path)) \
+        == {"partial"}
+
+
+def test_qatchecks_own_build_code_is_in_every_key(tmp_path, monkeypatch):
+    import qatcheck.artifacts as artifacts
+
+    before = keys(digits_recipe(), tmp_path)
+    monkeypatch.setattr(artifacts, "build_code_digest", lambda spec: "edited")
+    assert changed(before, keys(digits_recipe(), tmp_path)) == set(BUILT_MODES)
+    assert "qatcheck" not in json.dumps(ArtifactBuilder(RecipeState(digits_recipe()), ArtifactCache(tmp_path))
+                                        .key_parts(spec("fp32"))["versions"])
+
+
+def _writer(text: str):
+    def build(path: Path) -> None:
+        path.write_text(text)
+    return build
+
+
+def test_a_damaged_entry_is_rebuilt_with_a_note(tmp_path):
+    cache = ArtifactCache(tmp_path)
+    p = cache.get_or_build("r-fp32", {"a": 1}, ".onnx", _writer("good model"))
+    p.write_text("good mo")  # truncated
+    again = ArtifactCache(tmp_path)
+    assert again.get_or_build("r-fp32", {"a": 1}, ".onnx", _writer("good model")).read_text() == "good model"
+    assert again.built == {p.name} and "truncated or replaced" in again.notes[0] and str(p) in again.notes[0]
+    p.write_text("other file")  # same size, other content: an fp32 ONNX copied over an int8 one
+    again = ArtifactCache(tmp_path)
+    again.get_or_build("r-fp32", {"a": 1}, ".onnx", _writer("good model"))
+    assert "does not match its recorded digest" in again.notes[0]
+    assert ArtifactCache(tmp_path).get_or_build("r-fp32", {"a": 1}, ".onnx", _writer("x")).read_text() == "good model"
+
+
+def test_reuse_is_counted_once_per_artifact(tmp_path):
+    cache = ArtifactCache(tmp_path)
+    for _ in range(3):
+        cache.get_or_build("r-fp32", {"a": 1}, ".onnx", _writer("m"))
+    assert len(cache.built) == 1 and not cache.reused
+    other = ArtifactCache(tmp_path)
+    for _ in range(3):
+        other.get_or_build("r-fp32", {"a": 1}, ".onnx", _writer("m"))
+    assert not other.built and len(other.reused) == 1
+
+
+def test_no_cache_keeps_the_entry_until_the_new_one_is_complete(tmp_path):
+    good = ArtifactCache(tmp_path).get_or_build("r-fp32", {"a": 1}, ".onnx", _writer("good"))
+
+    def dies(path: Path) -> None:  # killed before its atomic rename
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        ArtifactCache(tmp_path, enabled=False).get_or_build("r-fp32", {"a": 1}, ".onnx", dies)
+    cache = ArtifactCache(tmp_path)
+    assert cache.get_or_build("r-fp32", {"a": 1}, ".onnx", _writer("other")) == good
+    assert good.read_text() == "good" and cache.reused == {good.name}
+
+
+def _build_slowly(root: str, log: str) -> None:
+    def build(path: Path) -> None:
+        with open(log, "a") as f:
+            f.write("built\n")
+        time.sleep(0.5)
+        path.write_text("model")
+    ArtifactCache(root).get_or_build("r-fp32", {"a": 1}, ".onnx", build)
+
+
+def test_two_processes_build_one_artifact_once(tmp_path):
+    log = tmp_path / "log"
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_build_slowly, args=(str(tmp_path / "c"), str(log))) for _ in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0, 0]
+    assert log.read_text() == "built\n"
+
+
+def test_cache_cli_lists_and_prunes_damaged_entries(tmp_path, capsys):
+    cache = ArtifactCache(tmp_path)
+    good = cache.get_or_build("r-fp32", {"a": 1}, ".onnx", _writer("good"))
+    bad = cache.get_or_build("r-fp16", {"a": 1}, ".onnx", _writer("bad!"))
+    bad.write_text("b")
+    assert cli(["cache", "list", "--cache", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert good.name in out and "2 entries" in out and "1 damaged" in out and "truncated" in out
+    assert cli(["cache", "prune", "--cache", str(tmp_path)]) == 0
+    assert "removed " + bad.name in capsys.readouterr().out
+    assert good.exists() and not bad.exists()
+    assert cli(["cache", "prune", "--all", "--cache", str(tmp_path)]) == 0 and not good.exists()
+    assert cli(["cache", "--cache", str(tmp_path / "nope")]) == 2
+    assert "no artifact cache at" in capsys.readouterr().err
+
+
+def test_every_built_in_mode_keys_on_the_model_code(tmp_path):
+    b = ArtifactBuilder(RecipeState(digits_recipe()), ArtifactCache(tmp_path))
+    for name, s in MODE_SPECS.items():
+        if s.variant_of:
+            continue
+        parts = b.key_parts(s)
+        assert parts["model_code"] and parts["build_code"] and parts["weights"], name
+
+
+KILLED_BUILD = r'''
+import os, signal, sys
+from pathlib import Path
+import qatcheck.cache as cache_mod
+from qatcheck.fsutil import atomic_path
+moment, root = sys.argv[1], sys.argv[2]
+
+def build(path):
+    with atomic_path(path) as tmp:
+        tmp.write_text("new model, half writ")
+        if moment == "mid-write":
+            os.kill(os.getpid(), signal.SIGKILL)
+        tmp.write_text("new model, complete")
+if moment == "before-manifest":
+    cache_mod.write_text_atomic = lambda *a: os.kill(os.getpid(), signal.SIGKILL)
+cache_mod.ArtifactCache(root, enabled=False).get_or_build("r-fp32", {"a": 1}, ".onnx", build)
+'''
+
+
+@pytest.mark.parametrize("moment", ["mid-write", "before-manifest"])
+def test_kill_9_during_a_build_never_leaves_a_damaged_entry_in_use(tmp_path, moment):
+    import subprocess
+    import sys
+
+    root = tmp_path / "c"
+    good = ArtifactCache(root).get_or_build("r-fp32", {"a": 1}, ".onnx", _writer("old model"))
+    proc = subprocess.run([sys.executable, "-c", KILLED_BUILD, moment, str(root)], capture_output=True)
+    assert proc.returncode == -9, proc.stderr.decode()
+    cache = ArtifactCache(root)
+    path = cache.get_or_build("r-fp32", {"a": 1}, ".onnx", _writer("rebuilt model"))
+    assert path == good
+    if moment == "mid-write":  # the old entry was never touched
+        assert path.read_text() == "old model" and cache.reused == {path.name}
+    else:  # the new file landed without its manifest: not trusted, rebuilt with a note
+        assert path.read_text() == "rebuilt model" and cache.built == {path.name}
+        assert "truncated or replaced" in cache.notes[0]
+
+
+KILLED_COMMIT = r'''
+import os, signal, sys
+import qatcheck.baselines as b
+root = sys.argv[1]
+real = b.write_text_atomic
+def dying(path, text):
+    from qatcheck.fsutil import atomic_path
+    with atomic_path(path) as tmp:
+        tmp.write_text(text[: len(text) // 2])
+        os.kill(os.getpid(), signal.SIGKILL)
+b.write_text_atomic = dying
+store = b.BaselineStore(root)
+store.stage("r", b.Update("fp32-onnxruntime", "metrics", "top1", 0.5, 0.5))
+store.commit()
+'''
+
+
+def test_kill_9_during_a_baseline_commit_leaves_the_file_as_it_was(tmp_path):
+    import subprocess
+    import sys
+
+    from qatcheck.baselines import BaselineStore, Update, load
+
+    store = BaselineStore(tmp_path)
+    store.stage("r", Update("fp32-onnxruntime", "metrics", "top1", 0.9, 0.5))
+    store.commit()
+    before = (tmp_path / "r.json").read_bytes()
+    proc = subprocess.run([sys.executable, "-c", KILLED_COMMIT, str(tmp_path)], capture_output=True)
+    assert proc.returncode == -9, proc.stderr.decode()
+    assert (tmp_path / "r.json").read_bytes() == before
+    assert load(tmp_path / "r.json", "r")["cases"]["fp32-onnxruntime"]["metrics"]["top1"]["value"] == 0.9
