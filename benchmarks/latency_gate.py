@@ -1,6 +1,7 @@
 """False-alarm and detection rates of qatcheck's latency verdicts, the way a merge gate meets them.
 
-1. record the suites' latency baselines into a scratch copy of baselines/ (--update-baselines);
+1. build the artifacts (a run that times nothing), then record the suites' latency baselines into a
+   scratch copy of baselines/ (--update-baselines) on that warm cache;
 2. ``--rechecks`` clean reruns (``-k test_latency``), each a fresh pytest process, against them;
 3. ``--planted-runs`` reruns with a slowdown planted in the ``--plant`` cases (benchmarks/latency_plant.py).
 
@@ -96,6 +97,12 @@ def main(argv=None) -> int:
         say(f"continuing from the baselines in {baselines}")
     else:
         shutil.copytree(ROOT / "baselines", baselines)
+        # the artifacts are built first, by a run that times nothing: the process that builds them
+        # times a few percent slow (H200 fp32-torch +3%), and its baselines would hide a regression
+        warm = work / "warm"
+        warm.mkdir()
+        rc, secs = pytest_run(a.suites, baselines, warm, [*a.pytest_args, "--benchmark-disable"])
+        say(f"warm-up (builds every artifact, times nothing): rc={rc} in {secs:.0f} s")
         rec = work / "record"
         rec.mkdir()
         rc, secs = pytest_run(a.suites, baselines, rec, a.pytest_args, record=True)
