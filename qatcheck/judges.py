@@ -254,8 +254,8 @@ def judge_latency(m: Measurement, base: CaseBaseline | None, *, tolerance_rel: f
     any machine): failing only when the speedup's interval lies below the floor.
     """
     if m.latency is None:
-        return Verdict("latency", m.case, "skip",
-                       reason="latency not measured: pytest-benchmark is disabled (--benchmark-disable)")
+        return Verdict("latency", m.case, "skip", reason=m.latency_skipped or
+                       "latency not measured: pytest-benchmark is disabled (--benchmark-disable)")
     stats, fid = m.latency, m.fingerprint_id
     updates = [Update(m.case.key, "latency", "median_ms", float(stats.median_ms), float(tolerance_rel),
                       fid, device, spread=_spread(stats), artifact=m.latency_artifact)]

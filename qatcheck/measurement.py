@@ -83,6 +83,8 @@ class Measurement:
     #: attempt's median (relative to its probe, when timed); the judge uses the fastest attempt
     #: and counts the spread between them as noise
     latency_attempts: int = 0
+    #: why nothing was timed, when nothing was (pytest-xdist workers sharing a device)
+    latency_skipped: str = ""
     latency_attempt_medians: tuple[float, ...] = ()
     #: the digest of the artifact that was timed, where a later run can time it again beside its
     #: own (qatcheck.reference_store); "" for backends that cannot

@@ -39,6 +39,10 @@ class Options:
     trt_ptq: str = "auto"
     #: COCO folder for recipes that use qatcheck.data.coco.coco_val2017()
     coco_root: Path | None = None
+    #: under pytest-xdist: (this worker's index, the worker count); see qatcheck.parallel
+    xdist_worker: tuple[int, int] | None = None
+    #: why this process times nothing (xdist workers sharing a device); "" when it does
+    latency_off: str = ""
     #: CPU intra-op threads for ONNX Runtime and PyTorch (None: each library's default)
     threads: int | None = None
     #: how many times a latency case that looks slower is re-measured before it is judged

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from qatcheck import parallel
 from qatcheck.backends import backend_names
 from qatcheck.errors import QatcheckError
 from qatcheck.measurement import Case, Verdict
@@ -153,6 +154,15 @@ def pytest_configure(config: pytest.Config) -> None:
         strict=config.getoption("--qatcheck-strict"),
         benchmark_table=config.getoption("--qatcheck-benchmark-table"),
     )
+    w = parallel.worker(config)
+    if w is not None:
+        options.xdist_worker = (w.index, w.count)
+        if threads == "auto":  # workers share the cores: oversubscribed OpenMP threads crawl
+            options.threads = max(1, options.threads // w.count)
+    elif parallel.is_controller(config):
+        if config.option.dist == "load":  # a suite's tests on one worker: see qatcheck.parallel
+            config.option.dist = "loadscope"
+        config.pluginmanager.register(_Controller(), "qatcheck-xdist-controller")
     config.stash[OPTIONS_KEY] = options
     activate(options)  # recipe factories run lazily, inside this session: qatcheck.options.active()
     config.stash[MISSING_KEY] = []
@@ -172,7 +182,13 @@ def _session(config: pytest.Config, create: bool = True):
     if qs is None and create:
         from qatcheck.session import QatcheckSession
 
-        qs = config.stash[SESSION_KEY] = QatcheckSession(config.stash[OPTIONS_KEY])
+        options = config.stash[OPTIONS_KEY]
+        if options.xdist_worker:  # each worker times on its own GPU, or not at all
+            device, options.latency_off = parallel.latency_placement(parallel.Worker(*options.xdist_worker),
+                                                                     options.device)
+            if device and options.device in ("auto", "cuda"):
+                options.device = device
+        qs = config.stash[SESSION_KEY] = QatcheckSession(options)
     return qs
 
 
@@ -310,6 +326,19 @@ def pytest_collection_finish(session: pytest.Session) -> None:
         bs.quiet = True
 
 
+class _Controller:
+    """pytest-xdist's controller: collects each worker's qatcheck summary (tables, baseline
+    changes, notes) and prints them once, at the end."""
+
+    def __init__(self) -> None:
+        self.texts: list[str] = []
+
+    def pytest_testnodedown(self, node, error) -> None:
+        text = getattr(node, "workeroutput", {}).get("qatcheck_summary")
+        if text:
+            self.texts.append(text)
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     config = session.config
     qs = _session(config, create=False)
@@ -317,11 +346,18 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         from qatcheck import report
 
         qs.summary = report.finish(qs)
+        if hasattr(config, "workeroutput"):
+            config.workeroutput["qatcheck_summary"] = qs.summary.text
     if config.stash.get(MISSING_KEY, []) and session.exitstatus == 0:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    controller = config.pluginmanager.get_plugin("qatcheck-xdist-controller")
+    if controller is not None and controller.texts:
+        terminalreporter.section("qatcheck")
+        for text in sorted(controller.texts):
+            terminalreporter.write(text)
     qs = _session(config, create=False)
     summary = getattr(qs, "summary", None)
     missing = config.stash.get(MISSING_KEY, [])
