@@ -13,7 +13,7 @@ import hashlib
 import inspect
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -70,25 +70,27 @@ def model_code_digest(model: torch.nn.Module, factory: Any = None) -> str:
 _BUILD_CODE = ("artifacts.py", "quantize", "data/batching.py")
 
 
-def build_code_digest(spec: ModeSpec) -> str:
-    """Digest of qatcheck's build code and of the modules that hold the mode's builders."""
+def source_digest(items: Iterable[str | Path]) -> str:
+    """Digest of source files: ``items`` are paths inside the qatcheck package (a folder means
+    every ``.py`` under it) or absolute paths. What cached results depend on when qatcheck's own
+    code computed them (a local edit changes it; a version number would not)."""
     root = Path(__file__).resolve().parent
     files: set[Path] = set()
-    for item in _BUILD_CODE:
+    for item in items:
         p = root / item
         files.update(p.rglob("*.py") if p.is_dir() else [p])
-    for builder in (spec.onnx_builder, spec.torch_builder):
-        if builder is None:
-            continue
-        fn = resolve(builder)
-        src = inspect.getsourcefile(fn) if callable(fn) else None
-        if src:
-            files.add(Path(src).resolve())
     h = hashlib.sha256()
     for f in sorted(files):
         h.update(str(f.relative_to(root) if f.is_relative_to(root) else f.name).encode())
         h.update(f.read_bytes())
     return h.hexdigest()[:16]
+
+
+def build_code_digest(spec: ModeSpec) -> str:
+    """Digest of qatcheck's build code and of the modules that hold the mode's builders."""
+    builders = [resolve(b) for b in (spec.onnx_builder, spec.torch_builder) if b is not None]
+    sources = [inspect.getsourcefile(fn) for fn in builders if callable(fn)]
+    return source_digest([*_BUILD_CODE, *(Path(s).resolve() for s in sources if s)])
 
 
 class RecipeState:

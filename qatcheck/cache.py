@@ -14,7 +14,6 @@ import contextlib
 import fcntl
 import hashlib
 import json
-import shutil
 import time
 from dataclasses import dataclass
 from importlib import metadata
@@ -129,9 +128,6 @@ class ArtifactCache:
                 gone.append(e)
         return gone
 
-    def clear(self) -> None:
-        shutil.rmtree(self.root, ignore_errors=True)
-
 
 def verify(path: Path, manifest: Path) -> str | None:
     """None when ``path`` is the file its manifest describes; otherwise what is wrong ("absent"
@@ -153,8 +149,9 @@ def verify(path: Path, manifest: Path) -> str | None:
 
 
 def adopt(path: Path) -> None:
-    """Record ``path``'s current content in its manifest, as if its builder had written it (tests
-    plant a broken artifact this way; a file changed without it is rebuilt)."""
+    """Accept ``path``'s current content as the entry (a deliberate hand edit of a cached artifact,
+    or a test planting a broken one): its manifest records the new size and digest. A file changed
+    without this is rebuilt on its next use."""
     manifest = path.parent / f"{path.name.split('.')[0]}.json"
     info = json.loads(manifest.read_text(encoding="utf-8"))
     info.update(size=path.stat().st_size, digest=file_digest(path, DIGEST_LENGTH))

@@ -44,12 +44,17 @@ def is_controller(config) -> bool:
 
 
 def latency_placement(w: Worker, device: str) -> tuple[str | None, str]:
-    """(the CUDA device this worker times on, or None with the reason nothing is timed)."""
+    """(the CUDA device this worker measures on, or None and the reason it times nothing).
+    ``device`` is --qatcheck-device: ``auto`` / ``cuda`` spread the workers over the GPUs; a
+    named device (``cuda:1``) or the CPU is shared by every worker."""
     import torch
 
-    gpus = torch.cuda.device_count() if device in ("auto", "cuda") or device.startswith("cuda") else 0
+    if w.count == 1:  # one worker has the machine to itself: time where asked
+        return None, ""
+    gpus = torch.cuda.device_count() if device in ("auto", "cuda") else 0
     if gpus >= w.count:
         return f"cuda:{w.index}", ""
-    where = f"{gpus} GPU{'s' if gpus != 1 else ''}" if gpus else "no GPU"
+    where = (f"{gpus} GPU{'s' if gpus != 1 else ''}" if gpus else
+             "no GPU" if device in ("auto", "cuda") else f"one device ({device})")
     return None, (f"latency not measured under pytest-xdist: {w.count} workers and {where} - workers sharing "
                   "a device would time each other; run without -n for latency (or with -n <= the GPU count)")

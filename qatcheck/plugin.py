@@ -186,7 +186,7 @@ def _session(config: pytest.Config, create: bool = True):
         if options.xdist_worker:  # each worker times on its own GPU, or not at all
             device, options.latency_off = parallel.latency_placement(parallel.Worker(*options.xdist_worker),
                                                                      options.device)
-            if device and options.device in ("auto", "cuda"):
+            if device:
                 options.device = device
         qs = config.stash[SESSION_KEY] = QatcheckSession(options)
     return qs

@@ -23,8 +23,13 @@ CV_WARNING = 0.025
 MIN_ITERATIONS = 20
 #: the timed loop is cut into this many consecutive blocks for the median's confidence interval
 CI_BLOCKS = 10
-#: two-sided 95% Student t quantiles by degrees of freedom (blocks - 1)
-_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+
+
+def _t95(dof: int) -> float:
+    """Two-sided 95% Student t quantile (the medians' and the paired rounds' intervals)."""
+    from scipy.stats import t as student_t
+
+    return float(student_t.ppf(0.975, dof))
 
 
 @dataclass(frozen=True)
@@ -113,7 +118,7 @@ def median_ci_rel(samples_ms: Sequence[float], blocks: int = CI_BLOCKS) -> float
     center = float(np.median(a))
     if center <= 0:
         return float("inf")
-    return float(_T95[k - 1] * meds.std(ddof=1) / np.sqrt(k) / center)
+    return float(_t95(k - 1) * meds.std(ddof=1) / np.sqrt(k) / center)
 
 
 def stats_from_samples(samples_ms: Sequence[float], batch_size: int, clock: str) -> LatencyStats:
@@ -196,13 +201,26 @@ def _collect(call: TimedCall, iterations: int, warmup_s: float, benchmark=None,
         benchmark.pedantic(call.run, rounds=iterations, iterations=1, warmup_rounds=0)
         wall_ms = [t * 1e3 for t in benchmark.stats.stats.data]
     else:
-        wall_ms = []
-        for _ in range(iterations):
-            t0 = time.perf_counter()
-            call.run()
-            wall_ms.append((time.perf_counter() - t0) * 1e3)
-    if call.device_times_ms:  # CUDA events, eager or around a CUDA-graph replay
-        return list(call.device_times_ms[-iterations:]), getattr(call, "clock", None) or "cuda-events"
+        wall_ms = _runs(call, iterations)
+    return _times(call, wall_ms)
+
+
+def _runs(call: TimedCall, count: int, seconds: float = 0.0) -> list[float]:
+    """Wall-clock milliseconds of ``count`` runs, or of as many as fit in ``seconds`` (at least
+    ``count``)."""
+    wall, t_end = [], time.perf_counter() + seconds
+    while len(wall) < count or time.perf_counter() < t_end:
+        t = time.perf_counter()
+        call.run()
+        wall.append((time.perf_counter() - t) * 1e3)
+    return wall
+
+
+def _times(call: TimedCall, wall_ms: list[float]) -> tuple[list[float], str]:
+    """The loop's per-run times and their clock: device times (CUDA events, eager or around a
+    CUDA-graph replay) win over wall-clock."""
+    if call.device_times_ms:
+        return list(call.device_times_ms[-len(wall_ms):]), getattr(call, "clock", None) or "cuda-events"
     return wall_ms, "wall"
 
 
@@ -236,12 +254,9 @@ class PairedStats:
 
 def paired_stats(ratios: Sequence[float], reference: str, median_ms: float,
                  reference_median_ms: float) -> PairedStats:
-    from scipy.stats import t as student_t
-
     logs = np.log(np.asarray(ratios, dtype=np.float64))
     k = logs.size
-    t = float(student_t.ppf(0.975, k - 1)) if k > 1 else float("inf")
-    half = float(t * logs.std(ddof=1) / np.sqrt(k)) if k > 1 else float("inf")
+    half = float(_t95(k - 1) * logs.std(ddof=1) / np.sqrt(k)) if k > 1 else float("inf")
     return PairedStats(float(np.exp(logs.mean())), half, k, reference, median_ms, reference_median_ms,
                        tuple(float(r) for r in ratios))
 
@@ -276,9 +291,4 @@ def _block(call: TimedCall, seconds: float, min_runs: int = 5) -> list[float]:
     """Per-run milliseconds of ``call`` for about ``seconds`` (device times when it has them)."""
     if call.device_times_ms is not None:
         call.device_times_ms.clear()
-    wall, t_end = [], time.perf_counter() + seconds
-    while len(wall) < min_runs or time.perf_counter() < t_end:
-        t = time.perf_counter()
-        call.run()
-        wall.append((time.perf_counter() - t) * 1e3)
-    return list(call.device_times_ms[-len(wall):]) if call.device_times_ms else wall
+    return _times(call, _runs(call, min_runs, seconds))[0]

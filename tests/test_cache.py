@@ -235,3 +235,31 @@ def test_kill_9_during_a_baseline_commit_leaves_the_file_as_it_was(tmp_path):
     assert proc.returncode == -9, proc.stderr.decode()
     assert (tmp_path / "r.json").read_bytes() == before
     assert load(tmp_path / "r.json", "r")["cases"]["fp32-onnxruntime"]["metrics"]["top1"]["value"] == 0.9
+
+
+def test_editing_a_registered_modes_builder_module_changes_its_key(tmp_path, monkeypatch):
+    """A user's own mode builds with code qatcheck never versions: the key follows its source."""
+    import importlib
+
+    from qatcheck.artifacts import build_code_digest
+    from qatcheck.modes import ModeSpec
+
+    (tmp_path / "my_builders.py").write_text("def build(b, spec, path, dynamic):\n    return {}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    importlib.invalidate_caches()
+    mine = ModeSpec("mine", "float", "fp32", "my_builders:build")
+    before = build_code_digest(mine)
+    assert build_code_digest(mine) == before and build_code_digest(spec("fp32")) != before
+    (tmp_path / "my_builders.py").write_text("def build(b, spec, path, dynamic):\n    return {'v': 2}\n")
+    assert build_code_digest(mine) != before
+
+
+def test_a_sensitivity_profile_keys_on_the_model_and_analysis_code(tmp_path, monkeypatch):
+    import qatcheck.artifacts as artifacts
+    from qatcheck.analysis.sensitivity import SensitivityRunner
+
+    runner = SensitivityRunner(digits_recipe(), "onnx", tmp_path, True, False)
+    parts = runner.profile_key_parts(256, False)
+    assert parts["model_code"] == RecipeState(digits_recipe()).model_code and parts["code"]
+    monkeypatch.setattr(artifacts, "source_digest", lambda items: "edited")
+    assert runner.profile_key_parts(256, False)["code"] == "edited"

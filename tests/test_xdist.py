@@ -43,3 +43,25 @@ def test_two_workers_one_table_per_recipe_every_row_same_figures(pytester, tmp_p
     # the same verdicts, less the 6 latency checks the workers do not time
     assert serial.parseoutcomes()["passed"] == parallel.parseoutcomes()["passed"] + 6
     assert "failed" not in serial.parseoutcomes() and "failed" not in parallel.parseoutcomes()
+
+
+@pytest.mark.parametrize("device, gpus, count, expected", [
+    ("auto", 2, 2, "cuda:1"),      # a GPU per worker: worker 1 takes the second
+    ("cuda", 4, 2, "cuda:1"),
+    ("auto", 1, 2, "1 GPU"),       # two workers, one GPU: they would time each other
+    ("auto", 0, 2, "no GPU"),
+    ("cuda:0", 2, 2, "one device (cuda:0)"),  # a named device is shared by every worker
+    ("cpu", 0, 2, "one device (cpu)"),
+])
+def test_latency_placement(monkeypatch, device, gpus, count, expected):
+    import torch
+
+    from qatcheck.parallel import Worker, latency_placement
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    placed, reason = latency_placement(Worker(1, count), device)
+    if expected.startswith("cuda:"):
+        assert placed == expected and reason == ""
+    else:
+        assert placed is None and f"{count} workers and {expected}" in reason
+    assert latency_placement(Worker(0, 1), device) == (None, "")  # one worker: timed where asked
