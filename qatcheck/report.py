@@ -4,12 +4,11 @@ a PNG chart, built only from the session's measurement records.
 from __future__ import annotations
 
 import io
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from qatcheck.errors import BaselineError
-from qatcheck.fsutil import write_text_atomic
+from qatcheck import report_files
 from qatcheck.measurement import Case, overall
 from qatcheck.modes import PROFILE_POINTS, spec as mode_spec
 
@@ -210,21 +209,21 @@ def finish(session) -> Summary:
         out.write(terminal_table(f"qatcheck: {name}", header, rows))
         notes = notes_text(session, name)
         out.write(kept_text(kept) + notes)
-        md, js = reports / f"{name}.md", reports / f"{name}.json"
         try:
-            reports.mkdir(parents=True, exist_ok=True)
-            write_text_atomic(md, f"# qatcheck report: {name}\n\n" + markdown_table(header, rows)
-                              + ("\n" + kept_text(kept) if kept else "")
-                              + ("\n" + notes.replace("\n", "\n\n") if notes else ""))
-            write_text_atomic(js, json.dumps({"recipe": name, "cases": records, "keep_precision": kept},
-                                             indent=2, default=str) + "\n")
+            md, js, all_rows = report_files.write(
+                reports, name, header, rows, records,
+                extra_md=("\n" + kept_text(kept) if kept else "") + ("\n" + notes.replace("\n", "\n\n") if notes else ""),
+                extra_json={"keep_precision": kept}, run=session.run)
         except OSError as exc:  # the table above is already out: say why the files are not
             out.write(f"reports NOT written: cannot write {exc.filename or reports}: {exc.strerror or exc} "
                       "(make it writable, or point --qatcheck-reports elsewhere)\n")
             continue
+        if len(all_rows) > len(rows):
+            out.write(f"reports/{name}.md also keeps {len(all_rows) - len(rows)} row(s) of another run of "
+                      f"{name} that overlapped this one\n")
         summary.files += [md, js]
         try:
-            summary.files.append(chart(reports / f"{name}.png", f"qatcheck: {name}", header, rows,
+            summary.files.append(chart(reports / f"{name}.png", f"qatcheck: {name}", header, all_rows,
                                        metric_label(session.task(name).primary_metric)))
         except Exception as exc:  # a chart is a nicety; never fail a session over it
             out.write(f"(chart not written: {exc})\n")

@@ -36,6 +36,7 @@ from qatcheck.modes import PROFILE_POINTS, calibrator_of, parity_reference, spec
 from qatcheck.options import Options
 from qatcheck.recipe import ParityThresholds, Recipe
 from qatcheck.reference_store import ReferenceStore
+from qatcheck.report_files import Run
 from qatcheck.tasks import make_task
 
 __all__ = ["Options", "QatcheckSession"]
@@ -44,6 +45,7 @@ __all__ = ["Options", "QatcheckSession"]
 class QatcheckSession:
     def __init__(self, options: Options, backends: dict[str, Backend] | None = None) -> None:
         self.options = options
+        self.run = Run()  # who wrote a report row, and when (report_files merges overlapping runs)
         #: backends by name; the ones not given are created from the registry on first use
         self._backends: dict[str, Backend] = dict(backends or {})
         self.store = BaselineStore(options.baselines_dir)

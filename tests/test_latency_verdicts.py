@@ -247,6 +247,19 @@ def test_an_unchanged_artifact_is_never_red_for_the_machine_being_slower():
     assert judge_latency(dataclasses.replace(m, latency_artifact="other"), b, tolerance_rel=0.15).status == "fail"
 
 
+def test_an_unchanged_artifact_that_runs_faster_is_not_offered_as_an_improvement():
+    """Measured on the H200: ONNX Runtime moves up to x1.47 between processes. The same bytes timed
+    faster than at recording is the recording's slow moment, not a gain to keep: a plain pass."""
+    b = CaseBaseline("b.json", {"latency": {FID: {"median_ms": {"value": 1.0, "tolerance": 0.15},
+                                                  "spread": {"ci_rel": 0.01}, "artifact": "same"}}})
+    m = dataclasses.replace(measured(stats(0.5, ci=0.01)), latency_artifact="same")
+    v = judge_latency(m, b, tolerance_rel=0.15)
+    assert v.status == "pass" and v.ok and not v.notes
+    # a different artifact that is faster is a real improvement
+    v = judge_latency(dataclasses.replace(m, latency_artifact="other"), b, tolerance_rel=0.15)
+    assert v.status == "improved"
+
+
 def test_duet_timing_sees_the_slower_call(tmp_path):
     fast, slow = TimedCall(lambda: _spin_ms(0.2)), TimedCall(lambda: _spin_ms(0.6))
     p = timing.paired(slow, fast, "ref", duration_s=0.2, warmup_s=0.0, rounds=4)
