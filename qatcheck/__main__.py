@@ -9,6 +9,8 @@
 
     python -m qatcheck cache [list | prune [--all | --older-than DAYS]] [--cache DIR]
 
+    python -m qatcheck reference [--write docs/reference.md]
+
 ``lint`` checks a Q/DQ ONNX against TensorRT's placement rules (qatcheck.quantize.qdq_lint) and exits
 1 when it has findings.
 
@@ -20,6 +22,7 @@ import argparse
 import importlib
 import sys
 import time
+from pathlib import Path
 from typing import Sequence
 
 from qatcheck.errors import ConfigError, QatcheckError
@@ -129,6 +132,12 @@ def cmd_lint(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def cmd_reference(args) -> int:
+    from qatcheck.reference_doc import main as reference
+
+    return reference(["--write", str(args.write)] if args.write else [])
+
+
 def cmd_cache(args) -> int:
     """List the artifact cache's entries (size, age, intact or what is wrong), or prune them."""
     from qatcheck.cache import ArtifactCache
@@ -192,6 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--older-than", type=float, default=None, metavar="DAYS",
                    help="prune: also intact entries older than DAYS")
     c.set_defaults(func=cmd_cache)
+    r = sub.add_parser("reference", help="the recipe author's reference (docs/reference.md), from the code")
+    r.add_argument("--write", type=Path, default=None, help="write it here (default: print it)")
+    r.set_defaults(func=cmd_reference)
     return parser
 
 

@@ -4,8 +4,10 @@ Layout (stable key order, so a baseline update is a small, reviewable diff)::
 
     {"qatcheck_baseline": 1, "recipe": "digits",
      "eval_data": {"fingerprint": "3f2a...", "samples": 540},              # what the metrics were measured on
+     "outputs": {"logits": [10]},                                          # each output's per-sample shape
      "cases": {"torch_ptq-onnxruntime": {
         "metrics": {"top1": {"value": 0.9815, "tolerance": 0.5}},          # tolerance in points
+        "values": {"landmarks.l2": {"value": 0.031, "tolerance": 0.05}},   # not a fraction: relative
         "parity":  {"cosine": {"value": 0.99993, "tolerance": 0.0005}, ...},
         "structure": {"qdq_pairs": {"value": 14, "tolerance": 0}, "layer1.conv1:input.scale": {...}},
         "latency": {"<fingerprint id>": {"device": "...", "median_ms": {"value": 0.41, "tolerance": 0.15},
@@ -32,7 +34,9 @@ from qatcheck.errors import BaselineError
 from qatcheck.fsutil import write_text_atomic
 
 SCHEMA = 1
-SECTIONS = ("metrics", "parity", "structure", "latency")
+#: metrics: fractions in [0, 1] (tolerance in points); values: any other metric (a regression
+#: error; tolerance relative to the value)
+SECTIONS = ("metrics", "values", "parity", "structure", "latency")
 
 
 @dataclass(frozen=True)
@@ -119,6 +123,12 @@ def validate(data: Any, path: Path, recipe: str) -> dict[str, Any]:
         ev = data["eval_data"]
         if not isinstance(ev, dict) or not isinstance(ev.get("fingerprint"), str):
             raise _fail(path, "'eval_data'", f"must be an object with a 'fingerprint' string, got {ev!r}")
+    if "outputs" in data:
+        outs = data["outputs"]
+        if not isinstance(outs, dict) or not all(
+                isinstance(v, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in v)
+                for v in outs.values()):
+            raise _fail(path, "'outputs'", f"must map output names to per-sample shapes (lists of ints), got {outs!r}")
     cases = data.get("cases")
     if not isinstance(cases, dict):
         raise _fail(path, "'cases'", "must be an object")

@@ -10,17 +10,15 @@ a rebuild replaces an entry only once the new file is complete.
 """
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import time
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
-from qatcheck.fsutil import file_digest, write_text_atomic
+from qatcheck.fsutil import file_digest, locked, write_text_atomic
 
 DIGEST_LENGTH = 32
 
@@ -90,16 +88,8 @@ class ArtifactCache:
             self.reused.discard(path.name)
         return path
 
-    @contextlib.contextmanager
-    def _lock(self, key: str) -> Iterator[None]:
-        locks = self.root / ".locks"
-        locks.mkdir(parents=True, exist_ok=True)
-        with open(locks / f"{key}.lock", "a+") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
+    def _lock(self, key: str):
+        return locked(self.root / ".locks" / f"{key}.lock")
 
     def entries(self) -> list[Entry]:
         out = []

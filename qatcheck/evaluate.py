@@ -30,28 +30,37 @@ class Evaluation:
     #: NaN / inf values among the outputs (a metric over them means nothing); NaN / inf inputs
     #: are an error before any model runs on them
     nonfinite_outputs: int = 0
+    #: each output's per-sample shape (batch dimension dropped), in output order
+    output_shapes: tuple[tuple[int, ...], ...] = ()
 
 
 def evaluate(infer: Infer, batches: Iterable[tuple[np.ndarray, Any, int]], task, *,
              reference: Infer | Sequence[Sequence[np.ndarray]] | None = None,
              keep: list | None = None, on_batch: Callable[[], None] | None = None,
-             source: str = "the eval data") -> Evaluation:
+             source: str = "the eval data",
+             check_outputs: Callable[[Sequence[np.ndarray]], None] | None = None) -> Evaluation:
     """Run ``infer`` over ``(inputs, targets, real count)`` batches.
 
     ``reference`` is another model (run on the same batches) or the outputs it produced earlier, one
     list per batch (the sensitivity profile keeps fp32's). ``keep`` collects this model's outputs.
+    ``check_outputs`` sees the first batch's outputs before any metric does (and may raise).
     """
     metric = task.metric()
     agreement = task.agreement() if reference is not None else None
     parities: list[ParityAccumulator] = []
     samples = bad_out = 0
+    shapes: tuple[tuple[int, ...], ...] = ()
     t0 = time.perf_counter()
     for i, (x, y, n) in enumerate(batches):
         _check_finite(x[:n], samples, source)
         outs = [np.asarray(o)[:n] for o in infer(x)]
         bad_out += sum(int(o.size - np.isfinite(o).sum()) for o in outs)
-        if i == 0 and hasattr(task, "check_model"):
-            task.check_model(outs)  # e.g. a detector's class count vs the data's
+        if i == 0:
+            shapes = tuple(tuple(int(d) for d in o.shape[1:]) for o in outs)
+            if check_outputs is not None:
+                check_outputs(outs)
+            if hasattr(task, "check_model"):
+                task.check_model(outs)  # e.g. a detector's class count vs the data's, top_k vs classes
         metric.update(outs, y)
         samples += n
         if reference is not None:
@@ -70,7 +79,7 @@ def evaluate(infer: Infer, batches: Iterable[tuple[np.ndarray, Any, int]], task,
                       parity=tuple(p.result() for p in parities) if reference is not None else None,
                       agreement=agreement.result() if agreement is not None else None,
                       samples=samples, seconds=time.perf_counter() - t0,
-                      nonfinite_outputs=bad_out)
+                      nonfinite_outputs=bad_out, output_shapes=shapes)
 
 
 def _check_finite(x: np.ndarray, first: int, source: str) -> None:

@@ -28,6 +28,8 @@ class CaseBaseline:
     entries: Mapping[str, Any] = field(default_factory=dict)
     #: the eval data the stored metrics were measured on (``eval_data`` in the file), if recorded
     eval_data: Mapping[str, Any] | None = None
+    #: each output's per-sample shape when the baseline was recorded (``outputs`` in the file)
+    outputs: Mapping[str, Any] | None = None
 
     def get(self, section: str, name: str, fingerprint: str | None = None) -> dict | None:
         entries = self.entries.get(section, {})
@@ -76,48 +78,99 @@ def _data_changed(m: Measurement, base: CaseBaseline) -> str | None:
             "re-record with --update-baselines if the new data is intended")
 
 
+def outputs_changed(shapes: Mapping[str, Any] | None, stored: Mapping[str, Any] | None) -> list[str]:
+    """Each output's per-sample shape vs the one recorded with the baseline: outputs that swapped
+    places (the model's return order vs Recipe.output_names) are named, before any metric computed
+    from the wrong tensor is blamed (the session checks the first batch; the judge again)."""
+    stored = stored or {}
+    out = []
+    for name, shape in (shapes or {}).items():
+        was = stored.get(name)
+        if was is not None and list(was) != list(shape):
+            out.append(f"output {name!r} has per-sample shape {tuple(shape)}; the baseline recorded "
+                       f"{tuple(was)}: did the model's outputs change order or shape? (Recipe.output_names "
+                       "must list them in the order the model returns them)")
+    return out
+
+
 def judge_accuracy(m: Measurement, base: CaseBaseline | None, *, metric_names: tuple[str, ...],
                    primary: str, tolerance_points: float, fp32: Measurement | None = None,
-                   budget_points: float | None = None, strict: bool = False) -> Verdict:
-    """Each metric vs its baseline (tolerance in points); and, with ``budget_points``, the primary
-    metric vs fp32 on the same backend. Better than the baseline beyond the tolerance: improved."""
+                   budget_points: float | None = None, strict: bool = False,
+                   specs: Mapping[str, Any] | None = None, value_rel: float = 0.05) -> Verdict:
+    """Each metric vs its baseline, in its direction (``specs``: name -> tasks.base.MetricSpec;
+    fractions: tolerance in points, section ``metrics``; plain values: tolerance relative to the
+    baseline, section ``values``); and, with ``budget_points``, the primary metric vs fp32 on the
+    same backend. Better than the baseline beyond the tolerance: improved."""
+    from qatcheck.tasks.base import MetricSpec
+
     failures: list[str] = []
     improved: list[str] = []
     updates = []
     key = m.case.key
-    for problem in (_nonfinite(m), _data_changed(m, base) if base is not None else None):
-        if problem:
-            failures.append(problem)
+    problems = [_nonfinite(m)]
+    if base is not None:
+        problems += [_data_changed(m, base), *outputs_changed(m.output_shapes, base.outputs)]
+    failures += [p for p in problems if p]
     for name in metric_names:
+        spec = (specs or {}).get(name) or MetricSpec()
         value = m.metrics[name]
-        updates.append(Update(key, "metrics", name, float(value), float(tolerance_points)))
+        section = "metrics" if spec.fraction else "values"
+        tol = float(tolerance_points) if spec.fraction else float(value_rel)
+        updates.append(Update(key, section, name, float(value), tol))
         if not math.isfinite(value):
             failures.append(f"{name} is {value}: the metric is not a finite number")
             continue
         if base is None:
             continue
-        b = base.get("metrics", name)
+        b = base.get(section, name)
         if b is None:
-            failures.append(base.missing(key, f"metrics.{name}"))
-        elif value < b["value"] - b["tolerance"] / 100 - EPS:
-            failures.append(
-                f"{name} {value:.2%} is below the baseline {b['value']:.2%} by "
-                f"{(b['value'] - value) * 100:.2f} points (tolerance {b['tolerance']:g} points) [{base.path}]")
-        elif value > b["value"] + b["tolerance"] / 100 + EPS:
-            improved.append(f"{name} {value:.2%} is above the baseline {b['value']:.2%} by "
-                            f"{(value - b['value']) * 100:.2f} points")
+            failures.append(base.missing(key, f"{section}.{name}"))
+            continue
+        sign = 1.0 if spec.higher_is_better else -1.0
+        # how far the value moved in the bad direction, and the tolerance, in the same unit
+        margin = b["tolerance"] / 100 if spec.fraction else b["tolerance"] * abs(b["value"])
+        worse = sign * (b["value"] - value)
+        bad, good = ("below", "above") if spec.higher_is_better else ("above", "below")
+        lower = "" if spec.higher_is_better else "; lower is better"
+        if worse > margin + EPS:
+            failures.append(f"{name} {_fmt(spec, value)} is {bad} the baseline {_fmt(spec, b['value'])} by "
+                            f"{_amount(spec, worse, b['value'])} (tolerance {_tol_text(spec, b['tolerance'])}"
+                            f"{lower}) [{base.path}]")
+        elif -worse > margin + EPS:
+            improved.append(f"{name} {_fmt(spec, value)} is {good} the baseline {_fmt(spec, b['value'])} by "
+                            f"{_amount(spec, -worse, b['value'])}")
     if budget_points is not None and fp32 is not None:
-        drop = (fp32.metrics[primary] - m.metrics[primary]) * 100
+        spec = (specs or {}).get(primary) or MetricSpec()
+        sign = 1.0 if spec.higher_is_better else -1.0
+        worse = sign * (fp32.metrics[primary] - m.metrics[primary])
+        # a fraction's budget is in points; a plain value's in percent of fp32's value
+        drop = worse * 100 if spec.fraction else 100 * worse / max(abs(fp32.metrics[primary]), 1e-12)
         if not drop <= budget_points + EPS:
-            failures.append(f"{primary} {m.metrics[primary]:.2%} is {drop:.2f} points below fp32 "
-                            f"{fp32.metrics[primary]:.2%} on {m.case.backend} (budget {budget_points:g} points)")
+            bad = "below" if spec.higher_is_better else "above"
+            moved, unit = (f"{drop:.2f} points", "points") if spec.fraction else (f"{drop:.1f}%", "%")
+            failures.append(f"{primary} {_fmt(spec, m.metrics[primary])} is {moved} {bad} fp32 "
+                            f"{_fmt(spec, fp32.metrics[primary])} on {m.case.backend} (budget {budget_points:g} {unit})")
     return _verdict("accuracy", m, failures, updates, improved=improved, strict=strict)
 
 
+def _fmt(spec, v: float) -> str:
+    return f"{v:.2%}" if spec.fraction else f"{v:.6g}"
+
+
+def _tol_text(spec, tolerance: float) -> str:
+    return f"{tolerance:g} points" if spec.fraction else f"{tolerance:.0%} of the baseline"
+
+
+def _amount(spec, moved: float, base: float) -> str:
+    return f"{moved * 100:.2f} points" if spec.fraction else f"{moved / max(abs(base), 1e-12):.1%}"
+
+
 def judge_parity(m: Measurement, base: CaseBaseline | None, *, thresholds, agreement_name: str,
-                 cosine_tolerance: float, agreement_tolerance: float, strict: bool = False) -> Verdict:
-    """Outputs vs the case's reference: absolute floors (``thresholds``, a ParityThresholds) and
-    the stored values minus their tolerance."""
+                 cosine_tolerance: float, agreement_tolerance: float, strict: bool = False,
+                 output_floors: Mapping[str, float] | None = None) -> Verdict:
+    """Outputs vs the case's reference: absolute floors (``thresholds``, a ParityThresholds; with
+    several outputs each output is held to the floor, or to its own in ``output_floors``, and named
+    when below) and the stored values minus their tolerance."""
     if m.parity is None or thresholds is None:
         return Verdict("parity", m.case, "skip", reason=f"{m.case.id} is the parity reference "
                                                           "(PyTorch fp32) itself")
@@ -129,16 +182,23 @@ def judge_parity(m: Measurement, base: CaseBaseline | None, *, thresholds, agree
         return _verdict("parity", m, [f"non-finite parity {', '.join(f'{k}={p[k]}' for k in bad)} {vs}: "
                                       f"{cause}"], [])
     failures: list[str] = []
-    worst = ""
     if m.output_parity and len(m.output_parity) > 1:
-        name, d = min(m.output_parity.items(), key=lambda kv: kv[1]["cosine"])
-        worst = f" (worst output {name!r})"
-    if p["cosine"] < thresholds.min_cosine - EPS:
-        failures.append(f"cosine {p['cosine']:.6f}{worst} {vs} is below the floor {thresholds.min_cosine}")
+        # each output on its own: a head that drifts is named, not averaged into the others
+        for name, d in m.output_parity.items():
+            floor = (output_floors or {}).get(name, thresholds.min_cosine)
+            if not d["cosine"] >= floor - EPS:
+                failures.append(f"output {name!r}: cosine {d['cosine']:.6f} {vs} is below the floor {floor}")
+            if thresholds.max_abs is not None and not d["max_abs"] <= thresholds.max_abs + EPS:
+                failures.append(f"output {name!r}: max_abs {d['max_abs']:.3g} {vs} is above the ceiling "
+                                f"{thresholds.max_abs:g}")
+    else:
+        floor = (output_floors or {}).get(next(iter(m.output_parity or {}), ""), thresholds.min_cosine)
+        if p["cosine"] < floor - EPS:
+            failures.append(f"cosine {p['cosine']:.6f} {vs} is below the floor {floor}")
+        if thresholds.max_abs is not None and p["max_abs"] > thresholds.max_abs + EPS:
+            failures.append(f"max_abs {p['max_abs']:.3g} {vs} is above the ceiling {thresholds.max_abs:g}")
     if p[agree] < thresholds.min_top1_agreement - EPS:
         failures.append(f"{agree} {p[agree]:.2%} {vs} is below the floor {thresholds.min_top1_agreement:.2%}")
-    if thresholds.max_abs is not None and p["max_abs"] > thresholds.max_abs + EPS:
-        failures.append(f"max_abs {p['max_abs']:.3g} {vs} is above the ceiling {thresholds.max_abs:g}")
     updates = []
     improved: list[str] = []
     key = m.case.key

@@ -66,6 +66,8 @@ class Measurement:
     parity: dict[str, float] | None = None
     #: per output name: cosine / max_abs / mean_abs against the reference
     output_parity: dict[str, dict[str, float]] | None = None
+    #: per output name: its per-sample shape (the batch dimension dropped)
+    output_shapes: dict[str, list[int]] | None = None
     parity_reference: str = ""
     latency: "LatencyStats | None" = None
     fingerprint: dict[str, str] | None = None

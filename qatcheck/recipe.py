@@ -29,9 +29,13 @@ class InputSpec:
     (min, opt, max) range: the ``dynamic`` mode, ``Recipe.dynamic_modes`` and TensorRT optimization
     profiles use it."""
 
+    #: the ONNX input name
     name: str = "input"
+    #: the optimum (build) shape, batch first: evaluation, calibration and latency run at it
     shape: tuple[int, ...] = (32, 3, 224, 224)
+    #: float32 or float16
     dtype: str = "float32"
+    #: axis -> (min, opt, max) for the dynamic builds; opt must equal ``shape[axis]``
     dynamic: Mapping[int, tuple[int, int, int]] = field(default_factory=dict)
 
     def validate(self) -> None:
@@ -78,15 +82,22 @@ class QuantSettings:
     pytorch-quantization's placement (a Q/DQ in front of each conv / linear / pooling input).
     """
 
+    #: ONNX-level PTQ (trt_ptq, partial): minmax, entropy or percentile
     calibrator: str = "entropy"
+    #: pytorch-quantization (torch_ptq, qat): max, entropy, mse or percentile
     torch_calibrator: str = "entropy"
+    #: the percentile calibrators' percentile, in (50, 100]
     percentile: float = 99.99
+    #: calibration batches (of the input's batch size) drawn from calib_data
     calib_batches: int = 8
+    #: per-output-channel weight scales (TensorRT's default); False: one scale per tensor
     per_channel: bool = True
+    #: layers (PyTorch module names) that partial keeps in higher precision
     keep_precision: tuple[str, ...] = ()
     #: why each kept layer is kept (from the sensitivity command's keep file; shown in the report).
     #: Not part of the artifact cache key: it explains the list, it does not change the build.
     keep_precision_why: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
+    #: Q/DQ placement rules of the pytorch-quantization modes (None: pytorch-quantization's own)
     qdq_rules: QDQRules | None = None
 
     def validate(self) -> None:
@@ -112,9 +123,13 @@ class QuantSettings:
 class QATSettings:
     """Quantization-aware fine-tuning: a few epochs at a low learning rate from the calibrated model."""
 
+    #: fine-tuning epochs over train_data
     epochs: int = 1
+    #: learning rate (SGD with momentum, from the calibrated model)
     lr: float = 1e-4
+    #: training batch size
     batch_size: int = 64
+    #: cap on the batches per epoch (None: the whole train set)
     max_batches_per_epoch: int | None = None
 
     def validate(self) -> None:
@@ -126,8 +141,11 @@ class QATSettings:
 class ParityThresholds:
     """Floors for agreement between a case and its reference outputs."""
 
+    #: the outputs' cosine similarity floor (every output, when there are several)
     min_cosine: float = 0.999
+    #: the task agreement floor (top-1 agreement; detection: box match)
     min_top1_agreement: float = 0.99
+    #: a ceiling on the largest absolute difference (None: not checked)
     max_abs: float | None = None
 
 
@@ -148,11 +166,16 @@ class Tolerances:
     """What counts as a regression. Metric tolerances are in *points* (percentage points: 0.5 means
     a top-1 of 98.1% may drop to 97.6%)."""
 
+    #: how far (points) a fraction metric may fall below its baseline
     metric_points: float = 0.5
+    #: mode -> how far (points) its primary metric may fall below fp32 on the same backend
     fp32_budget_points: Mapping[str, float] = field(
         default_factory=lambda: {"torch_ptq": 1.0, "qat": 1.0})
+    #: how much slower (relative) than its baseline a case may be (see the README's latency verdicts)
     latency_rel: float = 0.15
+    #: how far the cosine may fall below its parity baseline
     parity_cosine: float = 0.0005
+    #: how far the agreement may fall below its parity baseline
     parity_agreement: float = 0.01
     #: export parity: a mode in PyTorch vs the same mode's exported graph on another backend
     export_parity: Mapping[str, ParityThresholds] = field(default_factory=_default_export_parity)
@@ -160,6 +183,12 @@ class Tolerances:
     quant_parity: ParityThresholds = ParityThresholds(min_cosine=0.98, min_top1_agreement=0.95)
     #: how far (relative) a quantizer's scale may move from its baseline (quantization structure)
     scale_rel: float = 0.05
+    #: a metric that is not a fraction (a regression error in pixels: MetricSpec(fraction=False))
+    #: may move this much relative to its baseline
+    value_metric_rel: float = 0.05
+    #: per-output cosine floors (output name -> min cosine) replacing the parity floor of the mode
+    #: for that output, e.g. {"landmarks": 0.995}; every output is held to a floor and named when below
+    output_min_cosine: Mapping[str, float] = field(default_factory=dict)
     #: latency gates that hold on any machine: a mode at least this many times faster than a
     #: reference mode on the same backend in the same session, e.g. {"trt_ptq": 1.5} (vs fp32) or
     #: {"trt_ptq": (1.2, "fp16")}
@@ -186,7 +215,11 @@ class Tolerances:
             check_mode(ref)
             if not floor > 0:
                 raise ConfigError(f"Tolerances.speedup_floor[{mode!r}] must be > 0; got {floor!r}")
-        for field_name in ("metric_points", "latency_rel", "parity_cosine", "parity_agreement", "scale_rel"):
+        for out, floor in self.output_min_cosine.items():
+            if not -1.0 <= floor <= 1.0:
+                raise ConfigError(f"Tolerances.output_min_cosine[{out!r}] must be a cosine in [-1, 1]; got {floor!r}")
+        for field_name in ("metric_points", "latency_rel", "parity_cosine", "parity_agreement", "scale_rel",
+                           "value_metric_rel"):
             value = getattr(self, field_name)
             if not value >= 0:  # also rejects NaN
                 raise ConfigError(f"Tolerances.{field_name} must be >= 0; got {value!r}")
@@ -201,22 +234,43 @@ class Recipe:
     called lazily and at most once per session.
     """
 
+    #: names the test ids, the baselines file and the report (letters, digits, '_', '.')
     name: str
+    #: a registered task: "classification", "detection" or one of register_task's
     task: str
+    #: returns the fp32 torch.nn.Module with its weights (called once, lazily)
     model: Callable[[], "torch.nn.Module"]
+    #: returns the eval Dataset: metrics and parity run over all of it
     eval_data: Callable[[], "Dataset"]
+    #: returns the calibration Dataset (keep it apart from eval_data)
     calib_data: Callable[[], "Dataset"]
+    #: the model input (InputSpec)
     input: InputSpec
+    #: returns the training Dataset (needed by qat)
     train_data: Callable[[], "Dataset"] | None = None
+    #: calibration settings (QuantSettings)
     quant: QuantSettings = QuantSettings()
+    #: QAT settings (QATSettings)
     qat: QATSettings = QATSettings()
+    #: what counts as a regression (Tolerances)
     tolerances: Tolerances = Tolerances()
+    #: the modes measured (qatcheck.modes; the README's Modes table)
     modes: tuple[str, ...] = MODES
+    #: the backends measured: torch, onnxruntime, tensorrt (TensorRT cases skip where it is absent)
     backends: tuple[str, ...] = BACKENDS
+    #: the model's outputs, in the order forward() returns them (ONNX output names)
     output_names: tuple[str, ...] = ("logits",)
+    #: the output the task scores, by name; required when a classification model has several
+    #: outputs (scoring output 0 by default once read box regressions as class logits)
+    task_output: str | None = None
+    #: other judged heads: output name -> registered task name (e.g. {"landmarks": "landmark_l2"});
+    #: each head's metrics are columns and baselines of their own, named "<output>.<metric>", and
+    #: the eval targets are then a qatcheck.tasks.heads.HeadTargets (targets per output name)
+    heads: Mapping[str, str] = field(default_factory=dict)
     #: free-form identity of the weights (a path, a digest) for the artifact cache key; the
     #: state dict is hashed as well, so this only speeds up keying.
     weights_id: str = ""
+    #: classification: the top-k accuracies reported (k must stay below the class count)
     top_k: tuple[int, ...] = (1, 5)
     #: detection: how raw head outputs become boxes (a name in qatcheck.tasks.detection.DECODERS,
     #: or a Decoder object); the same decoder serves every backend
@@ -263,10 +317,43 @@ class Recipe:
                               "no Recipe.loss (the training loss QAT fine-tunes with)")
         if not self.output_names:
             raise ConfigError(f"Recipe({self.name}).output_names must name the model outputs")
+        self._validate_outputs(task_names())
         self.input.validate()
         self.quant.validate()
         self.qat.validate()
         self.tolerances.validate()
+
+    def _validate_outputs(self, known_tasks) -> None:
+        names = self.output_names
+        if len(set(names)) != len(names):
+            raise ConfigError(f"Recipe({self.name}).output_names has a name twice: {names}")
+        for where, out in [("task_output", self.task_output), *((f"heads[{o!r}]", o) for o in self.heads)]:
+            if out is not None and out not in names:
+                raise ConfigError(f"Recipe({self.name}).{where} names output {out!r}, which is not in "
+                                  f"output_names {names}")
+        if self.task == "classification" and len(names) > 1 and self.task_output is None:
+            raise ConfigError(f"Recipe({self.name}) is a classification recipe whose model has {len(names)} "
+                              f"outputs ({', '.join(names)}): set task_output to the one holding the class "
+                              "scores (scoring output 0 by default would read whatever comes first)")
+        if self.heads and self.task_output is None:
+            raise ConfigError(f"Recipe({self.name}).heads needs task_output: the output the recipe's "
+                              f"task {self.task!r} scores")
+        if self.heads and self.task == "detection":
+            raise ConfigError(f"Recipe({self.name}): heads are for single-output tasks; a detection "
+                              "task reads every output of its decoder")
+        for out, task in self.heads.items():
+            if task not in known_tasks:
+                raise ConfigError(f"Recipe({self.name}).heads[{out!r}] names task {task!r}, which is "
+                                  f"unknown; registered tasks: {', '.join(known_tasks)}")
+            if out == self.task_output:
+                raise ConfigError(f"Recipe({self.name}).heads[{out!r}]: that output is task_output, "
+                                  "scored by the recipe's task already")
+        for out in self.tolerances.output_min_cosine:
+            if out not in names:
+                raise ConfigError(f"Recipe({self.name}).tolerances.output_min_cosine names output {out!r}, "
+                                  f"which is not in output_names {names}")
+        if not self.top_k or any(not isinstance(k, int) or k < 1 for k in self.top_k):
+            raise ConfigError(f"Recipe({self.name}).top_k must be positive integers; got {self.top_k}")
 
     def _field(self, dotted: str):
         value = self

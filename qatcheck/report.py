@@ -11,6 +11,7 @@ from qatcheck.errors import BaselineError
 from qatcheck import report_files
 from qatcheck.measurement import Case, overall
 from qatcheck.modes import PROFILE_POINTS, spec as mode_spec
+from qatcheck.tasks.base import metric_spec
 
 COLUMNS_HEAD = ("Mode", "Shape", "Backend", "Calibrator")
 COLUMNS_TAIL = ("Δ fp32 (pt)", "Δ baseline (pt)", "p50 ms", "Speedup", "Parity (cos / agree)", "Verdict")
@@ -32,8 +33,12 @@ def metric_label(name: str) -> str:
     return METRIC_LABELS.get(name, name)
 
 
-def _fmt_metric(v: float | None) -> str:
-    return "-" if v is None else f"{v * 100:.2f}" if v <= 1.0 else f"{v:.3f}"
+def _fmt_metric(v: float | None, fraction: bool = True) -> str:
+    """Fractions in percent (the sample repos' tables), other metrics (MetricSpec(fraction=False))
+    as they are."""
+    if v is None:
+        return "-"
+    return f"{v * 100:.2f}" if fraction and v <= 1.0 else f"{v:.4g}"
 
 
 def tested_cases(session, recipe_name: str) -> list:
@@ -95,7 +100,7 @@ def rows_for(session, recipe_name: str) -> tuple[list[str], list[list[str]], lis
                else "ref" if "eval" in m.parts else "-")
         verdict = case_verdict(session, c)
         rows.append([c.mode, shape_label(m), c.backend, m.calibrator,
-                     *[_fmt_metric(m.metrics.get(n)) for n in task.metric_names],
+                     *[_fmt_metric(m.metrics.get(n), metric_spec(task, n).fraction) for n in task.metric_names],
                      "-" if d_fp32 is None else f"{d_fp32:+.2f}", "-" if d_base is None else f"{d_base:+.2f}",
                      "-" if lat is None else f"{lat:.3f}", "-" if speed is None else f"{speed:.2f}x",
                      par, verdict])
@@ -129,12 +134,22 @@ def notes_text(session, recipe_name: str) -> str:
             seen.setdefault(note, []).append(m.case.key)
     out = "".join(f"note ({'all cases' if len(keys) == len(cases) > 1 else ', '.join(keys)}): {note}\n"
                   for note, keys in seen.items())
+    out += output_parity_text(cases)
     # what the judges said beyond pass / fail: improvements, inconclusive latency, audits
     for (case, check), v in session.verdicts.items():
         if case.recipe == recipe_name:
             out += "".join(f"{v.status if v.status in ('improved', 'inconclusive') else 'note'} "
                            f"({case.key} {check}): {n}\n" for n in v.notes)
     return out
+
+
+def output_parity_text(cases) -> str:
+    """With several outputs, each one's cosine / max-abs per case (the Parity column shows the
+    worst output's cosine): a drifting head is visible by name."""
+    lines = [f"  {m.case.key}: " + ", ".join(f"{name} {d['cosine']:.5f} / {d['max_abs']:.3g}"
+                                            for name, d in m.output_parity.items())
+             for m in cases if m.output_parity and len(m.output_parity) > 1]
+    return "parity per output (cosine / max-abs):\n" + "\n".join(lines) + "\n" if lines else ""
 
 
 def kept_text(kept: dict[str, str]) -> str:

@@ -10,17 +10,13 @@ started is an earlier run's, and is replaced whole - a report never mixes in sta
 """
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import os
 import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
-
-from qatcheck.fsutil import write_text_atomic
+from qatcheck.fsutil import locked, write_text_atomic
 
 
 @dataclass(frozen=True)
@@ -28,17 +24,6 @@ class Run:
     """This pytest run: who wrote a report row, and when."""
     started: float = field(default_factory=time.time)
     id: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}:{time.strftime('%H%M%S')}")
-
-
-@contextlib.contextmanager
-def _locked(reports: Path, name: str) -> Iterator[None]:
-    reports.mkdir(parents=True, exist_ok=True)
-    with open(reports / f".{name}.lock", "a+") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _concurrent_rows(path: Path, run: Run, measured: set[str]) -> list[dict]:
@@ -63,7 +48,7 @@ def write(reports: Path, name: str, header: list[str], rows: list[list[str]], re
 
     md, js = reports / f"{name}.md", reports / f"{name}.json"
     records = [{**r, "row": row, "run": run.id} for r, row in zip(records, rows)]
-    with _locked(reports, name):
+    with locked(reports / f".{name}.lock"):
         kept = _concurrent_rows(js, run, {r["case"]["id"] for r in records})
         all_rows = rows + [r["row"] for r in kept]
         note = ""

@@ -28,7 +28,7 @@ from qatcheck.backends.base import Backend, BuildContext, Runner
 from qatcheck.baselines import BaselineStore
 from qatcheck.cache import ArtifactCache
 from qatcheck.data.batching import eval_batches, pad_batch, resize
-from qatcheck.errors import ConfigError
+from qatcheck.errors import ConfigError, DataError
 from qatcheck.evaluate import combined_parity, evaluate
 from qatcheck.fsutil import file_digest
 from qatcheck.measurement import PARTS, Case, Measurement, Verdict
@@ -38,6 +38,7 @@ from qatcheck.recipe import ParityThresholds, Recipe
 from qatcheck.reference_store import ReferenceStore
 from qatcheck.report_files import Run
 from qatcheck.tasks import make_task
+from qatcheck.tasks.base import metric_spec
 
 __all__ = ["Options", "QatcheckSession"]
 
@@ -207,16 +208,31 @@ class QatcheckSession:
         ref_runner = self.runner(ref_case) if ref_case else None
         shape = self.shape(case)
         data = self._states[case.recipe].eval_data
+
+        def named(count: int) -> list[str]:
+            return [recipe.output_names[i] if i < len(recipe.output_names) else f"output{i}" for i in range(count)]
+
+        # output shapes are recorded and compared at the recipe's own input shape only (a dynamic
+        # H/W profile point has other output shapes, and is right to)
+        at_opt = tuple(shape[1:]) == tuple(recipe.input.shape[1:])
+        stored = (self.store.data(case.recipe).get("outputs")
+                  if at_opt and not self.options.update_baselines else None)
+
+        def check_outputs(outs) -> None:
+            changed = judges.outputs_changed({n: o.shape[1:] for n, o in zip(named(len(outs)), outs)}, stored)
+            if changed:  # before a metric reads the wrong tensor (and fails obscurely, or quietly)
+                raise DataError(f"{case.id}: " + "; ".join(changed))
+
         with self._progress(-(-len(data) // shape[0]), case.id) as bar:
             ev = evaluate(runner.infer, eval_batches(data, shape), task,
                           reference=ref_runner.infer if ref_runner else None, on_batch=bar.update,
-                          source=f"Recipe({case.recipe}).eval_data ({data.name})")
+                          source=f"Recipe({case.recipe}).eval_data ({data.name})", check_outputs=check_outputs)
+        names = named(len(ev.output_shapes))
         out = dict(device=runner.device, metrics=ev.metrics, artifact=self._artifact_digest(case, runner),
                    eval_samples=ev.samples, eval_seconds=ev.seconds, eval_fingerprint=data.fingerprint(),
-                   nonfinite_outputs=ev.nonfinite_outputs)
+                   nonfinite_outputs=ev.nonfinite_outputs,
+                   output_shapes={n: list(sh) for n, sh in zip(names, ev.output_shapes)} if at_opt else None)
         if ref_runner is not None:
-            names = [recipe.output_names[i] if i < len(recipe.output_names) else f"output{i}"
-                     for i in range(len(ev.parity))]
             ref = parity_reference(case.mode, case.backend)
             out.update(parity=combined_parity(ev), output_parity=dict(zip(names, ev.parity)),
                        parity_reference=f"torch {ref[0]} ({ref[1]})")
@@ -338,7 +354,8 @@ class QatcheckSession:
         where = str(self.store.path(case.recipe))
         if not self.store.root.is_dir():
             where += f" (the directory {self.store.root} does not exist: a mistyped --qatcheck-baselines?)"
-        return judges.CaseBaseline(where, data["cases"].get(case.key, {}), eval_data=data.get("eval_data"))
+        return judges.CaseBaseline(where, data["cases"].get(case.key, {}), eval_data=data.get("eval_data"),
+                                   outputs=data.get("outputs"))
 
     def _conclude(self, verdict: Verdict) -> Verdict:
         self.verdicts[(verdict.case, verdict.check)] = verdict
@@ -353,7 +370,8 @@ class QatcheckSession:
         return self._conclude(judges.judge_accuracy(
             m, self.baseline(case), metric_names=task.metric_names, primary=task.primary_metric,
             tolerance_points=recipe.tolerances.metric_points, fp32=fp32, budget_points=budget,
-            strict=self.options.strict))
+            strict=self.options.strict, specs={n: metric_spec(task, n) for n in task.metric_names},
+            value_rel=recipe.tolerances.value_metric_rel))
 
     def parity_thresholds(self, case: Case) -> ParityThresholds | None:
         ref = parity_reference(case.mode, case.backend)
@@ -371,7 +389,7 @@ class QatcheckSession:
             m, self.baseline(case), thresholds=self.parity_thresholds(case),
             agreement_name=self.task(case.recipe).agreement_name,
             cosine_tolerance=tol.parity_cosine, agreement_tolerance=tol.parity_agreement,
-            strict=self.options.strict))
+            strict=self.options.strict, output_floors=tol.output_min_cosine))
 
     def check_latency(self, case: Case, benchmark=None) -> Verdict:
         """Judge the case's latency; a case that looks slower but whose interval reaches below the
@@ -429,6 +447,8 @@ class QatcheckSession:
             m = self.measurements[verdict.case]
             self.store.stage_meta(verdict.case.recipe, "eval_data",
                                   {"fingerprint": m.eval_fingerprint, "samples": m.eval_samples})
+            if m.output_shapes:  # a later run whose outputs swapped places is told so by name
+                self.store.stage_meta(verdict.case.recipe, "outputs", m.output_shapes)
         return verdict
 
 

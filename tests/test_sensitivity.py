@@ -74,6 +74,9 @@ def test_planted_layer_ranked_first_and_chosen(planted_recipe, cache_dir, path):
     assert prof.fp32 > 0.98
     assert prof.ptq < prof.fp32 - 0.2, f"the planted outlier should break {prof.mode}: {prof.ptq:.2%}"
     assert prof.ranked[0] == PLANTED, table_rows(prof)
+    sqnr = [r.excluded_sqnr_db for r in prof.layers]  # the ranking key: continuous, no ties
+    assert sqnr == sorted(sqnr, reverse=True) and len(set(sqnr)) == len(sqnr)
+    assert all(r.only_sqnr_db is not None for r in prof.layers)
     top = prof.row(PLANTED)
     assert top.excluded_metric >= prof.fp32 - 0.01 and top.gain_points > 20
     assert top.only_drop_points > 20  # quantized alone it still breaks the model
@@ -212,10 +215,15 @@ def test_profile_cache_hit_and_reports(planted_recipe, tmp_path):
     assert not S.profile(third, "onnx", max_samples=32).cached and third.evaluations > 0
 
     files = write_reports(p2, tmp_path / "reports")
-    assert [f.name for f in files] == ["planted-sensitivity.json", "planted-sensitivity.png"]
+    assert [f.name for f in files] == ["planted-sensitivity.json", "planted-sensitivity.png",
+                                       "planted-sensitivity.md"]
     data = json.loads(files[0].read_text())
     assert data["profile"]["layers"][0]["layer"] == PLANTED and data["budget"] is None
+    assert data["budget_check"] is None and data["profile"]["ranked_by"] == "excluded_sqnr_db"
     assert files[1].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = files[2].read_text()
+    assert md.startswith("# planted: trt_ptq sensitivity") and f"| 1 | {PLANTED} |" in md
+    assert "## Budget" not in md
 
 
 def test_budget_already_met_and_unreachable(planted_recipe, cache_dir, monkeypatch):
@@ -292,10 +300,15 @@ def test_cli_end_to_end_on_digits(tmp_path, capsys):
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "trt_ptq sensitivity" in out and "stem.conv" in out and "evaluations" in out
-    assert "already meets the budget" in out
+    assert "SQNR excl. (dB)" in out  # the ranking key is a column
+    assert "already meets the budget" in out and "on the full eval set of 540" in out
+    assert "on the profile's 64-sample subset trt_ptq top1 is" in out  # both figures stated
     data = json.loads((tmp_path / "reports" / "digits-sensitivity.json").read_text())
     assert data["profile"]["calibrator"] == "minmax" and data["profile"]["samples"] == 64
     assert data["budget"]["met"] and data["keep_precision"] == []
+    assert data["budget_check"]["subset"]["samples"] == 64
+    assert data["budget_check"]["full"]["samples"] == 540
+    assert "| full eval set (decides) | 540 |" in (tmp_path / "reports" / "digits-sensitivity.md").read_text()
     assert (tmp_path / "reports" / "digits-sensitivity.png").stat().st_size > 1000
     assert main(argv) == 0
     assert "(cache)" in capsys.readouterr().out

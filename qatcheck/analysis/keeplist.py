@@ -54,12 +54,19 @@ def keep_list(prof: Profile, result: BudgetResult) -> KeepList:
     reasons = {}
     for layer in result.layers:
         row = prof.row(layer)
+        sqnr = (f"output SQNR vs fp32 {prof.ptq_sqnr_db:.2f} -> {row.excluded_sqnr_db:.2f} dB (the "
+                "ranking key), " if row.excluded_sqnr_db is not None and prof.ptq_sqnr_db is not None
+                else "")
         reasons[layer] = (f"rank {row.rank} of {len(prof.layers)} in the {prof.path} sensitivity profile "
                           f"({prof.calibrator}, {prof.samples} samples): keeping it alone in higher "
-                          f"precision gains {row.gain_points:+.2f} pt, output cosine vs fp32 "
-                          f"{prof.ptq_cosine:.4f} -> {row.excluded_cosine:.4f}")
+                          f"precision gives {sqnr}cosine {prof.ptq_cosine:.4f} -> "
+                          f"{row.excluded_cosine:.4f}, {result.metric} {row.gain_points:+.2f} pt")
+    subset = (f"; on the profile's {result.subset_samples}-sample subset {pct(result.subset_ptq)} -> "
+              f"{pct(result.subset_partial)} (fp32 {pct(result.subset_fp32)})"
+              if result.subset_partial is not None and result.subset_ptq is not None
+              and result.subset_fp32 is not None else "")
     summary = (f"{prof.mode} {result.metric} {pct(result.ptq)} -> partial {pct(result.partial)} "
-               f"(fp32 {pct(result.fp32)}, full eval set of {result.samples}); budget "
+               f"(fp32 {pct(result.fp32)}, full eval set of {result.samples}){subset}; budget "
                f"{result.budget.describe()}; {len(result.steps)} full evaluation(s) chose "
                f"{len(result.layers)} of {len(prof.layers)} quantized layers")
     return KeepList(result.recipe, tuple(result.layers), reasons, summary)

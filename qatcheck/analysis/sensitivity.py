@@ -4,9 +4,10 @@ Partial quantization is how TensorRT sample repos recover PTQ accuracy: a few se
 in higher precision. This module finds them, explains them and hands back a list that goes straight
 into ``QuantSettings.keep_precision`` (PyTorch module names, on both paths).
 
-* :func:`profile` - for each quantized layer, the task metric (and the output cosine vs fp32) with
-  only that layer's quantization disabled, optionally also with only that layer quantized, on a
-  subset of the eval data; ranked; cached under the artifact cache dir.
+* :func:`profile` - for each quantized layer, the output SQNR vs fp32 (the ranking key), the
+  output cosine and the task metric with only that layer's quantization disabled, optionally also
+  with only that layer quantized, on a subset of the eval data; ranked; cached under the artifact
+  cache dir.
   - ``path="onnx"`` (``trt_ptq``): the recipe's calibrated Q/DQ ONNX is built ONCE (it is the
     cached ``trt_ptq`` artifact); each variant is derived with
     :func:`qatcheck.quantize.qdq_edit.strip_qdq`, which removes that layer's Q/DQ from the quantized
@@ -23,16 +24,24 @@ into ``QuantSettings.keep_precision`` (PyTorch module names, on both paths).
   verified by full evaluations of the partial model (see its docstring for the search).
 * :func:`check_keep_precision` - keeps a chosen list under test in a suite.
 
-The keep-list file lives in :mod:`qatcheck.analysis.keeplist`, the JSON / PNG reports and the CLI
-table in :mod:`qatcheck.analysis.sensitivity_report`.
+The keep-list file lives in :mod:`qatcheck.analysis.keeplist`, the JSON / Markdown / PNG reports
+and the CLI table in :mod:`qatcheck.analysis.sensitivity_report`.
 
-Ranking (why not the metric alone): with one layer excluded the metric often moves by nothing when
-the damage comes from two layers at once (digits + entropy: ``stem.conv`` and ``fc`` each break
-top-1 on their own, so excluding either alone recovers nothing). Arg-max metrics are blind to that;
-the output cosine vs fp32 is not - removing one of two error sources always moves it. Layers are
-therefore ranked by metric gain, then (when ``only_quantized`` was profiled) by the metric drop
-with only that layer quantized, then by the cosine gain. Metric gains smaller than one sample's
-worth of the subset are treated as ties so that noise does not outrank a real cosine signal.
+Ranking (why not the metric): layers are ranked by a continuous measure, the SQNR (dB) of the
+model's outputs vs fp32's on the profiled subset with only that layer in higher precision (higher:
+excluding the layer brings the model closer to fp32, so the layer is more sensitive). The task
+metric is measured and shown in every row but never decides the order: on a small subset an arg-max
+metric moves in whole samples and is mostly noise. Measured (issue #12): on 256 samples trt_ptq was
+0.39 points (one sample) below fp32 where the full eval set shows 2.96; eight layers tied on top-1
+and the stem - the real culprit, output cosine 0.956 -> 0.995 when excluded - ranked 9th behind
+layers whose exclusion happened to flip a sample. A continuous measure also sees damage that only
+shows together: when two layers each break top-1 on their own, excluding either alone recovers no
+sample, but removing one of two error sources still raises the SQNR. Ties on the SQNR (a layer
+whose exclusion changes no output bit) fall back to the cosine, then the metric gain, then the
+name. SQNR measures closeness to fp32, not the metric: where the two disagree (a layer whose error
+happens not to flip arg-maxes) it may put a layer early that the budget does not need. The budget
+search verifies every candidate on the full eval set and prunes, so a ranking that is off costs
+evaluations, never a wrong answer.
 """
 from __future__ import annotations
 
@@ -61,13 +70,19 @@ from qatcheck.tasks import make_task
 
 __all__ = ["Budget", "BudgetResult", "BudgetStep", "LayerSensitivity", "Profile", "PATHS",
            "PATH_MODE", "profile", "choose_layers", "check_keep_precision", "with_calibrator",
-           "SensitivityRunner"]
+           "SensitivityRunner", "sqnr_db", "RANKED_BY"]
 
 PATHS = ("onnx", "torch")
 #: bump when the profile's meaning changes: old cache entries are then ignored
 #: (2: evaluated by the shared loop - the cosine of a multi-output model is its worst output's,
-#: inputs are resized to the recipe's opt shape)
-_PROFILE_VERSION = 2
+#: inputs are resized to the recipe's opt shape; 3: rows carry the output SQNR vs fp32 and are
+#: ranked by it, not by the metric)
+_PROFILE_VERSION = 3
+#: what a profile is ranked by (stored in the profile and its reports)
+RANKED_BY = "excluded_sqnr_db"
+#: SQNR is clamped to +-this many dB: outputs equal to fp32 have an infinite SQNR, non-finite
+#: outputs (NaN / inf) read as the floor; both stay valid JSON
+_SQNR_CAP_DB = 300.0
 #: modes each path profiles
 PATH_MODE = {"onnx": "trt_ptq", "torch": "torch_ptq"}
 
@@ -121,6 +136,11 @@ class LayerSensitivity:
     only_cosine: float | None = None
     only_drop_points: float | None = None  # fp32 - only_metric, in points
     rank: int = 0
+    #: the ranking key: SQNR (dB) of the outputs vs fp32 with only this layer in higher precision
+    #: (with several outputs, the mean over outputs, see sqnr_db); higher = the layer matters more
+    excluded_sqnr_db: float | None = None
+    sqnr_gain_db: float | None = None  # excluded_sqnr_db - the all-quantized model's SQNR
+    only_sqnr_db: float | None = None  # SQNR with only this layer quantized (only_quantized)
 
 
 @dataclass
@@ -139,6 +159,8 @@ class Profile:
     seconds: float = 0.0  # wall time of the computation (not of a cache hit)
     evaluations: int = 0  # subset evaluations the computation needed
     cached: bool = False  # True when this object came from the cache
+    ptq_sqnr_db: float | None = None  # the all-quantized model's output SQNR vs fp32 (subset)
+    ranked_by: str = RANKED_BY  # the LayerSensitivity field the rows are ordered by (descending)
 
     @property
     def ranked(self) -> list[str]:
@@ -188,6 +210,15 @@ class BudgetResult:
     met: bool
     steps: list[BudgetStep] = field(default_factory=list)
     message: str = ""
+    #: the same models on the profile's subset (its first ``subset_samples`` eval samples): what the
+    #: profile saw, stated next to the full eval set's figures above, which decide. None: unknown.
+    subset_samples: int = 0
+    subset_fp32: float | None = None
+    subset_ptq: float | None = None
+    subset_partial: float | None = None  # the chosen layers in higher precision, on the subset
+    subset_partial_sqnr_db: float | None = None
+    subset_met: bool | None = None  # would the subset say the chosen layers meet the budget?
+    subset_ptq_met: bool | None = None  # would the subset say ptq alone meets it (no layer)?
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -398,6 +429,25 @@ class SensitivityRunner:
         parity = evaluation.combined_parity(ev)
         return ev.metrics[self.task.primary_metric], (parity["cosine"] if parity else None)
 
+    def compare(self, infer: Infer, batches: Sequence[tuple[np.ndarray, object, int]],
+                reference: list[list[np.ndarray]]) -> tuple[float, float, float]:
+        """(primary metric, output cosine, output SQNR in dB) of one model vs ``reference`` (the
+        fp32 outputs kept on the same batches)."""
+        outputs: list = []
+        metric, cos = self.evaluate(infer, batches, reference, keep=outputs)
+        return metric, float(cos), sqnr_db(reference, outputs)
+
+    def subset_figures(self, excluded: Sequence[str], samples: int) -> dict[str, float]:
+        """fp32 and the variant with ``excluded`` layers in higher precision on the first
+        ``samples`` eval samples (a profile's subset): their metrics and the variant's SQNR."""
+        subset = self.subset(samples)
+        reference: list = []
+        with self.path.fp32() as infer:
+            fp32, _ = self.evaluate(infer, subset, keep=reference)
+        with self.path.variant(list(excluded)) as infer:
+            metric, cos, sqnr = self.compare(infer, subset, reference)
+        return {"fp32": fp32, "metric": metric, "cosine": cos, "sqnr_db": sqnr}
+
     def full_metric(self, excluded: Sequence[str] | None) -> float:
         """Metric on the whole eval set: fp32 when ``excluded`` is None, else the quantized model
         with ``excluded`` layers in higher precision."""
@@ -457,13 +507,48 @@ def profile(recipe: Recipe | SensitivityRunner, path: str = "onnx", *, max_sampl
     return prof
 
 
-def _rank(rows: list[LayerSensitivity], samples: int) -> list[LayerSensitivity]:
-    resolution = 100.0 / max(samples, 1)  # one sample, in points
+def sqnr_db(reference: Sequence[Sequence[np.ndarray]],
+            outputs: Sequence[Sequence[np.ndarray]]) -> float:
+    """SQNR in dB of ``outputs`` vs ``reference`` (one list of output arrays per batch, as
+    :func:`qatcheck.evaluate.evaluate` keeps them): 10 log10(signal energy / error energy) over all
+    batches, per output, clamped to +-_SQNR_CAP_DB; non-finite outputs give the floor.
+
+    With several outputs, the mean of the per-output SQNRs (dB), unlike the cosine, which reports
+    the worst output: as a ranking key the worst output alone ties every layer that only feeds
+    another head (measured on digitdet: ``size.out`` and ``heatmap.out`` tied to the last bit,
+    both equal to the all-quantized model's worst output). The mean moves with every output."""
+    if len(reference) != len(outputs):
+        raise ValueError(f"sqnr: {len(outputs)} output batches vs {len(reference)} reference batches")
+    if not reference:
+        return _SQNR_CAP_DB
+    n_out = len(reference[0])
+    signal, error = np.zeros(n_out), np.zeros(n_out)
+    for refs, outs in zip(reference, outputs):
+        for j, (r, o) in enumerate(zip(refs, outs)):
+            r64, o64 = np.asarray(r, np.float64).ravel(), np.asarray(o, np.float64).ravel()
+            signal[j] += float(r64 @ r64)
+            d = r64 - o64
+            error[j] += float(d @ d)
+    per_output = []
+    for sig, err in zip(signal, error):
+        if not (np.isfinite(sig) and np.isfinite(err)):
+            return -_SQNR_CAP_DB
+        if err <= 0.0:
+            db = _SQNR_CAP_DB  # equal to the reference
+        else:
+            db = 10.0 * math.log10(sig / err) if sig > 0 else -_SQNR_CAP_DB
+        per_output.append(max(-_SQNR_CAP_DB, min(_SQNR_CAP_DB, db)))
+    return float(np.mean(per_output))
+
+
+def _rank(rows: list[LayerSensitivity], samples: int | None = None) -> list[LayerSensitivity]:
+    """Most sensitive first, by the output SQNR with the layer excluded (continuous: see the
+    module docstring for why the metric must not decide). ``samples`` is unused (kept for callers
+    of the old signature)."""
 
     def key(r: LayerSensitivity):
-        gain = math.floor(r.gain_points / resolution + 0.5 + 1e-9) if r.gain_points > resolution / 2 else 0
-        only = r.only_metric if r.only_metric is not None else 0.0  # lower: more damage
-        return (-gain, round(only, 9), -r.excluded_cosine)
+        sqnr = r.excluded_sqnr_db if r.excluded_sqnr_db is not None else -math.inf
+        return (-sqnr, -r.excluded_cosine, -r.gain_points, r.layer)
     ranked = sorted(rows, key=key)
     for i, r in enumerate(ranked, start=1):
         r.rank = i
@@ -483,7 +568,7 @@ def _compute_profile(runner: SensitivityRunner, max_samples: int | None,
     with p.fp32() as infer:
         fp32, _ = runner.evaluate(infer, subset, keep=reference)
     with p.variant([]) as infer:
-        ptq, ptq_cos = runner.evaluate(infer, subset, reference)
+        ptq, ptq_cos, ptq_sqnr = runner.compare(infer, subset, reference)
     layers = list(p.layers)
     total = len(layers) * (2 if only_quantized else 1)
     rows = []
@@ -491,23 +576,25 @@ def _compute_profile(runner: SensitivityRunner, max_samples: int | None,
     try:
         for layer in layers:
             with p.variant([layer]) as infer:
-                m, cos = runner.evaluate(infer, subset, reference)
+                m, cos, sqnr = runner.compare(infer, subset, reference)
             bar.update()
             row = LayerSensitivity(layer=layer, targets=list(p.layers[layer]), excluded_metric=m,
-                                   excluded_cosine=float(cos), gain_points=(m - ptq) * 100)
+                                   excluded_cosine=cos, gain_points=(m - ptq) * 100,
+                                   excluded_sqnr_db=sqnr, sqnr_gain_db=sqnr - ptq_sqnr)
             if only_quantized:
                 with p.variant([x for x in layers if x != layer]) as infer:
-                    m1, cos1 = runner.evaluate(infer, subset, reference)
+                    m1, cos1, sqnr1 = runner.compare(infer, subset, reference)
                 bar.update()
-                row.only_metric, row.only_cosine = m1, float(cos1)
+                row.only_metric, row.only_cosine, row.only_sqnr_db = m1, cos1, sqnr1
                 row.only_drop_points = (fp32 - m1) * 100
             rows.append(row)
     finally:
         bar.close()
     return Profile(recipe=runner.recipe.name, path=p.name, mode=PATH_MODE[p.name],
                    calibrator=p.calibrator, metric=runner.task.primary_metric, samples=samples,
-                   fp32=fp32, ptq=ptq, ptq_cosine=float(ptq_cos), layers=_rank(rows, samples),
-                   seconds=time.perf_counter() - t0, evaluations=runner.evaluations - evals0)
+                   fp32=fp32, ptq=ptq, ptq_cosine=ptq_cos, layers=_rank(rows),
+                   seconds=time.perf_counter() - t0, evaluations=runner.evaluations - evals0,
+                   ptq_sqnr_db=ptq_sqnr)
 
 
 # --------------------------------------------------------------------------------------------
@@ -521,15 +608,23 @@ def choose_layers(recipe: Recipe | SensitivityRunner, budget: Budget, path: str 
     """The fewest layers to keep in higher precision so that the metric on the FULL eval set
     meets ``budget``.
 
-    Search (every candidate is verified by a full evaluation of the partial model):
+    The profile only orders the candidates; nothing is decided on its subset. Every candidate is
+    verified by a full evaluation of the partial model, because a subset can mislead badly (issue
+    #12: 256 samples put trt_ptq 0.39 points below fp32, the full eval set 2.96 - a 0.5-point
+    budget "met" on the subset with no layer at all). The result states both: the full eval set's
+    figures (``fp32``, ``ptq``, ``partial``, which decide ``met``) and the same models on the
+    profile's subset (``subset_*``, one extra subset evaluation of fp32 and of the chosen variant),
+    and the message says when the subset alone would have judged differently.
+
+    Search:
 
     1. fp32 and ptq. If ptq already meets the budget: no layer.
     2. Bound: all profiled layers excluded. If even that misses the budget, stop and say so
        (1 evaluation instead of N).
     3. Forward greedy: add layers in profile order (most sensitive first) until the budget is met.
        Because layers accumulate, two layers that only matter together (neither recovers anything
-       alone) are both picked as soon as both are in; the profile's cosine tie-break puts such
-       layers early even when no single exclusion moves the metric.
+       alone) are both picked as soon as both are in; the profile's SQNR ranking puts such layers
+       early even when no single exclusion moves the metric.
     4. Backward pruning: try dropping each chosen layer, least sensitive first; a layer the budget
        does not need is removed. So no chosen layer is redundant (a minimal, though not
        necessarily minimum, set).
@@ -554,19 +649,49 @@ def choose_layers(recipe: Recipe | SensitivityRunner, budget: Budget, path: str 
     def fmt(v: float) -> str:
         return f"{v * 100:.2f}%"
 
+    mode = PATH_MODE[runner.path_name]
+    res.subset_samples, res.subset_fp32, res.subset_ptq = prof.samples, prof.fp32, prof.ptq
+    res.subset_ptq_met = budget.met(prof.ptq, prof.fp32)
+
+    def subset_check(layers: list[str], full_value: float) -> str:
+        """Fill the subset_* figures for ``layers`` and say them (and any disagreement)."""
+        if layers and prof.samples >= samples:  # the profile saw the whole eval set
+            res.subset_partial, res.subset_partial_sqnr_db = full_value, None
+        elif layers:
+            fig = runner.subset_figures(layers, prof.samples)
+            res.subset_partial, res.subset_partial_sqnr_db = fig["metric"], fig["sqnr_db"]
+        else:
+            res.subset_partial, res.subset_partial_sqnr_db = prof.ptq, prof.ptq_sqnr_db
+        res.subset_met = budget.met(res.subset_partial, prof.fp32)
+        which = (f"with {', '.join(layers)} in higher precision " if layers else f"{mode} ")
+        text = (f"on the profile's {prof.samples}-sample subset {which}{name} is "
+                f"{fmt(res.subset_partial)} (fp32 {fmt(prof.fp32)}, {mode} {fmt(prof.ptq)}: "
+                f"{(prof.fp32 - prof.ptq) * 100:.2f} points below; budget "
+                f"{'met' if res.subset_met else 'missed'} there)")
+        if res.subset_ptq_met and not budget.met(ptq, fp32):
+            text += (f"; NOTE: the subset alone would have needed no layer - {mode} is "
+                     f"{(prof.fp32 - prof.ptq) * 100:.2f} points below fp32 on it but "
+                     f"{(fp32 - ptq) * 100:.2f} on the full eval set, which decides")
+        elif res.subset_met != budget.met(full_value, fp32):
+            text += (f"; NOTE: the subset {'meets' if res.subset_met else 'misses'} the budget where "
+                     "the full eval set, which decides, does not")
+        return text
+
     if res.met:
-        res.message = (f"{res.recipe} {runner.path_name}: {PATH_MODE[runner.path_name]} {name} "
-                       f"{fmt(ptq)} already meets the budget ({budget.describe()}, floor "
-                       f"{fmt(floor)}; fp32 {fmt(fp32)}): no layer needs higher precision")
+        res.message = (f"{res.recipe} {runner.path_name}: {mode} {name} {fmt(ptq)} on the full eval "
+                       f"set of {samples} already meets the budget ({budget.describe()}, floor "
+                       f"{fmt(floor)}; fp32 {fmt(fp32)}): no layer needs higher precision; "
+                       + subset_check([], ptq))
         return res
     bound = runner.full_metric(order)
     res.steps.append(BudgetStep("bound", list(order), bound, budget.met(bound, fp32)))
     if not res.steps[-1].met:
         res.partial = bound
         res.message = (f"{res.recipe} {runner.path_name}: the budget ({budget.describe()}, floor "
-                       f"{fmt(floor)}) cannot be met: even with all {len(order)} quantized layers in "
-                       f"higher precision {name} is {fmt(bound)} (fp32 {fmt(fp32)}, "
-                       f"{PATH_MODE[runner.path_name]} {fmt(ptq)})")
+                       f"{fmt(floor)}) cannot be met on the full eval set of {samples}: even with "
+                       f"all {len(order)} quantized layers in higher precision {name} is "
+                       f"{fmt(bound)} (fp32 {fmt(fp32)}, {mode} {fmt(ptq)}); "
+                       + subset_check(list(order), bound))
         return res
     chosen: list[str] = []
     metric = ptq
@@ -593,9 +718,10 @@ def choose_layers(recipe: Recipe | SensitivityRunner, budget: Budget, path: str 
             chosen, metric = trial, m
     res.layers, res.partial, res.met = chosen, metric, True
     res.message = (f"{res.recipe} {runner.path_name}: keep {len(chosen)} layer(s) in higher "
-                   f"precision: {', '.join(chosen)} -> {name} {fmt(metric)} (fp32 {fmt(fp32)}, "
-                   f"{PATH_MODE[runner.path_name]} {fmt(ptq)}, floor {fmt(floor)} for "
-                   f"{budget.describe()}); keep_precision={tuple(chosen)!r}")
+                   f"precision: {', '.join(chosen)} -> {name} {fmt(metric)} on the full eval set of "
+                   f"{samples} (fp32 {fmt(fp32)}, {mode} {fmt(ptq)}, floor {fmt(floor)} for "
+                   f"{budget.describe()}: met); {subset_check(chosen, metric)}; "
+                   f"keep_precision={tuple(chosen)!r}")
     return res
 
 

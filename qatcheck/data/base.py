@@ -66,7 +66,7 @@ class ArrayDataset:
         if self._fingerprint is None:
             h = hashlib.sha256(self.images.tobytes())
             t = self.targets
-            h.update(t.tobytes() if isinstance(t, np.ndarray) else repr(list(t)).encode())
+            h.update(t.tobytes() if hasattr(t, "tobytes") else repr(list(t)).encode())
             self._fingerprint = h.hexdigest()[:16]
         return self._fingerprint
 
@@ -79,7 +79,8 @@ def shuffled_batches(ds: "Dataset", batch_size: int, seed: int) -> Iterator[tupl
         yield from ds.batches(batch_size)
         return
     order = np.random.default_rng(seed).permutation(len(ds))
-    targets = np.asarray(ds.targets) if isinstance(ds.targets, np.ndarray) else None
+    # arrays (and qatcheck.tasks.heads.HeadTargets) index with the permutation itself
+    targets = ds.targets if isinstance(ds.targets, np.ndarray) or hasattr(ds.targets, "tobytes") else None
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         yield ds.images[idx], (targets[idx] if targets is not None else [ds.targets[i] for i in idx])

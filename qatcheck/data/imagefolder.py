@@ -88,4 +88,9 @@ class ImageFolderDataset:
 
 
 def imagefolder_dataset(root: str | Path, size: int = 224, **kwargs) -> ImageFolderDataset:
+    """ImageNet-style class folders (``<root>/<class>/<image>``) as a classification dataset:
+    resized to ``resize`` (default ``size`` * 8/7, as torchvision's eval transform) and center-cropped
+    to ``size`` x ``size``, scaled to [0, 1], normalized with ``mean`` / ``std`` (ImageNet's by
+    default; ``grayscale=True`` for one channel). ``classes`` fixes the label order (default: the
+    sorted folder names); ``max_images`` keeps a quick subset."""
     return ImageFolderDataset(root, size=size, **kwargs)

@@ -39,6 +39,13 @@ _ENTROPY_START_BIN = 128
 #: amax used for a tensor that was exactly zero on all calibration data: any positive scale
 #: represents zero exactly, and a zero scale would make QuantizeLinear divide by zero.
 _ZERO_TENSOR_AMAX = 1.0
+#: amax at or below this counts as zero and gets _ZERO_TENSOR_AMAX too (pytorch-quantization's
+#: tensor_quant draws the same line, 2**-24). Testing ``amax > 0`` alone is not enough: a pruned
+#: channel left at subnormal magnitudes (1e-44) has amax > 0, and amax / 127 underflows to a scale
+#: of 0 in float32, or to a subnormal that GPU kernels flush to 0. TensorRT's ONNX parser refuses a
+#: non-positive scale ("Scale coefficients must all be positive"); ModelOpt clamps its exported
+#: amax for the same reason. Values that small quantize to 0 either way.
+_ZERO_AMAX_BOUND = 2.0 ** -24
 _INT8_MAX = 127.0
 
 
@@ -319,7 +326,9 @@ def _compute_amax(stats: _AbsStats, config: OnnxPTQConfig) -> float:
         else:
             amax = float(_compute_amax_percentile(counts, edges, config.percentile))
         amax = min(amax, stats.amax)
-    return amax if math.isfinite(amax) and amax > 0.0 else (stats.amax or _ZERO_TENSOR_AMAX)
+    if math.isfinite(amax) and amax > _ZERO_AMAX_BOUND:
+        return amax
+    return stats.amax if stats.amax > _ZERO_AMAX_BOUND else _ZERO_TENSOR_AMAX
 
 
 def _trimmed_histogram(stats: _AbsStats) -> tuple[np.ndarray, np.ndarray]:
@@ -438,7 +447,7 @@ def _weight_scale(weight: np.ndarray, axis: int | None) -> np.ndarray:
     else:
         other = tuple(i for i in range(weight.ndim) if i != axis)
         amax = np.abs(weight).max(axis=other, initial=0.0)
-    amax = np.where(amax > 0.0, amax, _ZERO_TENSOR_AMAX)
+    amax = np.where(amax > _ZERO_AMAX_BOUND, amax, _ZERO_TENSOR_AMAX)  # never a zero scale
     return np.asarray(amax / _INT8_MAX, dtype=np.float32)
 
 

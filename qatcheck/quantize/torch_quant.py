@@ -436,8 +436,19 @@ def export_qdq_onnx(qmodel: nn.Module, example: torch.Tensor, path: str | os.Pat
     previous = TensorQuantizer.use_fb_fake_quant
     device = _device_of(qmodel)
     qmodel.eval()
+    # An amax of 0 (a pruned channel, a dead tensor) exports as a Q/DQ scale of 0, which TensorRT's
+    # parser refuses ("Scale coefficients must all be positive"). calibrate() floors amax already;
+    # a model calibrated any other way (pytorch-quantization's own load_calib_amax) is floored
+    # here, for the export only, and its amax restored afterwards. A zero channel stays exactly 0
+    # either way; any other value in it moves by at most the floor, 2**-23. (A negative amax is
+    # left alone: pytorch-quantization refuses it.)
+    floored = [(q, q._amax.detach().clone()) for _, q in _enabled_quantizers(qmodel)
+               if bool(((q.amax >= 0) & (q.amax < _AMAX_FLOOR)).any())]
     TensorQuantizer.use_fb_fake_quant = True
     try:
+        for q, amax in floored:
+            q._amax.data.copy_(torch.where((amax >= 0) & (amax < _AMAX_FLOOR),
+                                           torch.full_like(amax, _AMAX_FLOOR), amax))
         with atomic_path(path) as tmp, torch.no_grad(), _quiet_quantization_logs(), \
                 warnings.catch_warnings():
             # The tracer warns that amax becomes a constant: that is exactly what Q/DQ wants.
@@ -450,6 +461,8 @@ def export_qdq_onnx(qmodel: nn.Module, example: torch.Tensor, path: str | os.Pat
                               output_names=list(output_names), dynamic_axes=dynamic_axes,
                               opset_version=opset, do_constant_folding=True, dynamo=False)
     finally:
+        for q, amax in floored:
+            q._amax.data.copy_(amax)
         TensorQuantizer.use_fb_fake_quant = previous
         qmodel.train(was_training)
 

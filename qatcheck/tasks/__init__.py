@@ -36,11 +36,16 @@ def task_names() -> tuple[str, ...]:
 
 
 def make_task(recipe, eval_data: Callable[[], Any] | None = None):
-    """The task object for a recipe (see the module docstring)."""
+    """The task object for a recipe (see the module docstring); with ``Recipe.task_output`` or
+    ``Recipe.heads``, the task on that output plus each head's (:mod:`qatcheck.tasks.heads`)."""
     from qatcheck.modes import resolve
+    from qatcheck.tasks.heads import wrap
 
-    factory = TASK_FACTORIES.get(recipe.task)
-    if factory is None:
-        raise ConfigError(f"Recipe({recipe.name}).task {recipe.task!r} is unknown; registered tasks: "
-                          f"{', '.join(TASK_FACTORIES)}")
-    return resolve(factory)(recipe, eval_data)
+    def make(name: str):
+        factory = TASK_FACTORIES.get(name)
+        if factory is None:
+            raise ConfigError(f"Recipe({recipe.name}) names task {name!r}, which is unknown; registered "
+                              f"tasks: {', '.join(TASK_FACTORIES)}")
+        return resolve(factory)(recipe, eval_data)
+
+    return wrap(recipe, make(recipe.task), make)

@@ -56,13 +56,29 @@ class Top1Agreement:
 
 
 class ClassificationTask:
+    """Top-k accuracy (``Recipe.top_k``) of class scores (N, classes) against int labels, and top-1
+    agreement for parity. Reads ``Recipe.task_output`` (a multi-output model must name it), or the
+    only output; a k at or above the class count is an error."""
+
     name = "classification"
     agreement_name = "top1_agreement"
 
-    def __init__(self, top_k: Sequence[int] = (1, 5)) -> None:
+    def __init__(self, top_k: Sequence[int] = (1, 5), output: str = "output 0") -> None:
         self.top_k = tuple(top_k)
         self.metric_names = tuple(f"top{k}" for k in self.top_k)
         self.primary_metric = self.metric_names[0]
+        self.output = output  # named in errors
+
+    def check_model(self, outputs: Sequence[np.ndarray]) -> None:
+        """Top-5 of a 2-class model is 100% whatever the model does: an error, not a figure."""
+        logits = outputs[0]
+        if logits.ndim != 2:
+            raise DataError(f"classification reads class scores (N, classes) from output {self.output!r}; "
+                            f"it has shape {tuple(logits.shape)} (Recipe.task_output names the output to score)")
+        if any(k > 1 and k >= logits.shape[1] for k in self.top_k):
+            raise DataError(f"Recipe.top_k={self.top_k} asks for top-{max(self.top_k)}, but output "
+                            f"{self.output!r} has {logits.shape[1]} classes: a top-k with k >= the class "
+                            f"count is 100% whatever the model does; use top_k=(1,)")
 
     def metric(self) -> TopKAccuracy:
         return TopKAccuracy(self.top_k)
@@ -74,4 +90,4 @@ class ClassificationTask:
 
 def for_recipe(recipe, eval_data=None) -> ClassificationTask:
     """The registry's factory (``Recipe.task = "classification"``)."""
-    return ClassificationTask(recipe.top_k)
+    return ClassificationTask(recipe.top_k, output=recipe.task_output or recipe.output_names[0])

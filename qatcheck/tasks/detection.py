@@ -33,8 +33,11 @@ class Detections:
     """One image's boxes in network-input pixels: ``boxes`` (K, 4) x1 y1 x2 y2 float32,
     ``scores`` (K,) float32, ``labels`` (K,) int64 class indices; sorted by score, descending."""
 
+    #: (K, 4) x1 y1 x2 y2, float32, network-input pixels
     boxes: np.ndarray
+    #: (K,) float32, descending
     scores: np.ndarray
+    #: (K,) int64 class indices (0-based; mapped to the eval set's COCO category ids)
     labels: np.ndarray
 
     def __len__(self) -> int:

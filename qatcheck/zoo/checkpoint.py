@@ -22,6 +22,23 @@ def save_checkpoint(out: Path, state_dict: dict, meta: dict) -> None:
         torch.save({"state_dict": state_dict, "meta": meta}, tmp)
 
 
+def training_parser(prog: str, doc: str | None, epochs: int, detection: bool = True):
+    """The zoo's training scripts' common options: --out, --epochs, --seed, --threads (and, for the
+    detection sets, --data-root); a script adds its own."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog=f"python -m {prog}", description=(doc or "").split("\n")[0])
+    parser.add_argument("--out", type=Path, default=None, help="checkpoint path (default: the zoo's)")
+    parser.add_argument("--epochs", type=int, default=epochs)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads; results are bit-identical only for the same count")
+    if detection:
+        parser.add_argument("--data-root", type=Path, default=None,
+                            help="where the generated set lives (default ~/.cache/qatcheck/digit_detection)")
+    return parser
+
+
 def check_state_dict(path: Path, state: dict, model: nn.Module, what: str) -> None:
     """ArtifactError naming ``path`` and ``what`` (e.g. ``DigitDetector({...})``) when ``state`` has
     missing or unexpected keys or tensors of the wrong shape for ``model``."""

@@ -165,6 +165,43 @@ def detection_recipe(checkpoint: str | Path | None = None, root: str | Path | No
     return Recipe(**fields)
 
 
+def detection_pruned_recipe(kind: str = "structural", checkpoint: str | Path | None = None,
+                            root: str | Path | None = None, **overrides) -> Recipe:
+    """The built-in detector, pruned (``python -m qatcheck.zoo.train_pruned``: 30 % of the prunable
+    conv channels removed by L1 norm, odd counts such as 13 / 27 / 45, fine-tuned 4 epochs), as
+    ``kind``:
+
+    * ``structural`` (``digitdet_pruned_structural``): the channels removed, every conv, BN and
+      Concat reader resized;
+    * ``mask`` (``digitdet_pruned_mask``): the same weights at the original widths with the removed
+      channels zero (conv weight, BN weight and bias): per-channel weight amax 0, the case a zero
+      Q/DQ scale comes from.
+
+    Both compute the same function (fp32 outputs equal to float rounding). Data, decoder, loss,
+    calibrators, keep list and QAT schedule are :func:`detection_recipe`'s. ``overrides`` replace
+    Recipe fields (``dynamic_modes=("trt_ptq", "torch_ptq", "qat")`` adds digitdet's dynamic int8
+    builds)."""
+    from qatcheck.zoo.pruning import KINDS, PRUNED_CHECKPOINT, load_pruned_detector
+
+    if kind not in KINDS:
+        from qatcheck.errors import ConfigError
+
+        raise ConfigError(f"detection_pruned_recipe kind {kind!r} is unknown; choose one of "
+                          f"{', '.join(KINDS)}")
+    ckpt = Path(checkpoint) if checkpoint else PRUNED_CHECKPOINT
+    fields = dict(
+        name=f"digitdet_pruned_{kind}",
+        model=lambda: load_pruned_detector(kind, ckpt),
+        weights_id=f"{ckpt}:{kind}",
+        # every mode, but the int8 modes at the build shape only (the dynamic mode still measures
+        # fp32 at batch 1 / 16 / 32): pruning changes channels, not the batch, and the dynamic int8
+        # builds would double the suite's CPU time (digitdet covers them)
+        dynamic_modes=(),
+    )
+    fields.update(overrides)
+    return detection_recipe(root=root, **fields)
+
+
 def _yolo_loss(outputs, targets):
     """ultralytics' v8 detection loss on the raw maps, imported on first use (keeps importing
     recipes cheap and ultralytics optional)."""

@@ -14,7 +14,6 @@ so QAT can fine-tune the detector with it (``finetune(..., loss_fn=centernet_los
 """
 from __future__ import annotations
 
-import argparse
 import math
 import platform
 import time
@@ -25,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from qatcheck.zoo.checkpoint import save_checkpoint
+from qatcheck.zoo.checkpoint import save_checkpoint, training_parser
 from qatcheck.zoo.digit_detector import DETECTOR_CHECKPOINT, STRIDE, DigitDetector
 from qatcheck.zoo.train_digits import seed_everything
 
@@ -180,15 +179,7 @@ def train(epochs: int = EPOCHS, out: Path | None = None, seed: int = 0, threads:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m qatcheck.zoo.train_detector",
-                                     description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, default=None, help="checkpoint path (default: the zoo's)")
-    parser.add_argument("--epochs", type=int, default=EPOCHS)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch threads; results are bit-identical only for the same count")
-    parser.add_argument("--data-root", type=Path, default=None,
-                        help="where the generated set lives (default ~/.cache/qatcheck/digit_detection)")
+    parser = training_parser("qatcheck.zoo.train_detector", __doc__, EPOCHS)
     args = parser.parse_args(argv)
     train(epochs=args.epochs, out=args.out, seed=args.seed, threads=args.threads, root=args.data_root)
     return 0

@@ -19,7 +19,6 @@ through qatcheck's own ``DetectionTask`` (COCOeval) with the ``yolov8`` decoder.
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import math
 import platform
@@ -31,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from qatcheck.zoo.checkpoint import save_checkpoint
+from qatcheck.zoo.checkpoint import save_checkpoint, training_parser
 from qatcheck.zoo.train_detector import evaluate as _evaluate, load_split
 from qatcheck.zoo.yolo import (
     DEFAULT_CFG,
@@ -152,16 +151,8 @@ def train(epochs: int = EPOCHS, out: Path | None = None, seed: int = 0, threads:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m qatcheck.zoo.train_yolo",
-                                     description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, default=None, help="checkpoint path (default: the zoo's)")
-    parser.add_argument("--epochs", type=int, default=EPOCHS)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch threads; results are bit-identical only for the same count")
+    parser = training_parser("qatcheck.zoo.train_yolo", __doc__, EPOCHS)
     parser.add_argument("--cfg", default=DEFAULT_CFG, help=f"ultralytics model yaml (default {DEFAULT_CFG})")
-    parser.add_argument("--data-root", type=Path, default=None,
-                        help="where the generated set lives (default ~/.cache/qatcheck/digit_detection)")
     args = parser.parse_args(argv)
     train(epochs=args.epochs, out=args.out, seed=args.seed, threads=args.threads, root=args.data_root,
           cfg=args.cfg)
