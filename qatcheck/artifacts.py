@@ -25,6 +25,7 @@ from qatcheck.data.batching import fixed_batches
 from qatcheck.errors import ArtifactError, DataError
 from qatcheck.fsutil import file_digest
 from qatcheck.modes import ModeSpec, resolve, spec as mode_spec
+from qatcheck.onnx_model import NO_TORCH, is_onnx_only, pin_shapes
 from qatcheck.quantize import export
 from qatcheck.recipe import Recipe
 
@@ -67,7 +68,7 @@ def model_code_digest(model: torch.nn.Module, factory: Any = None) -> str:
 
 #: qatcheck's own code that shapes artifacts (with each mode's builder modules): editing it
 #: rebuilds, where a version number would not change with a local edit
-_BUILD_CODE = ("artifacts.py", "quantize", "data/batching.py")
+_BUILD_CODE = ("artifacts.py", "onnx_model.py", "quantize", "data/batching.py")
 
 
 def source_digest(items: Iterable[str | Path]) -> str:
@@ -100,7 +101,13 @@ class RecipeState:
         self.recipe = recipe
 
     @cached_property
+    def onnx_only(self) -> bool:
+        return is_onnx_only(self.recipe)
+
+    @cached_property
     def model(self) -> torch.nn.Module:
+        if self.onnx_only:  # the cases that need it skip before they get here
+            raise ArtifactError(f"Recipe({self.recipe.name}): {NO_TORCH}")
         try:
             model = self.recipe.model()
         except (ArtifactError, DataError):
@@ -117,10 +124,14 @@ class RecipeState:
 
     @cached_property
     def weights(self) -> str:
+        if self.onnx_only:  # the file is the weights and the code
+            return self.recipe.weights_id + self.recipe.model.digest()
         return self.recipe.weights_id + state_digest(self.model)
 
     @cached_property
     def model_code(self) -> str:
+        if self.onnx_only:
+            return ""
         return model_code_digest(self.model, self.recipe.model)
 
     def _dataset(self, field: str) -> Dataset:
@@ -305,6 +316,10 @@ def qat_module(b: ArtifactBuilder, spec: ModeSpec) -> tuple[torch.nn.Module, Pat
 
 def export_fp32(b: ArtifactBuilder, spec: ModeSpec, path: Path, dynamic: bool) -> dict:
     r = b.recipe
+    if b.state.onnx_only:  # the given graph, its input pinned (dynamic axes left symbolic)
+        pin_shapes(r.model(), path, r.input.name, r.input.shape, r.output_names,
+                   dynamic_axes=tuple(r.input.dynamic) if dynamic else ())
+        return {}
     export.export_onnx(b.state.model, r.input, path, r.output_names, dynamic=dynamic)
     return {}
 

@@ -291,6 +291,9 @@ class BoundCase:
 def qcase(request: pytest.FixtureRequest) -> BoundCase:
     case: Case = request.param
     session = _session(request.config)
+    nature = session.skip_reason(case)
+    if nature:
+        pytest.skip(nature)
     reason = session.unavailable_reason(case.backend)
     if reason:
         if case.backend in session.options.require:

@@ -238,7 +238,8 @@ class Recipe:
     name: str
     #: a registered task: "classification", "detection" or one of register_task's
     task: str
-    #: returns the fp32 torch.nn.Module with its weights (called once, lazily)
+    #: returns the fp32 torch.nn.Module with its weights (called once, lazily); or
+    #: qatcheck.onnx_model.onnx_file("model.onnx") for a model that exists only as ONNX
     model: Callable[[], "torch.nn.Module"]
     #: returns the eval Dataset: metrics and parity run over all of it
     eval_data: Callable[[], "Dataset"]
@@ -308,7 +309,11 @@ class Recipe:
         if set(self.dynamic_modes) & set(self.modes) and not self.input.dynamic:
             raise ConfigError(f"Recipe({self.name}).dynamic_modes needs InputSpec.dynamic axes "
                               "(e.g. {0: (1, 32, 64)} for the batch)")
+        from qatcheck.onnx_model import is_onnx_only
+
         for m in self.modes:
+            if is_onnx_only(self) and mode_spec(m).family == "int8_torch":
+                continue  # an ONNX-only recipe's PyTorch quantization modes skip (onnx_model.skip_reason)
             for need in mode_spec(m).requires:
                 if not self._field(need):
                     raise ConfigError(self._requires_message(m, need))

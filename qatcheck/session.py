@@ -21,7 +21,7 @@ from typing import Iterable
 import numpy as np
 
 from qatcheck import fingerprint as fpr
-from qatcheck import judges, timing
+from qatcheck import judges, onnx_model, timing
 from qatcheck.artifacts import ArtifactBuilder, RecipeState
 from qatcheck.backends import create_backend, executes
 from qatcheck.backends.base import Backend, BuildContext, Runner
@@ -146,9 +146,16 @@ class QatcheckSession:
         return self.recipes[case.recipe].input.profile()[case.point]
 
     def reference_case(self, case: Case) -> Case | None:
-        """The PyTorch case this one's outputs are compared with (same shape), if any."""
+        """The PyTorch case this one's outputs are compared with (same shape), if any; an ONNX-only
+        recipe's fp32 graph on ONNX Runtime."""
+        if onnx_model.is_onnx_only(self.recipes[case.recipe]):
+            return onnx_model.reference_case(case)
         ref = parity_reference(case.mode, case.backend)
         return None if ref is None else case.with_mode(ref[0], "torch", keep_shape=True)
+
+    def skip_reason(self, case: Case) -> str | None:
+        """Why the case cannot run by the recipe's nature (an ONNX-only recipe's PyTorch side)."""
+        return onnx_model.skip_reason(self.recipes[case.recipe], case.mode, case.backend)
 
     # ---- measuring --------------------------------------------------------------------------
     def _show_progress(self) -> bool:
@@ -233,9 +240,12 @@ class QatcheckSession:
                    nonfinite_outputs=ev.nonfinite_outputs,
                    output_shapes={n: list(sh) for n, sh in zip(names, ev.output_shapes)} if at_opt else None)
         if ref_runner is not None:
-            ref = parity_reference(case.mode, case.backend)
+            if onnx_model.is_onnx_only(recipe):  # vs the fp32 graph: same precision is an export check
+                kind = "export" if mode_spec(case.mode).precision == "fp32" else "quantization"
+            else:
+                kind = parity_reference(case.mode, case.backend)[1]
             out.update(parity=combined_parity(ev), output_parity=dict(zip(names, ev.parity)),
-                       parity_reference=f"torch {ref[0]} ({ref[1]})")
+                       parity_reference=f"{ref_case.backend} {ref_case.mode} ({kind})")
         return out
 
     def _artifact_digest(self, case: Case, runner: Runner) -> str:
@@ -375,7 +385,7 @@ class QatcheckSession:
 
     def parity_thresholds(self, case: Case) -> ParityThresholds | None:
         ref = parity_reference(case.mode, case.backend)
-        if ref is None:
+        if ref is None or self.reference_case(case) is None:
             return None
         tol = self.recipes[case.recipe].tolerances
         if ref[1] == "quantization":

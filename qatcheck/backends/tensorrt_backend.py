@@ -246,7 +246,8 @@ class TrtRunner(Runner):
     @property
     def audit(self) -> PrecisionAudit:
         if self._audit is None:
-            self._audit = parse_engine_info(self.engine_information())
+            self._audit = parse_engine_info(self.engine_information(),
+                                            source=f"engine inspector JSON of {self.plan.cache_key}")
         return self._audit
 
     def versions(self) -> dict[str, str]:
