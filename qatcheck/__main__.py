@@ -11,6 +11,9 @@
 
     python -m qatcheck reference [--write docs/reference.md]
 
+    python -m qatcheck localize --recipe MODULE:CALLABLE --mode trt_ptq|partial [--onnx FILE] \\
+        [--calibrator C] [--max-samples 64] [--floor-cosine 0.99] [--reports DIR] [--cache DIR]
+
 ``lint`` checks a Q/DQ ONNX against TensorRT's placement rules (qatcheck.quantize.qdq_lint) and exits
 1 when it has findings.
 
@@ -121,6 +124,28 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
     return 0 if result is None or result.met else 1
 
 
+def cmd_localize(args: argparse.Namespace) -> int:
+    """Where quantization damage enters the Q/DQ graph (per-layer SQNR / cosine vs fp32)."""
+    from qatcheck.analysis import localize as L
+
+    recipe = load_recipe(args.recipe)
+    t0 = time.perf_counter()
+    loc = L.localize(recipe, args.mode, quantized_onnx=args.onnx, max_samples=args.max_samples,
+                     floor=args.floor_cosine, cache_dir=args.cache, calibrator=args.calibrator)
+    seconds = time.perf_counter() - t0
+    header, rows = L.table_rows(loc)
+    title = (f"{loc.recipe}: {loc.mode} vs fp32 per layer (calibrator {loc.calibrator}, "
+             f"{loc.samples} samples, topological order)")
+    print(_render(header, rows, title), end="")
+    print(L.verdict(loc))
+    print("worst five by contribution: " + ", ".join(
+        f"{loc.row(t).layer} ({loc.row(t).own_sqnr_db:.1f} dB)" for t in loc.worst))
+    print(f"localize: {seconds:.2f} s (artifacts included)")
+    for path in L.write_reports(loc, args.reports):
+        print(f"wrote {path}")
+    return 0
+
+
 def cmd_lint(args: argparse.Namespace) -> int:
     from qatcheck.quantize.qdq_lint import lint_qdq
 
@@ -188,6 +213,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-cache", action="store_true", help="recompute everything")
     s.add_argument("--no-progress", action="store_true", help="no progress bars")
     s.set_defaults(func=cmd_sensitivity)
+    loc = sub.add_parser("localize", help="per-layer SQNR / cosine of a Q/DQ graph vs fp32 on "
+                         "ONNX Runtime; names the layer where damage enters (writes "
+                         "reports/<recipe>-localize-<mode>.{json,md,png})")
+    loc.add_argument("--recipe", required=True, help="'module:callable' returning a Recipe")
+    loc.add_argument("--mode", default="trt_ptq", choices=("trt_ptq", "partial"),
+                     help="the quantized graph (default trt_ptq; torch_ptq / qat exports keep "
+                          "BatchNorm unfused, so their tensors do not match fp32's by name)")
+    loc.add_argument("--onnx", default=None, metavar="FILE",
+                     help="localize this Q/DQ ONNX instead of the mode's artifact")
+    loc.add_argument("--calibrator", default=None, help="override the mode's calibrator")
+    loc.add_argument("--max-samples", type=int, default=64,
+                     help="eval samples (default 64; 0 = all)")
+    loc.add_argument("--floor-cosine", type=float, default=0.99,
+                     help="a layer whose cosine vs fp32 is below this is damaged (default 0.99)")
+    loc.add_argument("--reports", default="reports", help="report directory (default reports/)")
+    loc.add_argument("--cache", default=".qatcheck_cache", help="artifact cache (default .qatcheck_cache)")
+    loc.set_defaults(func=cmd_localize)
     lint = sub.add_parser("lint", help="check Q/DQ ONNX graphs: Concat inputs with different scales, "
                           "Adds with an unquantized input (exit 1 on findings)")
     lint.add_argument("onnx", nargs="+", help="Q/DQ ONNX file(s)")

@@ -1,0 +1,456 @@
+"""Localize where quantization damage enters a Q/DQ graph (issue #13, item 2; ONNX Runtime path).
+
+:func:`localize` runs the quantized graph (``trt_ptq`` / ``partial``, or any Q/DQ ONNX given by
+path) and the recipe's fp32 graph on ONNX Runtime (CPU) with every intermediate tensor exposed as
+an extra output, over the first N eval samples at the recipe's opt shape. Only tensors present in
+BOTH graphs with the same name, float type and shape are compared: Q/DQ insertion
+(:mod:`qatcheck.quantize.onnx_ptq`) rewires the consumers' inputs to new ``*_dequantized`` tensors
+and keeps every original compute node's output name (``/layer1/conv2/Conv_output_0``), so each
+Conv / Gemm / Relu / Add output of the quantized graph has its fp32 twin. Each compared tensor is
+one row (its producing node; the PyTorch module from
+:func:`~qatcheck.quantize.onnx_ptq.module_name_of`), in the quantized graph's topological order,
+with its SQNR (dB, :func:`~qatcheck.analysis.sensitivity.sqnr_db`) and cosine vs fp32.
+
+The rule (what is named)
+------------------------
+A row's *contribution* is the error the layer makes by itself, not the error it inherits: its
+*own SQNR* (dB) is measured by running that node of the QUANTIZED graph - with its input and
+weight Q/DQ, extracted with :class:`onnx.utils.Extractor` - on the FP32 graph's values of its
+inputs, and comparing the result with the fp32 output. A layer's input and weight Q/DQ are its
+own quantization, so the pair on ``/layer1/relu1/Relu_output_0`` counts in ``layer1.conv2`` (the
+layer that reads it: the layer ``keep_precision`` would name). Nodes with no Q/DQ (ReLU, an
+unquantized Add, pooling) compute exactly what fp32 computes on the same inputs and get the cap
+(300 dB). Layers are ranked by own SQNR, lowest first.
+
+Why not the drop ``SQNR_in - SQNR_out`` of the end-to-end run: it is infinite for the first
+quantized layer (its input is exact), and the difference of the cumulative error energies is
+inflated downstream of real damage - a conv amplifies the relative error it reads (measured on
+digits with the scale of ``layer1.conv2``'s input x64: ``layer2.downsample.conv``'s cumulative
+NSR grew by 0.22 vs 0.27 at the planted layer; its own SQNR is 35.9 dB vs 5.6). Both the
+cumulative SQNR / cosine and the drop are still reported per row.
+
+Named layer: if some row's cumulative cosine vs fp32 is below ``floor`` (default 0.99), the
+first such row in topological order marks where the damage crosses the floor; the named layer
+is the worst own-SQNR layer among that row and its ancestors (the damage that pushed it below
+entered there or upstream, never downstream). Otherwise no layer is below the floor and nothing
+is named (``named`` is None); the worst five by own SQNR are reported either way.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import onnx
+import onnx.utils
+from onnx import helper, shape_inference
+
+from qatcheck.errors import ConfigError, DataError
+from qatcheck.fsutil import write_text_atomic
+from qatcheck.quantize.onnx_ptq import module_name_of
+
+__all__ = ["LayerRow", "Localization", "localize", "localize_graphs", "write_reports",
+           "table_rows", "verdict", "expose_tensors", "RULE"]
+
+#: modes whose Q/DQ ONNX localize takes from the artifact builder: the ONNX-level PTQ graphs,
+#: which are the fp32 export plus Q/DQ (every compute tensor keeps its name AND its meaning)
+MODES = ("trt_ptq", "partial")
+#: torch_ptq / qat export pytorch-quantization modules with BatchNorm NOT folded: their
+#: ``/stem/conv/Conv_output_0`` is the pre-BN conv output, the fp32 export's (BN folded) is
+#: post-BN - same name and shape, different values (measured on digits: cosine 0.93 at stem.conv
+#: against 0.99995 at stem.relu right after it). Comparing by name would blame the wrong layers.
+UNSUPPORTED = {"torch_ptq": "BatchNorm is not folded in its export", "qat": "BatchNorm is not "
+               "folded in its export"}
+#: +-dB cap, like sqnr_db's
+_CAP_DB = 300.0
+_QDQ = ("QuantizeLinear", "DequantizeLinear")
+_FLOAT = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE)
+
+RULE = ("contribution = own SQNR: the layer of the quantized graph (with its input and weight "
+        "Q/DQ) run on fp32 inputs vs the fp32 output, lowest first; named = the lowest own SQNR "
+        "among the first layer whose cosine vs fp32 < floor and its ancestors; none when no layer "
+        "is below the floor")
+
+
+@dataclass
+class LayerRow:
+    index: int  # topological position among the compared tensors
+    tensor: str
+    node: str
+    op: str
+    layer: str  # PyTorch module name (the node name for a top-level op)
+    sqnr_db: float  # end to end (cumulative) vs fp32
+    cosine: float  # end to end (cumulative) vs fp32
+    input_sqnr_db: float  # SQNR of the worst input (cap: exact input)
+    drop_db: float  # input_sqnr_db - sqnr_db
+    own_nsr: float  # 10^(-own_sqnr_db/10): the layer's own error energy / signal energy
+    own_sqnr_db: float  # the contribution (ranking key): the layer alone, on fp32 inputs
+    inputs: list[str] = field(default_factory=list)  # compared tensors this one depends on directly
+    rank: int = 0  # by contribution, 1 = largest
+
+
+@dataclass
+class Localization:
+    recipe: str
+    mode: str
+    calibrator: str | None
+    samples: int
+    floor: float
+    quantized_onnx: str
+    fp32_onnx: str
+    rows: list[LayerRow]
+    named: str | None  # the named layer (module name), None when no layer is below the floor
+    named_tensor: str | None
+    first_below_floor: str | None  # tensor of the first row with cosine < floor
+    worst: list[str]  # tensors of the worst five contributors
+    skipped: list[str]  # intermediate tensors present in one graph only or with other shapes
+    seconds: float = 0.0
+    rule: str = RULE
+
+    def row(self, tensor: str) -> LayerRow:
+        for r in self.rows:
+            if r.tensor == tensor:
+                return r
+        raise KeyError(tensor)
+
+    def ranked(self) -> list[LayerRow]:
+        return sorted(self.rows, key=lambda r: r.rank)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+# --------------------------------------------------------------------------------------------
+# graphs
+# --------------------------------------------------------------------------------------------
+
+def _typed_values(model: onnx.ModelProto) -> dict[str, tuple[int, tuple | None]]:
+    """tensor name -> (elem type, static shape or None), by ONNX shape inference."""
+    try:
+        inferred = shape_inference.infer_shapes(model)
+    except Exception:  # noqa: BLE001 - shapes are then checked at run time only
+        inferred = model
+    out = {}
+    g = inferred.graph
+    for v in list(g.value_info) + list(g.output) + list(g.input):
+        t = v.type.tensor_type
+        dims = tuple(d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim)
+        out[v.name] = (t.elem_type, dims if t.HasField("shape") and None not in dims else None)
+    return out
+
+
+def _candidates(qmodel: onnx.ModelProto, fmodel: onnx.ModelProto) -> tuple[list[str], list[str]]:
+    """Outputs of the quantized graph's compute nodes (not Q/DQ / Constant) that the fp32 graph
+    produces too, with a float type and the same static shape where both are known; and the
+    skipped ones."""
+    qtypes, ftypes = _typed_values(qmodel), _typed_values(fmodel)
+    fprod = {o for n in fmodel.graph.node for o in n.output}
+    keep, skipped = [], []
+    for node in qmodel.graph.node:
+        if node.op_type in _QDQ or node.op_type == "Constant":
+            continue
+        for t in node.output:
+            if not t:
+                continue
+            qt, ft = qtypes.get(t), ftypes.get(t)
+            ok = (t in fprod and qt is not None and ft is not None and qt[0] in _FLOAT
+                  and ft[0] in _FLOAT and (qt[1] is None or ft[1] is None or qt[1] == ft[1]))
+            (keep if ok else skipped).append(t)
+    return keep, skipped
+
+
+def expose_tensors(model: onnx.ModelProto, tensors: Sequence[str]) -> onnx.ModelProto:
+    """A copy of ``model`` with ``tensors`` added as graph outputs (float, shape left open)."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    present = {o.name for o in m.graph.output}
+    for t in tensors:
+        if t not in present:
+            m.graph.output.append(helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None))
+    return m
+
+
+class _Acc:
+    __slots__ = ("sig", "err", "dot", "oo")
+
+    def __init__(self) -> None:
+        self.sig = self.err = self.dot = self.oo = 0.0
+
+    def update(self, r: np.ndarray, o: np.ndarray) -> None:
+        r64, o64 = r.astype(np.float64).ravel(), o.astype(np.float64).ravel()
+        d = r64 - o64
+        self.sig += float(r64 @ r64)
+        self.err += float(d @ d)
+        self.dot += float(r64 @ o64)
+        self.oo += float(o64 @ o64)
+
+    def sqnr_db(self) -> float:
+        if not all(math.isfinite(v) for v in (self.sig, self.err)):
+            return -_CAP_DB
+        if self.err <= 0.0:
+            return _CAP_DB
+        if self.sig <= 0.0:
+            return -_CAP_DB
+        return max(-_CAP_DB, min(_CAP_DB, 10.0 * math.log10(self.sig / self.err)))
+
+    def cosine(self) -> float:
+        if not all(math.isfinite(v) for v in (self.sig, self.dot, self.oo)):
+            return 0.0
+        denom = math.sqrt(self.sig) * math.sqrt(self.oo)
+        return self.dot / denom if denom > 0 else (1.0 if self.sig == self.oo else 0.0)
+
+
+def _nsr(db: float) -> float:
+    return 10.0 ** (-db / 10.0)
+
+
+# --------------------------------------------------------------------------------------------
+# the localization
+# --------------------------------------------------------------------------------------------
+
+def localize_graphs(quantized: str | Path | onnx.ModelProto, fp32: str | Path | onnx.ModelProto,
+                    batches, *, input_name: str | None = None, floor: float = 0.99,
+                    recipe: str = "", mode: str = "", calibrator: str | None = None
+                    ) -> Localization:
+    """Localize on two ONNX graphs over ``(inputs, targets, real count)`` batches (see the module
+    docstring for the rule). ``quantized`` may be any Q/DQ graph, e.g. a planted one."""
+    from qatcheck.backends.onnxruntime_backend import OrtRunner
+
+    if not 0.0 < floor <= 1.0:
+        raise ConfigError(f"floor cosine must be in (0, 1]; got {floor}")
+    t0 = time.perf_counter()
+    qpath = str(quantized) if not isinstance(quantized, onnx.ModelProto) else "(in memory)"
+    fpath = str(fp32) if not isinstance(fp32, onnx.ModelProto) else "(in memory)"
+    qmodel = quantized if isinstance(quantized, onnx.ModelProto) else onnx.load(str(quantized))
+    fmodel = fp32 if isinstance(fp32, onnx.ModelProto) else onnx.load(str(fp32))
+    tensors, skipped = _candidates(qmodel, fmodel)
+    if not tensors:
+        raise ConfigError(f"the quantized graph {qpath} and the fp32 graph {fpath} share no "
+                          "intermediate tensor (same name and shape) to compare")
+    qrun = OrtRunner(expose_tensors(qmodel, tensors), provider="CPUExecutionProvider",
+                     input_name=input_name)
+    frun = OrtRunner(expose_tensors(fmodel, tensors), provider="CPUExecutionProvider",
+                     input_name=input_name)
+    qnames = [o.name for o in qrun.session.get_outputs()]
+    fnames = [o.name for o in frun.session.get_outputs()]
+    producer = {o: node for node in qmodel.graph.node for o in node.output}
+    graph_inputs = {v.name for v in qmodel.graph.input} - {i.name for i in qmodel.graph.initializer}
+    compared = set(tensors)
+    memo: dict[str, tuple[str, ...]] = {}
+
+    def boundary(t: str) -> tuple[str, ...]:
+        """The compared tensors and graph inputs tensor ``t`` is computed from, walking back
+        through Q/DQ and uncompared nodes (weights and constants are part of the layer)."""
+        if t in compared or t in graph_inputs:
+            return (t,)
+        if t not in memo:
+            node = producer.get(t)
+            memo[t] = () if node is None else _node_boundary(node)
+        return memo[t]
+
+    def _node_boundary(node) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(b for i in node.input if i for b in boundary(i)))
+
+    # each layer alone: the quantized graph's node (with its input / weight Q/DQ) fed fp32 inputs
+    extractor = onnx.utils.Extractor(shape_inference.infer_shapes(qmodel))
+    isolated: dict[str, tuple[object, list[str]]] = {}
+    for t in tensors:
+        feeds = list(_node_boundary(producer[t]))
+        if feeds:
+            sub = extractor.extract_model(feeds, [t])
+            sess = OrtRunner(sub, provider="CPUExecutionProvider").session
+            isolated[t] = (sess, feeds)
+
+    accs = {t: _Acc() for t in tensors}
+    own = {t: _Acc() for t in isolated}
+    samples = 0
+    for x, _, n in batches:
+        qo = dict(zip(qnames, qrun.infer(x)))
+        fo = dict(zip(fnames, frun.infer(x)))
+        ref = {**fo, **{name: np.ascontiguousarray(x, dtype=np.float32) for name in graph_inputs}}
+        for t in tensors:
+            r, o = np.asarray(fo[t])[:n], np.asarray(qo[t])[:n]
+            if r.shape != o.shape:
+                raise ConfigError(f"tensor {t!r} has shape {o.shape} in the quantized graph and "
+                                  f"{r.shape} in the fp32 graph")
+            accs[t].update(r, o)
+            if t in isolated:
+                sess, feeds = isolated[t]
+                (y,) = sess.run([t], {f: ref[f] for f in feeds})
+                own[t].update(r, np.asarray(y, dtype=np.float32)[:n])
+        samples += n
+    if samples == 0:
+        raise DataError("localize: the eval data yielded no samples")
+
+    rows = []
+    for idx, t in enumerate(tensors):
+        node = producer[t]
+        deps = [d for d in _node_boundary(node) if d in compared]
+        sq = accs[t].sqnr_db()
+        sq_in = min((accs[d].sqnr_db() for d in deps), default=_CAP_DB)
+        own_db = own[t].sqnr_db() if t in own else _CAP_DB
+        rows.append(LayerRow(index=idx, tensor=t, node=node.name, op=node.op_type,
+                             layer=module_name_of(node.name) or node.name, sqnr_db=sq,
+                             cosine=accs[t].cosine(), input_sqnr_db=sq_in, drop_db=sq_in - sq,
+                             own_nsr=_nsr(own_db), own_sqnr_db=own_db, inputs=deps))
+    for rank, r in enumerate(sorted(rows, key=lambda r: (r.own_sqnr_db, r.index)), start=1):
+        r.rank = rank
+
+    by_tensor = {r.tensor: r for r in rows}
+    first = next((r for r in rows if r.cosine < floor), None)
+    named = None
+    if first is not None:
+        cone, stack = set(), [first.tensor]
+        while stack:
+            t = stack.pop()
+            if t in cone:
+                continue
+            cone.add(t)
+            stack.extend(by_tensor[t].inputs)
+        named = min((by_tensor[t] for t in cone), key=lambda r: r.rank)
+    worst = [r.tensor for r in sorted(rows, key=lambda r: r.rank)[:5]]
+    return Localization(recipe=recipe, mode=mode, calibrator=calibrator, samples=samples,
+                        floor=floor, quantized_onnx=qpath, fp32_onnx=fpath, rows=rows,
+                        named=named.layer if named else None,
+                        named_tensor=named.tensor if named else None,
+                        first_below_floor=first.tensor if first else None, worst=worst,
+                        skipped=list(dict.fromkeys(skipped)),
+                        seconds=time.perf_counter() - t0)
+
+
+def _calibrator_path(mode: str) -> str:
+    return "torch" if mode in ("torch_ptq", "qat") else "onnx"
+
+
+def localize(recipe, mode: str = "trt_ptq", *, quantized_onnx: str | Path | None = None,
+             max_samples: int | None = 64, floor: float = 0.99,
+             cache_dir: str | Path = ".qatcheck_cache", calibrator: str | None = None
+             ) -> Localization:
+    """Localize ``recipe``'s ``mode`` graph (from the artifact builder, or ``quantized_onnx`` when
+    given: e.g. a planted graph) against its fp32 ONNX on the first ``max_samples`` eval samples
+    at the opt shape."""
+    from qatcheck.analysis.sensitivity import SensitivityRunner, with_calibrator
+    from qatcheck.data.batching import eval_batches
+    from qatcheck.modes import spec
+
+    if mode in UNSUPPORTED:
+        raise ConfigError(f"localize: mode {mode!r} is not supported ({UNSUPPORTED[mode]}: its conv "
+                          "outputs share names but not values with the fp32 graph); localize "
+                          f"{' or '.join(MODES)}")
+    if mode not in MODES:
+        raise ConfigError(f"localize: mode {mode!r} is not a Q/DQ mode; choose one of "
+                          f"{', '.join(MODES)}")
+    if max_samples is not None and max_samples < 1:
+        raise ConfigError(f"max_samples must be >= 1; got {max_samples}")
+    recipe = with_calibrator(recipe, calibrator, _calibrator_path(mode))
+    runner = SensitivityRunner(recipe, "onnx", cache_dir, progress=False)
+    builder = runner.builder
+    qpath = Path(quantized_onnx) if quantized_onnx is not None else builder.onnx_artifact(mode).path
+    fpath = builder.onnx_artifact("fp32").path
+    field_ = spec(mode).calibrator_field
+    calib = getattr(recipe.quant, field_) if field_ else None
+    batches = eval_batches(runner.state.eval_data, recipe.input.profile()["opt"], pad=True,
+                           max_samples=max_samples)
+    return localize_graphs(qpath, fpath, batches, input_name=recipe.input.name, floor=floor,
+                           recipe=recipe.name, mode=mode, calibrator=calib)
+
+
+# --------------------------------------------------------------------------------------------
+# reports
+# --------------------------------------------------------------------------------------------
+
+def verdict(loc: Localization) -> str:
+    head = f"localize {loc.recipe} {loc.mode} ({loc.samples} samples, floor cosine {loc.floor:g}): "
+    worst = loc.row(loc.worst[0]) if loc.worst else None
+    if loc.named is None:
+        w = (f"; largest contribution {worst.layer} ({worst.tensor}, own SQNR "
+             f"{worst.own_sqnr_db:.1f} dB)" if worst else "")
+        return head + "no layer below the floor" + w
+    r = loc.row(loc.named_tensor)
+    f = loc.row(loc.first_below_floor)
+    return (head + f"damage enters at {r.layer} ({r.tensor}): own SQNR {r.own_sqnr_db:.1f} dB, "
+            f"SQNR {r.input_sqnr_db:.1f} -> {r.sqnr_db:.1f} dB, cosine {r.cosine:.4f}; first "
+            f"below the floor: {f.layer} ({f.tensor}, cosine {f.cosine:.4f})")
+
+
+def table_rows(loc: Localization) -> tuple[list[str], list[list[str]]]:
+    header = ["#", "layer", "tensor", "op", "SQNR dB", "cosine", "in SQNR dB", "drop dB",
+              "own SQNR dB", "rank", ""]
+    rows = []
+    for r in loc.rows:
+        mark = []
+        if r.tensor == loc.named_tensor:
+            mark.append("NAMED")
+        if r.tensor == loc.first_below_floor:
+            mark.append("first < floor")
+        elif r.cosine < loc.floor:
+            mark.append("< floor")
+        rows.append([str(r.index), r.layer, r.tensor, r.op, f"{r.sqnr_db:.2f}", f"{r.cosine:.5f}",
+                     f"{r.input_sqnr_db:.2f}", f"{r.drop_db:.2f}", f"{r.own_sqnr_db:.2f}",
+                     str(r.rank), ", ".join(mark)])
+    return header, rows
+
+
+def _md_table(header, rows) -> str:
+    def cell(v: str) -> str:
+        return v.replace("|", "\\|")
+    lines = ["| " + " | ".join(map(cell, header)) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(map(cell, r)) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def markdown_report(loc: Localization) -> str:
+    out = [f"# {loc.recipe}: {loc.mode} damage localization\n",
+           f"Quantized graph `{loc.quantized_onnx}` vs fp32 `{loc.fp32_onnx}` on ONNX Runtime (CPU), "
+           f"first {loc.samples} eval samples at the opt shape, calibrator {loc.calibrator}.\n",
+           f"Rule: {loc.rule}.\n", f"**{verdict(loc)}**\n", _md_table(*table_rows(loc))]
+    worst = [loc.row(t) for t in loc.worst]
+    out.append("\nWorst five by contribution: " + ", ".join(
+        f"{r.layer} ({r.own_sqnr_db:.1f} dB)" for r in worst) + "\n")
+    if loc.skipped:
+        out.append(f"\nNot compared (in one graph only, or another shape): {len(loc.skipped)} tensors.\n")
+    return "\n".join(out)
+
+
+def _plot(loc: Localization, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from qatcheck.fsutil import atomic_path
+
+    rows = loc.rows
+    xs = np.arange(len(rows))
+    colors = ["tab:red" if r.tensor == loc.named_tensor else "tab:blue" for r in rows]
+    fig, (a1, a2) = plt.subplots(2, 1, figsize=(max(6.0, 0.45 * len(rows) + 2), 7), sharex=True)
+    a1.bar(xs, [r.sqnr_db for r in rows], color=colors)
+    a1.plot(xs, [r.input_sqnr_db if r.input_sqnr_db < _CAP_DB else np.nan for r in rows],
+            "k.--", lw=0.8, label="worst input SQNR")
+    a1.set_ylabel("SQNR vs fp32 (dB)")
+    a1.legend(loc="upper right", fontsize=8)
+    a1.set_title(verdict(loc), fontsize=8, wrap=True)
+    # exact layers (no Q/DQ of their own: ReLU, pooling...) have no bar
+    a2.bar(xs, [r.own_sqnr_db if r.own_sqnr_db < _CAP_DB else np.nan for r in rows], color=colors)
+    a2.set_ylabel("own SQNR (dB, lower = adds more;\nno bar: exact)")
+    a2.set_xticks(xs)
+    a2.set_xticklabels([r.layer or r.node for r in rows], rotation=75, ha="right", fontsize=7)
+    fig.tight_layout()
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+
+
+def write_reports(loc: Localization, reports_dir: str | Path) -> list[Path]:
+    """``<recipe>-localize-<mode>.json``, ``.md`` and ``.png`` in ``reports_dir``."""
+    d = Path(reports_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    stem = f"{loc.recipe}-localize-{loc.mode}"
+    j, m, p = d / f"{stem}.json", d / f"{stem}.md", d / f"{stem}.png"
+    write_text_atomic(j, json.dumps({**loc.to_json(), "verdict": verdict(loc)}, indent=1))
+    write_text_atomic(m, markdown_report(loc))
+    _plot(loc, p)
+    return [j, m, p]
