@@ -262,11 +262,26 @@ class BoundCase:
 
     def _conclude(self, verdict: Verdict, what: str) -> Verdict:
         if verdict.failures:
-            pytest.fail(f"{self.case.id} {what} check failed:\n  " + "\n  ".join(verdict.failures),
-                        pytrace=False)
+            lines = list(verdict.failures)
+            if what in ("parity", "accuracy"):
+                lines += self._repro(what)
+            pytest.fail(f"{self.case.id} {what} check failed:\n  " + "\n  ".join(lines), pytrace=False)
         if verdict.skipped:
             pytest.skip(verdict.skipped)
         return verdict  # pass, improved or inconclusive: the table and its notes say which
+
+    def _repro(self, what: str) -> list[str]:
+        """The reproduction bundle's command (qatcheck.repro), or why there is none; never a
+        second failure on top of the first."""
+        try:
+            from qatcheck import repro
+
+            command = repro.write(self.session, self.case, what)
+        except ImportError:
+            return ["(no reproduction bundle: polygraphy is not installed)"]
+        except Exception as exc:  # the verdict stands; the bundle is a help
+            return [f"(no reproduction bundle: {type(exc).__name__}: {exc})"]
+        return [f"reproduce outside pytest: {command}"] if command else []
 
     def check_accuracy(self) -> Verdict:
         return self._conclude(self._call(self.session.check_accuracy, self.case), "accuracy")

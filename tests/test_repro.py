@@ -1,0 +1,70 @@
+"""Reproduction bundles (issue 13): a failing parity case writes reports/repro/<case>/ and prints one
+`polygraphy run` command; the command, run outside pytest, fails on the planted artifact and passes
+on the clean one."""
+from __future__ import annotations
+
+import json
+import shlex
+import shutil
+import subprocess
+
+import onnx
+import pytest
+
+from qatcheck.quantize import onnx_ptq
+
+pytest.importorskip("polygraphy")
+
+SUITE = '''
+import pytest
+from qatcheck.standard import test_parity  # noqa: F401
+from qatcheck.zoo import recipes
+pytestmark = pytest.mark.qatcheck_recipe(recipes.digits_recipe(
+    modes=("fp32", "trt_ptq"), backends=("torch", "onnxruntime"), dynamic_modes=()))
+'''
+PLANT = "/layer1/relu1/Relu_output_0"  # layer1.conv2's input quantizer
+
+
+def _run(pytester, cache, *args):
+    return pytester.runpytest("-p", "no:cacheprovider", "--qatcheck-cache", str(cache),
+                              "--qatcheck-baselines", str(pytester.path / "baselines"),
+                              "--qatcheck-reports", str(pytester.path / "reports"), "--qatcheck-no-progress",
+                              "--benchmark-disable", "-k", "trt_ptq", *args)
+
+
+def test_a_failing_parity_case_leaves_a_polygraphy_command_that_reproduces_it(pytester):
+    pytester.makepyfile(test_digits=SUITE)
+    assert _run(pytester, pytester.path / "clean-cache", "--update-baselines").ret == 0
+    assert not (pytester.path / "reports" / "repro").exists()  # nothing failed: no bundle
+
+    quantize_onnx = onnx_ptq.quantize_onnx
+
+    def planted(model_path, out_path, *args, **kwargs):  # one activation scale x64
+        res = quantize_onnx(model_path, out_path, *args, **kwargs)
+        onnx_ptq.scale_qdq(out_path, out_path, PLANT, 64.0)
+        return res
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(onnx_ptq, "quantize_onnx", planted)
+        result = _run(pytester, pytester.path / "planted-cache")
+    assert result.ret == 1
+    out = result.stdout.str()
+    result.stdout.fnmatch_lines(["*digits-trt_ptq-onnxruntime parity check failed:*",
+                                 "*reproduce outside pytest: polygraphy run *model.onnx --onnxrt*"])
+    command = next(ln.split("reproduce outside pytest: ", 1)[1] for ln in out.splitlines()
+                   if "reproduce outside pytest: " in ln)
+    bundle = pytester.path / "reports" / "repro" / "digits-trt_ptq-onnxruntime"
+    settings = json.loads((bundle / "settings.json").read_text())
+    assert settings["reference"] == "digits-fp32-torch" and len(settings["batches"]) == 4
+    assert min(settings["batch_cosines"]) < settings["cosine_threshold"]
+
+    replay = subprocess.run(shlex.split(command), capture_output=True, text=True, timeout=300)
+    assert replay.returncode != 0, replay.stdout + replay.stderr
+    assert "FAILED" in replay.stdout + replay.stderr
+
+    # the same command on the clean artifact passes: the bundle reproduces the failure, not noise
+    [clean] = (pytester.path / "clean-cache").glob("digits-trt_ptq-*.onnx")
+    shutil.copyfile(clean, bundle / "model.onnx")
+    assert onnx.load(str(bundle / "model.onnx"))
+    replay = subprocess.run(shlex.split(command), capture_output=True, text=True, timeout=300)
+    assert replay.returncode == 0, replay.stdout + replay.stderr
