@@ -263,12 +263,24 @@ class BoundCase:
     def _conclude(self, verdict: Verdict, what: str) -> Verdict:
         if verdict.failures:
             lines = list(verdict.failures)
+            if what == "parity":
+                lines += self._localize()
             if what in ("parity", "accuracy"):
                 lines += self._repro(what)
             pytest.fail(f"{self.case.id} {what} check failed:\n  " + "\n  ".join(lines), pytrace=False)
         if verdict.skipped:
             pytest.skip(verdict.skipped)
         return verdict  # pass, improved or inconclusive: the table and its notes say which
+
+    def _localize(self) -> list[str]:
+        """Where the damage enters (qatcheck.analysis.localize), for a failed parity check of a
+        Q/DQ graph; never a second failure on top of the first."""
+        try:
+            from qatcheck.analysis.localize import for_failed_case
+
+            return for_failed_case(self.session, self.case)
+        except Exception as exc:
+            return [f"(no localization: {type(exc).__name__}: {exc})"]
 
     def _repro(self, what: str) -> list[str]:
         """The reproduction bundle's command (qatcheck.repro), or why there is none; never a

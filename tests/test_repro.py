@@ -1,6 +1,6 @@
-"""Reproduction bundles (issue 13): a failing parity case writes reports/repro/<case>/ and prints one
-`polygraphy run` command; the command, run outside pytest, fails on the planted artifact and passes
-on the clean one."""
+"""A failing parity case (issue 13) names the layer where the damage enters (localization, run
+automatically) and writes reports/repro/<case>/ with one `polygraphy run` command; the command, run
+outside pytest, fails on the planted artifact and passes on the clean one."""
 from __future__ import annotations
 
 import json
@@ -50,6 +50,9 @@ def test_a_failing_parity_case_leaves_a_polygraphy_command_that_reproduces_it(py
     assert result.ret == 1
     out = result.stdout.str()
     result.stdout.fnmatch_lines(["*digits-trt_ptq-onnxruntime parity check failed:*",
+                                 "*localize digits trt_ptq (32 samples, floor cosine 0.98): damage enters at "
+                                 "layer1.conv2 *",
+                                 "*per-layer table: *digits-localize-trt_ptq.md*",
                                  "*reproduce outside pytest: polygraphy run *model.onnx --onnxrt*"])
     command = next(ln.split("reproduce outside pytest: ", 1)[1] for ln in out.splitlines()
                    if "reproduce outside pytest: " in ln)

@@ -359,6 +359,32 @@ def localize(recipe, mode: str = "trt_ptq", *, quantized_onnx: str | Path | None
                            recipe=recipe.name, mode=mode, calibrator=calib)
 
 
+def for_failed_case(session, case, max_samples: int = 32) -> list[str]:
+    """Localization run automatically when ``case``'s parity fails (the plugin calls it): the
+    case's own Q/DQ graph vs the recipe's fp32 graph on its first ``max_samples`` eval samples, the
+    case's parity floor as the per-layer floor; reports written next to the recipe's. Returns the
+    lines the failure message adds (nothing for modes it cannot localize, or dynamic cases)."""
+    if case.mode not in MODES or case.shape:
+        return []
+    runner = session.runner(case)
+    qpath = getattr(runner, "artifact_path", None)
+    if qpath is None:
+        return []
+    recipe = session.recipes[case.recipe]
+    builder = session.builder(case.recipe)
+    thresholds = session.parity_thresholds(case)
+    floor = thresholds.min_cosine if thresholds is not None else 0.99
+    from qatcheck.data.batching import eval_batches
+
+    batches = eval_batches(session._states[case.recipe].eval_data, recipe.input.profile()["opt"],
+                           max_samples=max_samples)
+    loc = localize_graphs(qpath, builder.onnx_artifact("fp32").path, batches, input_name=recipe.input.name,
+                          floor=floor, recipe=recipe.name, mode=case.mode,
+                          calibrator=getattr(recipe.quant, "calibrator", None))
+    files = write_reports(loc, session.options.reports_dir)
+    return [verdict(loc), f"per-layer table: {files[1] if len(files) > 1 else files[0]}"]
+
+
 # --------------------------------------------------------------------------------------------
 # reports
 # --------------------------------------------------------------------------------------------
