@@ -161,9 +161,10 @@ def kept_text(kept: dict[str, str]) -> str:
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
-    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    out += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(out) + "\n"
+    """A Markdown table (a '|' inside a cell is escaped); every report's tables use it."""
+    def line(cells) -> str:
+        return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
+    return "\n".join([line(header), "|" + "|".join("---" for _ in header) + "|", *map(line, rows)]) + "\n"
 
 
 def terminal_table(title: str, header: list[str], rows: list[list[str]]) -> str:

@@ -234,3 +234,20 @@ def test_a_lower_is_better_value_metric_is_judged_in_its_direction_relative_to_i
     fp32 = _m(0.5)
     v = judge_accuracy(_m(0.6), None, **kw, fp32=fp32, budget_points=10.0)
     assert v.status == "fail" and "20.0% above fp32" in v.failures[0]
+
+
+def test_each_output_is_held_to_its_floor_and_named_when_below():
+    from qatcheck.judges import judge_parity
+    from qatcheck.recipe import ParityThresholds
+
+    outs = {"boxes": {"cosine": 0.9995, "max_abs": 0.01, "mean_abs": 0.001},
+            "landmarks": {"cosine": 0.9731, "max_abs": 0.2, "mean_abs": 0.02},
+            "prob": {"cosine": 0.9999, "max_abs": 0.01, "mean_abs": 0.001}}
+    m = Measurement(case=Case("r", "trt_ptq", "onnxruntime"), parts=frozenset({"eval"}), output_parity=outs,
+                    parity={**outs["landmarks"], "top1_agreement": 1.0}, parity_reference="torch fp32 (quantization)")
+    kw = dict(thresholds=ParityThresholds(min_cosine=0.98, min_top1_agreement=0.95), agreement_name="top1_agreement",
+              cosine_tolerance=0.0005, agreement_tolerance=0.01)
+    v = judge_parity(m, None, **kw)  # the drifting head is named, the others pass
+    assert v.status == "fail" and len(v.failures) == 1 and v.failures[0].startswith("output 'landmarks': cosine 0.973100")
+    assert judge_parity(m, None, **kw, output_floors={"landmarks": 0.97}).status == "pass"  # its own floor
+    assert judge_parity(m, None, **kw, output_floors={"boxes": 0.9999}).failures[0].startswith("output 'boxes'")

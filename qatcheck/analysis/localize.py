@@ -52,6 +52,7 @@ from onnx import helper, shape_inference
 from qatcheck.errors import ConfigError, DataError
 from qatcheck.fsutil import write_text_atomic
 from qatcheck.quantize.onnx_ptq import module_name_of
+from qatcheck.report import markdown_table
 
 __all__ = ["LayerRow", "Localization", "localize", "localize_graphs", "write_reports",
            "table_rows", "verdict", "expose_tensors", "RULE"]
@@ -421,19 +422,11 @@ def table_rows(loc: Localization) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
-def _md_table(header, rows) -> str:
-    def cell(v: str) -> str:
-        return v.replace("|", "\\|")
-    lines = ["| " + " | ".join(map(cell, header)) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(map(cell, r)) + " |" for r in rows]
-    return "\n".join(lines) + "\n"
-
-
 def markdown_report(loc: Localization) -> str:
     out = [f"# {loc.recipe}: {loc.mode} damage localization\n",
            f"Quantized graph `{loc.quantized_onnx}` vs fp32 `{loc.fp32_onnx}` on ONNX Runtime (CPU), "
            f"first {loc.samples} eval samples at the opt shape, calibrator {loc.calibrator}.\n",
-           f"Rule: {loc.rule}.\n", f"**{verdict(loc)}**\n", _md_table(*table_rows(loc))]
+           f"Rule: {loc.rule}.\n", f"**{verdict(loc)}**\n", markdown_table(*table_rows(loc))]
     worst = [loc.row(t) for t in loc.worst]
     out.append("\nWorst five by contribution: " + ", ".join(
         f"{r.layer} ({r.own_sqnr_db:.1f} dB)" for r in worst) + "\n")

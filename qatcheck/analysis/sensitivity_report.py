@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from qatcheck.fsutil import write_text_atomic
+from qatcheck.report import markdown_table
 
 if TYPE_CHECKING:
     from qatcheck.analysis.sensitivity import BudgetResult, Profile
@@ -76,14 +77,6 @@ def budget_rows(budget: BudgetResult, mode: str) -> tuple[list[str], list[list[s
     return header, rows
 
 
-def _md_table(header: list[str], rows: list[list[str]]) -> str:
-    def cell(v: str) -> str:
-        return v.replace("|", "\\|")
-    lines = ["| " + " | ".join(map(cell, header)) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(map(cell, r)) + " |" for r in rows]
-    return "\n".join(lines) + "\n"
-
-
 def markdown_report(prof: Profile, budget: BudgetResult | None = None) -> str:
     """The human-readable report: the ranked profile and, with a budget, the chosen layers on the
     profile's subset and on the full eval set."""
@@ -96,10 +89,10 @@ def markdown_report(prof: Profile, budget: BudgetResult | None = None) -> str:
            "(a continuous measure: on a subset a metric such as top-1 moves in whole samples, so it "
            "does not decide the order; its columns are shown as measured).\n"]
     header, rows = table_rows(prof)
-    out.append(_md_table(header, rows))
+    out.append(markdown_table(header, rows))
     if budget is not None:
         out.append(f"\n## Budget: {budget.budget.describe()}\n")
-        out.append(_md_table(*budget_rows(budget, prof.mode)))
+        out.append(markdown_table(*budget_rows(budget, prof.mode)))
         out.append(f"\n{budget.message}\n")
     return "\n".join(out)
 
