@@ -11,8 +11,12 @@
 
     python -m qatcheck reference [--write docs/reference.md]
 
-    python -m qatcheck localize --recipe MODULE:CALLABLE --mode trt_ptq|partial [--onnx FILE] \\
-        [--calibrator C] [--max-samples 64] [--floor-cosine 0.99] [--reports DIR] [--cache DIR]
+    python -m qatcheck localize --recipe MODULE:CALLABLE --mode trt_ptq|partial|torch_ptq|qat \\
+        [--onnx FILE] [--calibrator C] [--max-samples 64] [--floor-cosine 0.99] [--device cpu] \\
+        [--reports DIR] [--cache DIR]
+
+    python -m qatcheck crosscheck --recipe MODULE:CALLABLE [--calibrator minmax|entropy|both] \\
+        [--mode trt_ptq|partial] [--max-samples N] [--reports reports/crosscheck] [--cache DIR]
 
 ``lint`` checks a Q/DQ ONNX against TensorRT's placement rules (qatcheck.quantize.qdq_lint) and exits
 1 when it has findings.
@@ -125,24 +129,51 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
 
 
 def cmd_localize(args: argparse.Namespace) -> int:
-    """Where quantization damage enters the Q/DQ graph (per-layer SQNR / cosine vs fp32)."""
+    """Where quantization damage enters the quantized model (per-layer SQNR / cosine vs fp32):
+    trt_ptq / partial on their Q/DQ graph (ONNX Runtime), torch_ptq / qat in PyTorch."""
     from qatcheck.analysis import localize as L
 
     recipe = load_recipe(args.recipe)
     t0 = time.perf_counter()
     loc = L.localize(recipe, args.mode, quantized_onnx=args.onnx, max_samples=args.max_samples,
-                     floor=args.floor_cosine, cache_dir=args.cache, calibrator=args.calibrator)
+                     floor=args.floor_cosine, cache_dir=args.cache, calibrator=args.calibrator,
+                     device=args.device)
     seconds = time.perf_counter() - t0
     header, rows = L.table_rows(loc)
     title = (f"{loc.recipe}: {loc.mode} vs fp32 per layer (calibrator {loc.calibrator}, "
-             f"{loc.samples} samples, topological order)")
+             f"{loc.samples} samples, {loc.order} order, {loc.path})")
     print(_render(header, rows, title), end="")
     print(L.verdict(loc))
-    print("worst five by contribution: " + ", ".join(
-        f"{loc.row(t).layer} ({loc.row(t).own_sqnr_db:.1f} dB)" for t in loc.worst))
+    print(L.worst_line(loc))
     print(f"localize: {seconds:.2f} s (artifacts included)")
     for path in L.write_reports(loc, args.reports):
         print(f"wrote {path}")
+    return 0
+
+
+def cmd_crosscheck(args: argparse.Namespace) -> int:
+    """qatcheck's ONNX PTQ vs NVIDIA ModelOpt's on the same fp32 ONNX and calibration batches."""
+    from qatcheck.analysis import ptq_crosscheck as X
+
+    recipe = load_recipe(args.recipe)
+    calibrators = X.CALIBRATORS if args.calibrator == "both" else (args.calibrator,)
+    for calibrator in calibrators:
+        t0 = time.perf_counter()
+        check = X.crosscheck(recipe, calibrator, mode=args.mode, cache_dir=args.cache,
+                             use_cache=not args.no_cache, max_samples=args.max_samples,
+                             evaluate=not args.no_eval, threshold=args.threshold)
+        header, rows = X.table_rows(check, args.top)
+        title = (f"{check.recipe} {check.mode}, calibrator {calibrator}: ModelOpt {check.modelopt_version} "
+                 f"({check.modelopt_method}) vs ours, scale ratio ModelOpt/ours, worst first")
+        print(_render(header, rows, title), end="")
+        for line in X.summary_lines(check):
+            print(line)
+        for who, items in (("ours", check.scales.only_ours), ("ModelOpt", check.scales.only_modelopt)):
+            for p in items:
+                print(f"  only {who}: {p.key} ({p.kind}) read by {X._short(p.readers)}")
+        print(f"crosscheck: {time.perf_counter() - t0:.2f} s (artifacts included)")
+        for path in X.write_reports(check, args.reports):
+            print(f"wrote {path}")
     return 0
 
 
@@ -213,23 +244,48 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-cache", action="store_true", help="recompute everything")
     s.add_argument("--no-progress", action="store_true", help="no progress bars")
     s.set_defaults(func=cmd_sensitivity)
-    loc = sub.add_parser("localize", help="per-layer SQNR / cosine of a Q/DQ graph vs fp32 on "
-                         "ONNX Runtime; names the layer where damage enters (writes "
-                         "reports/<recipe>-localize-<mode>.{json,md,png})")
+    loc = sub.add_parser("localize", help="per-layer SQNR / cosine of a quantized model vs fp32 "
+                         "(Q/DQ graphs on ONNX Runtime, torch_ptq / qat in PyTorch); names the "
+                         "layer where damage enters (writes reports/<recipe>-localize-<mode>."
+                         "{json,md,png})")
     loc.add_argument("--recipe", required=True, help="'module:callable' returning a Recipe")
-    loc.add_argument("--mode", default="trt_ptq", choices=("trt_ptq", "partial"),
-                     help="the quantized graph (default trt_ptq; torch_ptq / qat exports keep "
-                          "BatchNorm unfused, so their tensors do not match fp32's by name)")
+    loc.add_argument("--mode", default="trt_ptq", choices=("trt_ptq", "partial", "torch_ptq", "qat"),
+                     help="the quantized model (default trt_ptq): trt_ptq / partial are localized on "
+                          "their Q/DQ ONNX on ONNX Runtime, torch_ptq / qat on their "
+                          "pytorch-quantization module in PyTorch, module by module")
     loc.add_argument("--onnx", default=None, metavar="FILE",
-                     help="localize this Q/DQ ONNX instead of the mode's artifact")
+                     help="trt_ptq / partial: localize this Q/DQ ONNX instead of the mode's artifact")
     loc.add_argument("--calibrator", default=None, help="override the mode's calibrator")
     loc.add_argument("--max-samples", type=int, default=64,
                      help="eval samples (default 64; 0 = all)")
     loc.add_argument("--floor-cosine", type=float, default=0.99,
                      help="a layer whose cosine vs fp32 is below this is damaged (default 0.99)")
+    loc.add_argument("--device", default="cpu",
+                     help="torch_ptq / qat: where the models run (and are built when not cached; "
+                          "default cpu)")
     loc.add_argument("--reports", default="reports", help="report directory (default reports/)")
     loc.add_argument("--cache", default=".qatcheck_cache", help="artifact cache (default .qatcheck_cache)")
     loc.set_defaults(func=cmd_localize)
+    x = sub.add_parser("crosscheck", help="qatcheck's ONNX PTQ vs NVIDIA ModelOpt's on the same fp32 "
+                       "ONNX and calibration data: per-site scale ratios, placement differences, "
+                       "metric of each graph (writes reports/crosscheck/<recipe>-<mode>-<calibrator>"
+                       ".{json,md,png})")
+    x.add_argument("--recipe", required=True, help="'module:callable' returning a Recipe")
+    x.add_argument("--calibrator", choices=("minmax", "entropy", "both"), default="both",
+                   help="minmax (ModelOpt max) or entropy (ModelOpt entropy); default both")
+    x.add_argument("--mode", choices=("trt_ptq", "partial"), default="trt_ptq",
+                   help="the graph to build both ways (partial keeps QuantSettings.keep_precision)")
+    x.add_argument("--max-samples", type=int, default=0,
+                   help="eval samples the metrics run on (default 0 = all)")
+    x.add_argument("--no-eval", action="store_true", help="compare scales and placement only")
+    x.add_argument("--threshold", type=float, default=1.10,
+                   help="a scale ratio beyond this either way is a disagreement (default 1.10)")
+    x.add_argument("--top", type=int, default=12, help="rows of the printed table (default 12)")
+    x.add_argument("--reports", default="reports/crosscheck",
+                   help="report directory (default reports/crosscheck/)")
+    x.add_argument("--cache", default=".qatcheck_cache", help="artifact cache (default .qatcheck_cache)")
+    x.add_argument("--no-cache", action="store_true", help="rebuild both graphs")
+    x.set_defaults(func=cmd_crosscheck)
     lint = sub.add_parser("lint", help="check Q/DQ ONNX graphs: Concat inputs with different scales, "
                           "Adds with an unquantized input (exit 1 on findings)")
     lint.add_argument("onnx", nargs="+", help="Q/DQ ONNX file(s)")

@@ -187,7 +187,8 @@ class ArtifactBuilder:
     def _field(self, name: str, dynamic: bool = False) -> Any:
         special = {"calib_data": self.calib_id, "train_data": lambda: self.state.train_data.fingerprint(),
                    "device": lambda: self.device.split(":")[0], "loss": lambda: code_digest(self.recipe.loss),
-                   "fp32_onnx": lambda: self.onnx_artifact("fp32", dynamic).digest}
+                   "fp32_onnx": lambda: self.onnx_artifact("fp32", dynamic).digest,
+                   "torch_quantizer": self._torch_quantizer_id, "modelopt": _modelopt_version}
         if name in special:
             return special[name]()
         value: Any = self.recipe
@@ -207,6 +208,10 @@ class ArtifactBuilder:
         if dynamic:
             parts["dynamic"] = True
         parts.update({f: self._field(f, dynamic) for f in spec.key_fields})
+        from qatcheck.quantize import modelopt_onnx
+
+        if spec.onnx_builder in (onnx_ptq, f"{__name__}:onnx_ptq") and modelopt_onnx.selected():
+            parts["quantizer"] = modelopt_onnx.quantizer_id()  # --qatcheck-trt-ptq modelopt
         return parts
 
     def calib_batches(self) -> Iterator[np.ndarray]:
@@ -270,10 +275,38 @@ class ArtifactBuilder:
 
         return TorchQuantConfig.from_settings(self.recipe.quant)
 
+    def _torch_quantizer_id(self) -> str:
+        """QuantSettings.torch_quantizer, with ModelOpt's version (pytorch-quantization's is in
+        every key already: cache.library_versions)."""
+        q = self.recipe.quant.torch_quantizer
+        return f"modelopt=={_modelopt_version()}" if q == "modelopt" else q
+
+    def _modelopt(self) -> bool:
+        return self.recipe.quant.torch_quantizer == "modelopt"
+
     def _load_quantized(self, path: Path) -> torch.nn.Module:
         from qatcheck.quantize import torch_quant
 
+        if self._modelopt():
+            from qatcheck.quantize import modelopt_quant
+
+            return modelopt_quant.load(self.state.model, path, self.recipe.quant)
         return torch_quant.load_quantized(copy.deepcopy(self.state.model), self._torch_quant_config(), path)
+
+    def _save_quantized(self, qmodel: torch.nn.Module, path: Path) -> None:
+        from qatcheck.quantize import torch_quant
+
+        if self._modelopt():
+            from qatcheck.quantize import modelopt_quant
+
+            return modelopt_quant.save(qmodel, path, self.recipe.quant)
+        torch_quant.save_quantized(qmodel, path, self._torch_quant_config())
+
+
+def _modelopt_version() -> str:
+    from qatcheck.quantize.modelopt_quant import version
+
+    return version()
 
 
 # ---- the builders the built-in mode rows name ---------------------------------------------------
@@ -283,9 +316,12 @@ def plain_module(b: ArtifactBuilder, spec: ModeSpec) -> tuple[torch.nn.Module, N
 
 
 def ptq_module(b: ArtifactBuilder, spec: ModeSpec) -> tuple[torch.nn.Module, Path]:
-    """pytorch-quantization Q/DQ modules, calibrated on the recipe's calibration batches."""
+    """pytorch-quantization Q/DQ modules (ModelOpt's with QuantSettings.torch_quantizer="modelopt"),
+    calibrated on the recipe's calibration batches."""
     from qatcheck.quantize import torch_quant
 
+    if b._modelopt():
+        return modelopt_module(b, spec)
     cfg = b._torch_quant_config()
 
     def build(path: Path) -> None:
@@ -298,8 +334,12 @@ def ptq_module(b: ArtifactBuilder, spec: ModeSpec) -> tuple[torch.nn.Module, Pat
 
 def qat_module(b: ArtifactBuilder, spec: ModeSpec) -> tuple[torch.nn.Module, Path]:
     """The calibrated torch_ptq model fine-tuned on the train data (QATSettings, Recipe.loss)."""
-    from qatcheck.quantize import torch_quant
     from qatcheck.quantize.qat import QATConfig, finetune
+
+    if b._modelopt():
+        from qatcheck.quantize import modelopt_quant
+
+        modelopt_quant.require("QuantSettings.torch_quantizer='modelopt'")
 
     def build(path: Path) -> None:
         qm = b.torch_artifact("torch_ptq").module
@@ -309,9 +349,30 @@ def qat_module(b: ArtifactBuilder, spec: ModeSpec) -> tuple[torch.nn.Module, Pat
                  QATConfig(epochs=q.epochs, lr=q.lr, batch_size=q.batch_size,
                            max_batches_per_epoch=q.max_batches_per_epoch),
                  loss_fn=b.recipe.loss, device=b.device, progress=b.progress)
-        torch_quant.save_quantized(qm, path, b._torch_quant_config())
+        b._save_quantized(qm, path)
     path = b._cached_state(spec, build)
     return b._load_quantized(path), path
+
+
+def modelopt_module(b: ArtifactBuilder, spec: ModeSpec, fp8: bool = False) -> tuple[torch.nn.Module, Path]:
+    """ModelOpt Q/DQ (int8 by QuantSettings, or FP8 E4M3), calibrated on the recipe's calibration
+    batches; the case skips with the install hint when nvidia-modelopt is missing."""
+    from qatcheck.quantize import modelopt_quant
+
+    modelopt_quant.require("mode 'fp8'" if fp8 else "QuantSettings.torch_quantizer='modelopt'")
+    quant = b.recipe.quant
+
+    def build(path: Path) -> None:
+        qm = modelopt_quant.quantize(b.state.model, quant, b.calib_batches(), fp8=fp8, device=b.device,
+                                     progress=b.progress)
+        modelopt_quant.save(qm, path, quant, fp8=fp8)
+    path = b._cached_state(spec, build)
+    return modelopt_quant.load(b.state.model, path, quant, fp8=fp8), path
+
+
+def fp8_module(b: ArtifactBuilder, spec: ModeSpec) -> tuple[torch.nn.Module, Path]:
+    """The fp8 mode: ModelOpt's FP8_DEFAULT_CFG (E4M3), calibrated like torch_ptq."""
+    return modelopt_module(b, spec, fp8=True)
 
 
 def export_fp32(b: ArtifactBuilder, spec: ModeSpec, path: Path, dynamic: bool) -> dict:
@@ -332,18 +393,22 @@ def convert_fp16(b: ArtifactBuilder, spec: ModeSpec, path: Path, dynamic: bool) 
 def onnx_ptq(b: ArtifactBuilder, spec: ModeSpec, path: Path, dynamic: bool) -> dict:
     """ONNX-level PTQ of the fp32 graph (TensorRT-style explicit Q/DQ); a ``keeps_layers`` row
     leaves QuantSettings.keep_precision unquantized."""
+    from qatcheck.quantize import modelopt_onnx
     from qatcheck.quantize.onnx_ptq import OnnxPTQConfig, quantize_onnx
 
     q = b.recipe.quant
     cfg = OnnxPTQConfig(calibrator=q.calibrator, percentile=q.percentile, per_channel=q.per_channel,
                         exclude=tuple(q.keep_precision) if spec.keeps_layers else ())
-    quantize_onnx(b.onnx_artifact("fp32", dynamic).path, path, b.calib_batches(), cfg,
-                  input_name=b.recipe.input.name, progress=b.progress)
+    # --qatcheck-trt-ptq modelopt: NVIDIA ModelOpt's ONNX PTQ writes the graph instead of ours
+    quantize = modelopt_onnx.quantize_modelopt if modelopt_onnx.selected() else quantize_onnx
+    quantize(b.onnx_artifact("fp32", dynamic).path, path, b.calib_batches(), cfg,
+             input_name=b.recipe.input.name, progress=b.progress)
     return {}
 
 
 def torch_qdq_onnx(b: ArtifactBuilder, spec: ModeSpec, path: Path, dynamic: bool) -> dict:
-    """The mode's calibrated (or fine-tuned) torch model exported as a Q/DQ ONNX."""
+    """The mode's calibrated (or fine-tuned) torch model exported as a Q/DQ ONNX (a ModelOpt model
+    by ModelOpt's exporter: torch_quant.export_qdq_onnx dispatches)."""
     from qatcheck.quantize import torch_quant
 
     r = b.recipe

@@ -153,6 +153,20 @@ def judge_accuracy(m: Measurement, base: CaseBaseline | None, *, metric_names: t
     return _verdict("accuracy", m, failures, updates, improved=improved, strict=strict)
 
 
+def _mode(m: Measurement):
+    from qatcheck.modes import spec
+
+    return spec(m.case.mode)
+
+
+def mode_latency_skip(m: Measurement) -> str | None:
+    """The mode's own reason not to time on this device (ModeSpec.latency_skip; fp8 off an FP8 GPU)."""
+    from qatcheck.modes import resolve
+
+    gate = _mode(m).latency_skip
+    return resolve(gate)(m.device) if gate is not None else None
+
+
 def _fmt(spec, v: float) -> str:
     return f"{v:.2%}" if spec.fraction else f"{v:.6g}"
 
@@ -313,6 +327,9 @@ def judge_latency(m: Measurement, base: CaseBaseline | None, *, tolerance_rel: f
     least ``floor`` times faster than the reference in this same session (a gate that holds on
     any machine): failing only when the speedup's interval lies below the floor.
     """
+    gated = mode_latency_skip(m)
+    if gated:
+        return Verdict("latency", m.case, "skip", reason=gated)
     if m.latency is None:
         return Verdict("latency", m.case, "skip", reason=m.latency_skipped or
                        "latency not measured: pytest-benchmark is disabled (--benchmark-disable)")

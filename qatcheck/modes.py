@@ -18,14 +18,24 @@ from typing import Any, Callable
 from qatcheck.errors import ConfigError
 
 #: float: the model in a float precision; int8_graph: int8 Q/DQ inserted into the ONNX graph
-#: (no PyTorch twin); int8_torch: int8 Q/DQ inserted in PyTorch, exported as a Q/DQ ONNX
+#: (no PyTorch twin); int8_torch: Q/DQ inserted in PyTorch, exported as a Q/DQ ONNX (int8; the
+#: ``fp8`` row is this family too, with precision fp8: E4M3 Q/DQ)
 FAMILIES = ("float", "int8_graph", "int8_torch")
+#: what an artifact computes in
+PRECISIONS = ("fp32", "fp16", "int8", "fp8")
 #: the profile points a dynamic-shape case is measured at
 PROFILE_POINTS = ("min", "opt", "max")
 
 #: Which calibrators each quantizer family accepts (checked when the recipe is built).
 ONNX_CALIBRATORS: tuple[str, ...] = ("minmax", "entropy", "percentile")
 TORCH_CALIBRATORS: tuple[str, ...] = ("max", "entropy", "mse", "percentile")
+#: The PyTorch-side quantizers of torch_ptq / qat (QuantSettings.torch_quantizer).
+TORCH_QUANTIZERS: tuple[str, ...] = ("pytorch-quantization", "modelopt")
+#: The torch calibrators ModelOpt can do (qatcheck.quantize.modelopt_quant says how each maps).
+MODELOPT_CALIBRATORS: tuple[str, ...] = ("max", "entropy", "percentile")
+#: The fp8 mode's calibrators (QuantSettings.fp8_calibrator): the entropy / mse searches are
+#: searches over the int8 grid, meaningless for E4M3.
+FP8_CALIBRATORS: tuple[str, ...] = ("max", "percentile")
 
 Builder = "str | Callable[..., Any]"
 
@@ -44,14 +54,16 @@ class ModeSpec:
     ``key_fields`` name what, besides the weights, the input spec and the library versions, shapes
     the artifact: dotted recipe fields (``quant.calibrator``) or the special names ``calib_data``,
     ``train_data`` (data fingerprints), ``device`` (where calibration / training run), ``loss``
-    (the QAT loss's code) and ``fp32_onnx`` (the digest of the fp32 export the mode is built from).
+    (the QAT loss's code), ``fp32_onnx`` (the digest of the fp32 export the mode is built from),
+    ``torch_quantizer`` (``QuantSettings.torch_quantizer``, with ModelOpt's version when it is
+    ``modelopt``) and ``modelopt`` (the installed nvidia-modelopt version).
     Only those enter the mode's cache key: changing the ONNX calibrator rebuilds trt_ptq, not
     torch_ptq. Every key also holds the weights, the model's code and qatcheck's build code.
     """
 
     name: str
     family: str
-    precision: str  # fp32 | fp16 | int8 (what the artifact computes in)
+    precision: str  # fp32 | fp16 | int8 | fp8 (what the artifact computes in)
     onnx_builder: Any
     torch_builder: Any = None
     #: which backends may execute the mode (None: every backend that can - a torch backend only
@@ -71,15 +83,26 @@ class ModeSpec:
     #: the mode keeps QuantSettings.keep_precision layers in higher precision
     keeps_layers: bool = False
     description: str = ""
+    #: a note the report shows once for the mode's cases (what its figures are)
+    note: str = ""
+    #: ``(device) -> reason | None`` (a callable or ``"module:function"``): why the mode's latency
+    #: means nothing on the measured device (``runner.device``: ``cpu``, ``cuda``,
+    #: ``CPUExecutionProvider``...); the latency check then skips with the reason
+    latency_skip: Any = None
+    #: a note the report shows once when the mode's latency was measured (what the figure is)
+    latency_note: str = ""
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
             raise ConfigError(f"ModeSpec({self.name}).family {self.family!r}: choose one of {', '.join(FAMILIES)}")
-        if self.precision not in ("fp32", "fp16", "int8"):
-            raise ConfigError(f"ModeSpec({self.name}).precision {self.precision!r}: fp32, fp16 or int8")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"ModeSpec({self.name}).precision {self.precision!r}: choose one of "
+                              f"{', '.join(PRECISIONS)}")
 
     @property
     def int8(self) -> bool:
+        """A quantized mode (its artifact has Q/DQ: int8, or E4M3 for the fp8 row): it gets the
+        structure check, and the TensorRT precision audit where it runs on TensorRT."""
         return self.family != "float"
 
     @property
@@ -106,6 +129,8 @@ def resolve(builder: Any) -> Callable[..., Any]:
 
 _A = "qatcheck.artifacts"
 _PTQ_KEYS = ("quant.percentile", "quant.per_channel", "quant.calib_batches", "calib_data")
+#: which library quantizes torch_ptq / qat, and the ModelOpt config it is given
+_TORCH_Q_KEYS = ("torch_quantizer", "quant.modelopt_config")
 MODE_SPECS: dict[str, ModeSpec] = {}
 
 
@@ -139,12 +164,13 @@ for _spec in (
              description="trt_ptq with sensitive layers kept in higher precision"),
     ModeSpec("torch_ptq", "int8_torch", "int8", f"{_A}:torch_qdq_onnx", f"{_A}:ptq_module",
              calibrator_field="torch_calibrator", calibrated=True,
-             key_fields=("quant.torch_calibrator", *_PTQ_KEYS, "quant.qdq_rules", "device"),
-             description="Q/DQ inserted in PyTorch (pytorch-quantization), calibrated, exported"),
+             key_fields=("quant.torch_calibrator", *_PTQ_KEYS, "quant.qdq_rules", "device", *_TORCH_Q_KEYS),
+             description="Q/DQ inserted in PyTorch (pytorch-quantization, or ModelOpt: "
+                         "QuantSettings.torch_quantizer), calibrated, exported"),
     ModeSpec("qat", "int8_torch", "int8", f"{_A}:torch_qdq_onnx", f"{_A}:qat_module",
              calibrator_field="torch_calibrator", calibrated=True, trained=True,
              key_fields=("quant.torch_calibrator", *_PTQ_KEYS, "quant.qdq_rules", "device", "qat",
-                         "train_data", "loss"),
+                         "train_data", "loss", *_TORCH_Q_KEYS),
              requires=("train_data",),
              description="torch_ptq, then fine-tuned, exported as Q/DQ ONNX"),
     ModeSpec("dynamic", "float", "fp32", f"{_A}:export_fp32", f"{_A}:plain_module", variant_of="fp32",
@@ -161,6 +187,22 @@ def modes() -> tuple[str, ...]:
 
 #: the built-in modes (a recipe's default ``modes``)
 MODES: tuple[str, ...] = modes()
+
+# Opt-in rows, registered after MODES: a recipe measures them only when it lists them.
+register_mode(ModeSpec(
+    "fp8", "int8_torch", "fp8", f"{_A}:torch_qdq_onnx", f"{_A}:fp8_module",
+    # TensorRT: qatcheck.backends.trt_plan has no FP8 build (strongly typed / FP8 flag) yet
+    backends=("torch", "onnxruntime"),
+    calibrator_field="fp8_calibrator", calibrated=True,
+    key_fields=("quant.fp8_calibrator", "quant.percentile", "quant.calib_batches", "calib_data", "device",
+                "modelopt"),
+    note=("fp8 is simulated here: E4M3 fake-quant in PyTorch and FP8 Q/DQ in ONNX Runtime compute in "
+          "fp32 with E4M3 rounding; the accuracy and parity are FP8's, the speed is not"),
+    latency_skip="qatcheck.quantize.modelopt_quant:fp8_latency_skip",
+    latency_note=("fp8 latency is fake-quant latency (E4M3 rounding around fp32 kernels), not the "
+                  "latency of an FP8 engine"),
+    description="ModelOpt FP8 (E4M3, FP8_DEFAULT_CFG) in PyTorch, calibrated, exported as FP8 Q/DQ ONNX "
+                "(opset 19); needs nvidia-modelopt"))
 
 
 def spec(name: str) -> ModeSpec:

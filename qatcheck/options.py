@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 CUDA_GRAPH_CHOICES = ("auto", "on", "off")
-TRT_PTQ_CHOICES = ("auto", "native", "qdq")
+TRT_PTQ_CHOICES = ("auto", "native", "qdq", "modelopt")
 
 
 @dataclass

@@ -101,7 +101,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g.addoption("--qatcheck-trt-ptq", default="auto", choices=TRT_PTQ_CHOICES,
                 help="TensorRT trt_ptq/partial: native = TensorRT's own calibrator and per-layer "
                      "precision (TensorRT <= 10 only), qdq = build qatcheck's explicit Q/DQ ONNX, "
-                     "auto = native where TensorRT still has it, else qdq")
+                     "auto = native where TensorRT still has it, else qdq; modelopt = NVIDIA "
+                     "ModelOpt's ONNX PTQ writes the trt_ptq/partial Q/DQ ONNX (for ONNX Runtime "
+                     "too) and TensorRT builds it like qdq (minmax/entropy; pip install -e "
+                     "'.[modelopt]')")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -274,7 +277,9 @@ class BoundCase:
 
     def _localize(self) -> list[str]:
         """Where the damage enters (qatcheck.analysis.localize), for a failed parity check of a
-        Q/DQ graph; never a second failure on top of the first."""
+        quantized case at its static shape: trt_ptq / partial on their Q/DQ graph, torch_ptq / qat
+        on their PyTorch module (localize_torch; their exported graphs on other backends get a line
+        pointing to the torch case); never a second failure on top of the first."""
         try:
             from qatcheck.analysis.localize import for_failed_case
 

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from qatcheck.errors import ConfigError
 from qatcheck.backends import BACKENDS, check_backend
-from qatcheck.modes import MODE_SPECS, MODES, ONNX_CALIBRATORS, TORCH_CALIBRATORS, check_mode, spec as mode_spec
+from qatcheck.modes import (FP8_CALIBRATORS, MODE_SPECS, MODES, MODELOPT_CALIBRATORS, ONNX_CALIBRATORS,
+                            TORCH_CALIBRATORS, TORCH_QUANTIZERS, check_mode, spec as mode_spec)
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -80,11 +81,19 @@ class QuantSettings:
     the Q/DQ placement rules of the pytorch-quantization modes: quantized residual-Add inputs, one
     shared quantizer per Concat / MaxPool, a module-name ignore policy; None keeps
     pytorch-quantization's placement (a Q/DQ in front of each conv / linear / pooling input).
+
+    ``torch_quantizer="modelopt"`` quantizes ``torch_ptq`` / ``qat`` with NVIDIA ModelOpt
+    (``modelopt.torch.quantization``, ``pip install -e '.[modelopt]'``) instead of
+    pytorch-quantization: ``INT8_DEFAULT_CFG`` with ``torch_calibrator`` max, entropy or percentile
+    (mse is refused: ModelOpt has no activation MSE calibration that works, see
+    :mod:`qatcheck.quantize.modelopt_quant`), or the config ``modelopt_config`` gives. The opt-in
+    ``fp8`` mode always uses ModelOpt (``FP8_DEFAULT_CFG``, calibrated with ``fp8_calibrator``).
     """
 
     #: ONNX-level PTQ (trt_ptq, partial): minmax, entropy or percentile
     calibrator: str = "entropy"
-    #: pytorch-quantization (torch_ptq, qat): max, entropy, mse or percentile
+    #: pytorch-quantization (torch_ptq, qat): max, entropy, mse or percentile (ModelOpt, with
+    #: torch_quantizer="modelopt": max, entropy or percentile)
     torch_calibrator: str = "entropy"
     #: the percentile calibrators' percentile, in (50, 100]
     percentile: float = 99.99
@@ -99,6 +108,15 @@ class QuantSettings:
     keep_precision_why: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
     #: Q/DQ placement rules of the pytorch-quantization modes (None: pytorch-quantization's own)
     qdq_rules: QDQRules | None = None
+    #: the library torch_ptq / qat quantize with: "pytorch-quantization" or "modelopt" (NVIDIA
+    #: ModelOpt: pip install -e '.[modelopt]'; its cases skip with that hint without it)
+    torch_quantizer: str = "pytorch-quantization"
+    #: with torch_quantizer="modelopt": a ModelOpt quantization config (a dict such as
+    #: modelopt.torch.quantization.INT8_DEFAULT_CFG, with its own "algorithm") used as given;
+    #: None: INT8_DEFAULT_CFG calibrated with torch_calibrator (which must be max when this is set)
+    modelopt_config: Mapping[str, Any] | None = None
+    #: the fp8 mode's calibrator (ModelOpt FP8_DEFAULT_CFG, E4M3): max or percentile (activations)
+    fp8_calibrator: str = "max"
 
     def validate(self) -> None:
         if self.calibrator not in ONNX_CALIBRATORS:
@@ -117,6 +135,41 @@ class QuantSettings:
             if not isinstance(self.qdq_rules, QDQRules):
                 raise ConfigError(f"QuantSettings.qdq_rules must be a qatcheck.quantize.qdq_rules.QDQRules "
                                   f"or None; got {type(self.qdq_rules).__name__}")
+        self._validate_modelopt()
+
+    def _validate_modelopt(self) -> None:
+        """torch_quantizer, modelopt_config and fp8_calibrator (nothing here imports ModelOpt)."""
+        if self.torch_quantizer not in TORCH_QUANTIZERS:
+            raise ConfigError(f"QuantSettings.torch_quantizer {self.torch_quantizer!r} is unknown; "
+                              f"choose one of {', '.join(TORCH_QUANTIZERS)}")
+        if self.fp8_calibrator not in FP8_CALIBRATORS:
+            raise ConfigError(f"QuantSettings.fp8_calibrator {self.fp8_calibrator!r} is not available; choose "
+                              f"one of {', '.join(FP8_CALIBRATORS)} (entropy and mse search the int8 grid, "
+                              "which E4M3 does not have)")
+        if self.torch_quantizer != "modelopt":
+            if self.modelopt_config is not None:
+                raise ConfigError("QuantSettings.modelopt_config is set but torch_quantizer is "
+                                  f"{self.torch_quantizer!r}; it configures torch_quantizer='modelopt' only")
+            return
+        if self.modelopt_config is not None:
+            if not isinstance(self.modelopt_config, Mapping) or "quant_cfg" not in self.modelopt_config:
+                raise ConfigError("QuantSettings.modelopt_config must be a ModelOpt quantization config: a dict "
+                                  "with 'quant_cfg' (and 'algorithm'), e.g. mtq.INT8_DEFAULT_CFG")
+            if self.torch_calibrator != "max":
+                raise ConfigError(f"QuantSettings.torch_calibrator {self.torch_calibrator!r} with a modelopt_config: "
+                                  "the config's 'algorithm' calibrates; set torch_calibrator='max'")
+        elif self.torch_calibrator not in MODELOPT_CALIBRATORS:
+            raise ConfigError(
+                f"QuantSettings.torch_calibrator {self.torch_calibrator!r} is not available with "
+                f"torch_quantizer='modelopt'; choose one of {', '.join(MODELOPT_CALIBRATORS)}. ModelOpt 0.47 has "
+                "no working activation MSE calibration (its 'mse' algorithm searches weight ranges only; "
+                "HistogramCalibrator's 'mse' method returns wrong ranges): use "
+                "modelopt_config={..., 'algorithm': 'mse'} for ModelOpt's weight search, or "
+                "torch_quantizer='pytorch-quantization' for the activation MSE search")
+        if self.qdq_rules is not None:
+            raise ConfigError("QuantSettings.qdq_rules are pytorch-quantization's placement rules; with "
+                              "torch_quantizer='modelopt' the ModelOpt config decides where Q/DQ go "
+                              "(set qdq_rules=None, or use torch_quantizer='pytorch-quantization')")
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from qatcheck.errors import BaselineError
-from qatcheck import report_files
+from qatcheck import judges, report_files
 from qatcheck.measurement import Case, overall
 from qatcheck.modes import PROFILE_POINTS, spec as mode_spec
 from qatcheck.tasks.base import metric_spec
@@ -92,6 +92,8 @@ def rows_for(session, recipe_name: str) -> tuple[list[str], list[list[str]], lis
             base = None
         d_base = (m.metrics[p] - base["value"]) * 100 if base and p in m.metrics else None
         lat = m.latency.median_ms if m.latency else None
+        if lat is not None and judges.mode_latency_skip(m):  # timing meaningless here (fp8 off an FP8 GPU)
+            lat = None
         # a speedup compares the same input shape on the same device fingerprint
         speed = (fp32.latency.median_ms / lat if fp32 and fp32.latency and lat and not is_ref
                  and fp32.fingerprint_id == m.fingerprint_id and tuple(fp32.shape) == tuple(m.shape)
@@ -134,6 +136,15 @@ def notes_text(session, recipe_name: str) -> str:
             seen.setdefault(note, []).append(m.case.key)
     out = "".join(f"note ({'all cases' if len(keys) == len(cases) > 1 else ', '.join(keys)}): {note}\n"
                   for note, keys in seen.items())
+    # what a mode's figures are, once per mode (ModeSpec.note; fp8: a simulation off an FP8 GPU)
+    timed = {c.mode for (c, check), v in session.verdicts.items()
+             if c.recipe == recipe_name and check == "latency" and v.status != "skip"}
+    for mode in dict.fromkeys(m.case.mode for m in cases):
+        s = mode_spec(mode)
+        if s.note:
+            out += f"note (mode {mode}, every case): {s.note}\n"
+        if s.latency_note and mode in timed:
+            out += f"note (mode {mode}, latency): {s.latency_note}\n"
     out += output_parity_text(cases)
     # what the judges said beyond pass / fail: improvements, inconclusive latency, audits
     for (case, check), v in session.verdicts.items():

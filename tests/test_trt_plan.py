@@ -71,6 +71,22 @@ def test_qdq_form_uses_the_explicit_onnx_on_both(mode, version):
     assert p.onnx_mode == mode and p.quantization == "explicit" and p.calibration is None and not p.pins
 
 
+@pytest.mark.parametrize("version", [V10, V11])
+@pytest.mark.parametrize("mode", ["trt_ptq", "partial"])
+def test_modelopt_form_builds_the_explicit_onnx_like_qdq(mode, version):
+    """--qatcheck-trt-ptq modelopt: ModelOpt wrote the mode's Q/DQ ONNX; TensorRT builds it as an
+    explicit graph exactly as qdq does (the graph's digest, not the form, tells the engines apart)."""
+    p, q = plan(mode, version, ptq_form="modelopt"), plan(mode, version, ptq_form="qdq")
+    assert tp.onnx_source(mode, version, "modelopt") == mode
+    assert p.onnx_mode == mode and p.quantization == "explicit" and p.calibration is None and not p.pins
+    assert p.settings() == q.settings() and p.builder_flags == q.builder_flags
+    assert any("ModelOpt" in n for n in p.notes) and not any("ModelOpt" in n for n in q.notes)
+    other = plan(mode, version, ptq_form="modelopt", onnx_digests={**DIGESTS, mode: "sha-modelopt"})
+    assert other.cache_key != p.cache_key
+    # fp32 / torch_ptq plans do not depend on the form
+    assert plan("torch_ptq", version, ptq_form="modelopt").settings() == plan("torch_ptq", version).settings()
+
+
 @pytest.mark.parametrize("calibrator,cls", [("entropy", "IInt8EntropyCalibrator2"),
                                             ("minmax", "IInt8MinMaxCalibrator"),
                                             ("percentile", "IInt8LegacyCalibrator")])

@@ -1,6 +1,15 @@
-"""Localize where quantization damage enters a Q/DQ graph (issue #13, item 2; ONNX Runtime path).
+"""Localize where quantization damage enters a quantized model (issue #13, item 2).
 
-:func:`localize` runs the quantized graph (``trt_ptq`` / ``partial``, or any Q/DQ ONNX given by
+This module holds what both paths share - the result types (:class:`LayerRow`,
+:class:`Localization`), the naming rule (:func:`conclude`), the JSON / Markdown / PNG writers and
+the entry points that dispatch on the mode (:func:`localize`, :func:`for_failed_case`) - and the
+ONNX Runtime path for the Q/DQ graphs (``trt_ptq`` / ``partial``). The PyTorch path for
+``torch_ptq`` / ``qat`` (module outputs through forward hooks, each layer's own SQNR from its
+quantized module on the fp32 module's input) is :mod:`qatcheck.analysis.localize_torch`.
+
+ONNX Runtime path
+-----------------
+:func:`localize_graphs` runs the quantized graph (``trt_ptq`` / ``partial``, or any Q/DQ ONNX given by
 path) and the recipe's fp32 graph on ONNX Runtime (CPU) with every intermediate tensor exposed as
 an extra output, over the first N eval samples at the recipe's opt shape. Only tensors present in
 BOTH graphs with the same name, float type and shape are compared: Q/DQ insertion
@@ -29,11 +38,12 @@ digits with the scale of ``layer1.conv2``'s input x64: ``layer2.downsample.conv`
 NSR grew by 0.22 vs 0.27 at the planted layer; its own SQNR is 35.9 dB vs 5.6). Both the
 cumulative SQNR / cosine and the drop are still reported per row.
 
-Named layer: if some row's cumulative cosine vs fp32 is below ``floor`` (default 0.99), the
-first such row in topological order marks where the damage crosses the floor; the named layer
-is the worst own-SQNR layer among that row and its ancestors (the damage that pushed it below
-entered there or upstream, never downstream). Otherwise no layer is below the floor and nothing
-is named (``named`` is None); the worst five by own SQNR are reported either way.
+Named layer (:func:`conclude`, both paths): if some row's cumulative cosine vs fp32 is below
+``floor`` (default 0.99), the first such row in topological (execution) order marks where the
+damage crosses the floor; the named layer is the worst own-SQNR layer among that row and its
+ancestors (the damage that pushed it below entered there or upstream, never downstream).
+Otherwise no layer is below the floor and nothing is named (``named`` is None); the worst five by
+own SQNR are reported either way.
 """
 from __future__ import annotations
 
@@ -55,17 +65,19 @@ from qatcheck.quantize.onnx_ptq import module_name_of
 from qatcheck.report import markdown_table
 
 __all__ = ["LayerRow", "Localization", "localize", "localize_graphs", "write_reports",
-           "table_rows", "verdict", "expose_tensors", "RULE"]
+           "table_rows", "verdict", "expose_tensors", "conclude", "for_failed_case", "RULE",
+           "ONNX_MODES", "TORCH_MODES", "MODES"]
 
-#: modes whose Q/DQ ONNX localize takes from the artifact builder: the ONNX-level PTQ graphs,
-#: which are the fp32 export plus Q/DQ (every compute tensor keeps its name AND its meaning)
-MODES = ("trt_ptq", "partial")
-#: torch_ptq / qat export pytorch-quantization modules with BatchNorm NOT folded: their
-#: ``/stem/conv/Conv_output_0`` is the pre-BN conv output, the fp32 export's (BN folded) is
-#: post-BN - same name and shape, different values (measured on digits: cosine 0.93 at stem.conv
-#: against 0.99995 at stem.relu right after it). Comparing by name would blame the wrong layers.
-UNSUPPORTED = {"torch_ptq": "BatchNorm is not folded in its export", "qat": "BatchNorm is not "
-               "folded in its export"}
+#: modes localized on their Q/DQ ONNX (ONNX Runtime): the ONNX-level PTQ graphs, which are the
+#: fp32 export plus Q/DQ (every compute tensor keeps its name AND its meaning)
+ONNX_MODES = ("trt_ptq", "partial")
+#: modes localized in PyTorch (:mod:`qatcheck.analysis.localize_torch`): their pytorch-quantization
+#: export keeps BatchNorm unfused, so ``/stem/conv/Conv_output_0`` there is the pre-BN conv output
+#: while the fp32 export's (BN folded) is post-BN - same name and shape, different values
+#: (measured on digits: cosine 0.93 at stem.conv against 0.99995 at stem.relu right after it).
+#: Their modules keep the fp32 model's module names instead, so they are compared module by module.
+TORCH_MODES = ("torch_ptq", "qat")
+MODES = ONNX_MODES + TORCH_MODES
 #: +-dB cap, like sqnr_db's
 _CAP_DB = 300.0
 _QDQ = ("QuantizeLinear", "DequantizeLinear")
@@ -79,10 +91,10 @@ RULE = ("contribution = own SQNR: the layer of the quantized graph (with its inp
 
 @dataclass
 class LayerRow:
-    index: int  # topological position among the compared tensors
-    tensor: str
-    node: str
-    op: str
+    index: int  # topological (ONNX) / execution (torch) position among the compared rows
+    tensor: str  # the row's key: the ONNX tensor, or the module name (``name#2``: second call)
+    node: str  # the ONNX node, or the module (or quantizer) name
+    op: str  # the ONNX op type, or the module's class
     layer: str  # PyTorch module name (the node name for a top-level op)
     sqnr_db: float  # end to end (cumulative) vs fp32
     cosine: float  # end to end (cumulative) vs fp32
@@ -90,8 +102,15 @@ class LayerRow:
     drop_db: float  # input_sqnr_db - sqnr_db
     own_nsr: float  # 10^(-own_sqnr_db/10): the layer's own error energy / signal energy
     own_sqnr_db: float  # the contribution (ranking key): the layer alone, on fp32 inputs
-    inputs: list[str] = field(default_factory=list)  # compared tensors this one depends on directly
+    inputs: list[str] = field(default_factory=list)  # compared rows this one depends on directly
     rank: int = 0  # by contribution, 1 = largest
+    #: torch path: own SQNR measured after this module (the BatchNorm right after a conv, fp32's:
+    #: deployment folds it into the conv), None when measured on the row's own output
+    own_after: str | None = None
+    #: torch path, a layer whose weights differ from fp32's (qat): its quantized output vs the SAME
+    #: module with its quantizers off, on the fp32 input - the quantization alone, without the
+    #: fine-tuning drift; None where the weights are fp32's (own SQNR already is that)
+    quant_only_sqnr_db: float | None = None
 
 
 @dataclass
@@ -101,16 +120,20 @@ class Localization:
     calibrator: str | None
     samples: int
     floor: float
-    quantized_onnx: str
-    fp32_onnx: str
+    quantized: str  # the quantized artifact (Q/DQ ONNX, or the torch state file)
+    fp32: str  # the fp32 reference (ONNX, or the recipe's PyTorch model)
     rows: list[LayerRow]
     named: str | None  # the named layer (module name), None when no layer is below the floor
     named_tensor: str | None
     first_below_floor: str | None  # tensor of the first row with cosine < floor
     worst: list[str]  # tensors of the worst five contributors
-    skipped: list[str]  # intermediate tensors present in one graph only or with other shapes
+    skipped: list[str]  # intermediate tensors (modules) present in one model only, or other shapes
     seconds: float = 0.0
     rule: str = RULE
+    path: str = "onnxruntime"  # onnxruntime | torch
+    order: str = "topological"  # the rows' order: topological (ONNX graph) | execution (torch)
+    #: how the rows were measured and what they are compared with (one or two sentences)
+    method: str = ""
 
     def row(self, tensor: str) -> LayerRow:
         for r in self.rows:
@@ -209,8 +232,36 @@ def _nsr(db: float) -> float:
     return 10.0 ** (-db / 10.0)
 
 
+def check_floor(floor: float) -> None:
+    if not 0.0 < floor <= 1.0:
+        raise ConfigError(f"floor cosine must be in (0, 1]; got {floor}")
+
+
+def conclude(rows: list[LayerRow], floor: float
+             ) -> tuple[LayerRow | None, LayerRow | None, list[str]]:
+    """The rule, on rows in topological / execution order whose ``inputs`` name the rows they
+    depend on directly: ranks them by own SQNR (in place; ties: the earlier row first) and returns
+    (the named row or None, the first row below the floor or None, the worst five's tensors)."""
+    for rank, r in enumerate(sorted(rows, key=lambda r: (r.own_sqnr_db, r.index)), start=1):
+        r.rank = rank
+    by_tensor = {r.tensor: r for r in rows}
+    first = next((r for r in rows if r.cosine < floor), None)
+    named = None
+    if first is not None:
+        cone, stack = set(), [first.tensor]
+        while stack:
+            t = stack.pop()
+            if t in cone or t not in by_tensor:
+                continue
+            cone.add(t)
+            stack.extend(by_tensor[t].inputs)
+        named = min((by_tensor[t] for t in cone), key=lambda r: r.rank)
+    worst = [r.tensor for r in sorted(rows, key=lambda r: r.rank)[:5]]
+    return named, first, worst
+
+
 # --------------------------------------------------------------------------------------------
-# the localization
+# the localization (ONNX Runtime path)
 # --------------------------------------------------------------------------------------------
 
 def localize_graphs(quantized: str | Path | onnx.ModelProto, fp32: str | Path | onnx.ModelProto,
@@ -221,8 +272,7 @@ def localize_graphs(quantized: str | Path | onnx.ModelProto, fp32: str | Path | 
     docstring for the rule). ``quantized`` may be any Q/DQ graph, e.g. a planted one."""
     from qatcheck.backends.onnxruntime_backend import OrtRunner
 
-    if not 0.0 < floor <= 1.0:
-        raise ConfigError(f"floor cosine must be in (0, 1]; got {floor}")
+    check_floor(floor)
     t0 = time.perf_counter()
     qpath = str(quantized) if not isinstance(quantized, onnx.ModelProto) else "(in memory)"
     fpath = str(fp32) if not isinstance(fp32, onnx.ModelProto) else "(in memory)"
@@ -298,55 +348,49 @@ def localize_graphs(quantized: str | Path | onnx.ModelProto, fp32: str | Path | 
                              layer=module_name_of(node.name) or node.name, sqnr_db=sq,
                              cosine=accs[t].cosine(), input_sqnr_db=sq_in, drop_db=sq_in - sq,
                              own_nsr=_nsr(own_db), own_sqnr_db=own_db, inputs=deps))
-    for rank, r in enumerate(sorted(rows, key=lambda r: (r.own_sqnr_db, r.index)), start=1):
-        r.rank = rank
-
-    by_tensor = {r.tensor: r for r in rows}
-    first = next((r for r in rows if r.cosine < floor), None)
-    named = None
-    if first is not None:
-        cone, stack = set(), [first.tensor]
-        while stack:
-            t = stack.pop()
-            if t in cone:
-                continue
-            cone.add(t)
-            stack.extend(by_tensor[t].inputs)
-        named = min((by_tensor[t] for t in cone), key=lambda r: r.rank)
-    worst = [r.tensor for r in sorted(rows, key=lambda r: r.rank)[:5]]
+    named, first, worst = conclude(rows, floor)
     return Localization(recipe=recipe, mode=mode, calibrator=calibrator, samples=samples,
-                        floor=floor, quantized_onnx=qpath, fp32_onnx=fpath, rows=rows,
+                        floor=floor, quantized=qpath, fp32=fpath, rows=rows,
                         named=named.layer if named else None,
                         named_tensor=named.tensor if named else None,
                         first_below_floor=first.tensor if first else None, worst=worst,
                         skipped=list(dict.fromkeys(skipped)),
-                        seconds=time.perf_counter() - t0)
+                        seconds=time.perf_counter() - t0, path="onnxruntime", order="topological",
+                        method=f"Quantized graph `{qpath}` vs fp32 `{fpath}` on ONNX Runtime (CPU) "
+                               "at the opt shape")
 
 
 def _calibrator_path(mode: str) -> str:
-    return "torch" if mode in ("torch_ptq", "qat") else "onnx"
+    return "torch" if mode in TORCH_MODES else "onnx"
 
 
 def localize(recipe, mode: str = "trt_ptq", *, quantized_onnx: str | Path | None = None,
              max_samples: int | None = 64, floor: float = 0.99,
-             cache_dir: str | Path = ".qatcheck_cache", calibrator: str | None = None
-             ) -> Localization:
-    """Localize ``recipe``'s ``mode`` graph (from the artifact builder, or ``quantized_onnx`` when
-    given: e.g. a planted graph) against its fp32 ONNX on the first ``max_samples`` eval samples
-    at the opt shape."""
+             cache_dir: str | Path = ".qatcheck_cache", calibrator: str | None = None,
+             device: str = "cpu") -> Localization:
+    """Localize ``recipe``'s ``mode`` against fp32 on the first ``max_samples`` eval samples.
+    ``trt_ptq`` / ``partial``: the mode's Q/DQ graph (from the artifact builder, or
+    ``quantized_onnx`` when given: e.g. a planted graph) vs the fp32 ONNX on ONNX Runtime, at the
+    opt shape. ``torch_ptq`` / ``qat``: the mode's PyTorch module vs the recipe's fp32 model, on
+    ``device`` (:func:`qatcheck.analysis.localize_torch.localize_torch`)."""
     from qatcheck.analysis.sensitivity import SensitivityRunner, with_calibrator
     from qatcheck.data.batching import eval_batches
     from qatcheck.modes import spec
 
-    if mode in UNSUPPORTED:
-        raise ConfigError(f"localize: mode {mode!r} is not supported ({UNSUPPORTED[mode]}: its conv "
-                          "outputs share names but not values with the fp32 graph); localize "
-                          f"{' or '.join(MODES)}")
     if mode not in MODES:
-        raise ConfigError(f"localize: mode {mode!r} is not a Q/DQ mode; choose one of "
+        raise ConfigError(f"localize: mode {mode!r} is not a quantized mode; choose one of "
                           f"{', '.join(MODES)}")
     if max_samples is not None and max_samples < 1:
         raise ConfigError(f"max_samples must be >= 1; got {max_samples}")
+    check_floor(floor)
+    if mode in TORCH_MODES:
+        if quantized_onnx is not None:
+            raise ConfigError(f"localize: --onnx gives a Q/DQ graph for {' / '.join(ONNX_MODES)}; "
+                              f"{mode} is localized on its PyTorch module")
+        from qatcheck.analysis.localize_torch import localize_torch
+
+        return localize_torch(recipe, mode, max_samples=max_samples, floor=floor,
+                              cache_dir=cache_dir, calibrator=calibrator, device=device)
     recipe = with_calibrator(recipe, calibrator, _calibrator_path(mode))
     runner = SensitivityRunner(recipe, "onnx", cache_dir, progress=False)
     builder = runner.builder
@@ -362,10 +406,16 @@ def localize(recipe, mode: str = "trt_ptq", *, quantized_onnx: str | Path | None
 
 def for_failed_case(session, case, max_samples: int = 32) -> list[str]:
     """Localization run automatically when ``case``'s parity fails (the plugin calls it): the
-    case's own Q/DQ graph vs the recipe's fp32 graph on its first ``max_samples`` eval samples, the
-    case's parity floor as the per-layer floor; reports written next to the recipe's. Returns the
-    lines the failure message adds (nothing for modes it cannot localize, or dynamic cases)."""
-    if case.mode not in MODES or case.shape:
+    case's own quantized model vs the recipe's fp32 model on its first ``max_samples`` eval
+    samples, the case's parity floor as the per-layer floor; reports written next to the recipe's.
+    Returns the lines the failure message adds: nothing for modes it cannot localize or dynamic
+    cases. ``trt_ptq`` / ``partial``: the case's own Q/DQ graph on ONNX Runtime; ``torch_ptq`` /
+    ``qat``: the PyTorch module (:func:`qatcheck.analysis.localize_torch.for_failed_case`)."""
+    if case.mode in TORCH_MODES:
+        from qatcheck.analysis import localize_torch
+
+        return localize_torch.for_failed_case(session, case, max_samples)
+    if case.mode not in ONNX_MODES or case.shape:
         return []
     runner = session.runner(case)
     qpath = getattr(runner, "artifact_path", None)
@@ -373,8 +423,7 @@ def for_failed_case(session, case, max_samples: int = 32) -> list[str]:
         return []
     recipe = session.recipes[case.recipe]
     builder = session.builder(case.recipe)
-    thresholds = session.parity_thresholds(case)
-    floor = thresholds.min_cosine if thresholds is not None else 0.99
+    floor = failure_floor(session, case)
     from qatcheck.data.batching import eval_batches
 
     batches = eval_batches(session._states[case.recipe].eval_data, recipe.input.profile()["opt"],
@@ -382,7 +431,18 @@ def for_failed_case(session, case, max_samples: int = 32) -> list[str]:
     loc = localize_graphs(qpath, builder.onnx_artifact("fp32").path, batches, input_name=recipe.input.name,
                           floor=floor, recipe=recipe.name, mode=case.mode,
                           calibrator=getattr(recipe.quant, "calibrator", None))
-    files = write_reports(loc, session.options.reports_dir)
+    return failure_lines(loc, session.options.reports_dir)
+
+
+def failure_floor(session, case) -> float:
+    """The per-layer floor of an automatic localization: the case's parity cosine floor."""
+    thresholds = session.parity_thresholds(case)
+    return thresholds.min_cosine if thresholds is not None else 0.99
+
+
+def failure_lines(loc: Localization, reports_dir: str | Path) -> list[str]:
+    """Write the reports; the lines a failed parity check adds to its message."""
+    files = write_reports(loc, reports_dir)
     return [verdict(loc), f"per-layer table: {files[1] if len(files) > 1 else files[0]}"]
 
 
@@ -390,23 +450,36 @@ def for_failed_case(session, case, max_samples: int = 32) -> list[str]:
 # reports
 # --------------------------------------------------------------------------------------------
 
+def _where(r: LayerRow) -> str:
+    """``layer (tensor)``, or just the layer when the row's key is its name (torch path)."""
+    return r.layer if r.tensor == r.layer else f"{r.layer} ({r.tensor})"
+
+
 def verdict(loc: Localization) -> str:
     head = f"localize {loc.recipe} {loc.mode} ({loc.samples} samples, floor cosine {loc.floor:g}): "
     worst = loc.row(loc.worst[0]) if loc.worst else None
     if loc.named is None:
-        w = (f"; largest contribution {worst.layer} ({worst.tensor}, own SQNR "
-             f"{worst.own_sqnr_db:.1f} dB)" if worst else "")
+        w = (f"; largest contribution {_where(worst)}: own SQNR {worst.own_sqnr_db:.1f} dB"
+             if worst else "")
         return head + "no layer below the floor" + w
     r = loc.row(loc.named_tensor)
     f = loc.row(loc.first_below_floor)
-    return (head + f"damage enters at {r.layer} ({r.tensor}): own SQNR {r.own_sqnr_db:.1f} dB, "
+    return (head + f"damage enters at {_where(r)}: own SQNR {r.own_sqnr_db:.1f} dB, "
             f"SQNR {r.input_sqnr_db:.1f} -> {r.sqnr_db:.1f} dB, cosine {r.cosine:.4f}; first "
-            f"below the floor: {f.layer} ({f.tensor}, cosine {f.cosine:.4f})")
+            f"below the floor: {_where(f)}, cosine {f.cosine:.4f}")
+
+
+def worst_line(loc: Localization) -> str:
+    return "worst five by contribution: " + ", ".join(
+        f"{loc.row(t).layer} ({loc.row(t).own_sqnr_db:.1f} dB)" for t in loc.worst)
 
 
 def table_rows(loc: Localization) -> tuple[list[str], list[list[str]]]:
-    header = ["#", "layer", "tensor", "op", "SQNR dB", "cosine", "in SQNR dB", "drop dB",
-              "own SQNR dB", "rank", ""]
+    quant_only = any(r.quant_only_sqnr_db is not None for r in loc.rows)
+    header = ["#", "layer", "tensor" if loc.path == "onnxruntime" else "call", "op", "SQNR dB",
+              "cosine", "in SQNR dB", "drop dB", "own SQNR dB"]
+    header += ["quant-only dB"] if quant_only else []
+    header += ["rank", ""]
     rows = []
     for r in loc.rows:
         mark = []
@@ -416,22 +489,28 @@ def table_rows(loc: Localization) -> tuple[list[str], list[list[str]]]:
             mark.append("first < floor")
         elif r.cosine < loc.floor:
             mark.append("< floor")
-        rows.append([str(r.index), r.layer, r.tensor, r.op, f"{r.sqnr_db:.2f}", f"{r.cosine:.5f}",
-                     f"{r.input_sqnr_db:.2f}", f"{r.drop_db:.2f}", f"{r.own_sqnr_db:.2f}",
-                     str(r.rank), ", ".join(mark)])
+        if r.own_after:
+            mark.append(f"own after {r.own_after}")
+        row = [str(r.index), r.layer, r.tensor, r.op, f"{r.sqnr_db:.2f}", f"{r.cosine:.5f}",
+               f"{r.input_sqnr_db:.2f}", f"{r.drop_db:.2f}", f"{r.own_sqnr_db:.2f}"]
+        if quant_only:
+            row.append("" if r.quant_only_sqnr_db is None else f"{r.quant_only_sqnr_db:.2f}")
+        rows.append(row + [str(r.rank), ", ".join(mark)])
     return header, rows
 
 
 def markdown_report(loc: Localization) -> str:
     out = [f"# {loc.recipe}: {loc.mode} damage localization\n",
-           f"Quantized graph `{loc.quantized_onnx}` vs fp32 `{loc.fp32_onnx}` on ONNX Runtime (CPU), "
-           f"first {loc.samples} eval samples at the opt shape, calibrator {loc.calibrator}.\n",
+           f"{loc.method}.\n", f"First {loc.samples} eval samples, calibrator {loc.calibrator}; "
+           f"rows in {loc.order} order.\n",
            f"Rule: {loc.rule}.\n", f"**{verdict(loc)}**\n", markdown_table(*table_rows(loc))]
     worst = [loc.row(t) for t in loc.worst]
     out.append("\nWorst five by contribution: " + ", ".join(
         f"{r.layer} ({r.own_sqnr_db:.1f} dB)" for r in worst) + "\n")
     if loc.skipped:
-        out.append(f"\nNot compared (in one graph only, or another shape): {len(loc.skipped)} tensors.\n")
+        what = "tensors" if loc.path == "onnxruntime" else "module calls"
+        out.append(f"\nNot compared (in one model only, or another shape): {len(loc.skipped)} {what}"
+                   + (f": {', '.join(loc.skipped[:12])}" if loc.path != "onnxruntime" else "") + ".\n")
     return "\n".join(out)
 
 
@@ -457,6 +536,7 @@ def _plot(loc: Localization, out: Path) -> None:
     a2.set_ylabel("own SQNR (dB, lower = adds more;\nno bar: exact)")
     a2.set_xticks(xs)
     a2.set_xticklabels([r.layer or r.node for r in rows], rotation=75, ha="right", fontsize=7)
+    a2.set_xlabel(f"{loc.order} order")
     fig.tight_layout()
     with atomic_path(out) as tmp:
         fig.savefig(tmp, dpi=110, format="png")

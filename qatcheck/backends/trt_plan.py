@@ -32,8 +32,12 @@ from qatcheck.modes import MODE_SPECS, spec as mode_spec
 
 #: how ``trt_ptq`` / ``partial`` are built: ``auto`` = TensorRT's own calibrator where the version
 #: has one (<= 10), else the Q/DQ ONNX; ``native`` = TensorRT's calibrator (legacy, <= 10 only);
-#: ``qdq`` = always the Q/DQ ONNX from qatcheck's ONNX-level PTQ.
-TRT_PTQ_FORMS: tuple[str, ...] = ("auto", "native", "qdq")
+#: ``qdq`` = always the Q/DQ ONNX from qatcheck's ONNX-level PTQ; ``modelopt`` = the Q/DQ ONNX
+#: written by NVIDIA ModelOpt's ONNX PTQ instead (qatcheck.quantize.modelopt_onnx): built like qdq.
+TRT_PTQ_FORMS: tuple[str, ...] = ("auto", "native", "qdq", "modelopt")
+#: forms whose trt_ptq / partial engine is the explicit Q/DQ graph (which tool wrote it is the
+#: artifact's business: its digest keys the engine)
+EXPLICIT_PTQ_FORMS: tuple[str, ...] = ("qdq", "modelopt")
 
 #: QuantSettings.calibrator -> TensorRT's implicit INT8 calibrator class (TensorRT <= 10).
 NATIVE_CALIBRATORS: Mapping[str, str] = {
@@ -211,6 +215,8 @@ def resolve_ptq_form(form: str, version: Sequence[int], mode: str) -> str:
     major = parse_version(version)[0]
     if form == "auto":
         return "native" if major < TRT_STRONGLY_TYPED_ONLY else "qdq"
+    if form in EXPLICIT_PTQ_FORMS:
+        return "qdq"
     if form == "native" and major >= TRT_STRONGLY_TYPED_ONLY:
         what = ("per-layer precision constraints (the native 'partial')" if mode_spec(mode).keeps_layers
                 else "TensorRT's own calibrator (--qatcheck-trt-ptq native)")
@@ -290,13 +296,15 @@ def plan_build(mode: str, trt_version: str | Sequence[int], quant, input_spec,
                          notes=("BuilderFlag.FP16 on the fp32 ONNX: TensorRT picks fp16 kernels where "
                                 "faster (trtexec --fp16)",), **common)
     if not spec.trt_native_ptq or source == mode:  # explicit Q/DQ in the graph
+        writer = (("Q/DQ ONNX written by NVIDIA ModelOpt's ONNX PTQ (--qatcheck-trt-ptq modelopt)",)
+                  if spec.trt_native_ptq and ptq_form == "modelopt" else ())
         if st_only:
             return BuildPlan(precision="int8", quantization="explicit", strongly_typed=True,
-                             builder_flags=(), **common)
+                             builder_flags=(), notes=writer, **common)
         return BuildPlan(precision="int8", quantization="explicit", strongly_typed=False,
                          builder_flags=("INT8",),
                          notes=("explicit Q/DQ, weakly typed with BuilderFlag.INT8: layers without Q/DQ "
-                                "stay fp32 as in the graph",), **common)
+                                "stay fp32 as in the graph", *writer), **common)
     # trt_ptq / partial through TensorRT's own calibrator (<= 10)
     cal = calibration_for(quant, input_spec, v, calib_id, digest)
     flags: tuple[str, ...] = ("INT8",)

@@ -193,10 +193,18 @@ def torch_structure(module: nn.Module) -> QuantStructure:
     """The enabled TensorQuantizers of a calibrated pytorch-quantization model, with the scales
     its Q/DQ export writes (amax / 127 for signed int8: float64 then float32 per tensor, float32
     per channel, as ``TensorQuantizer._fb_fake_quant`` computes them). ``qdq_pairs`` counts the
-    quantizers (see the module doc)."""
+    quantizers (see the module doc). A ModelOpt model (torch_quantizer="modelopt", fp8) is read
+    the same way: ``<m>.input_quantizer`` / ``<m>.weight_quantizer`` with the scales its exporter
+    writes (:func:`qatcheck.quantize.modelopt_quant.quantizer_scales`)."""
+    from qatcheck.quantize import modelopt_quant
     from qatcheck.quantize.torch_quant import quantizer_names
 
     quantizers: dict[str, QuantEntry] = {}
+    if modelopt_quant.is_modelopt_model(module):
+        found = modelopt_quant.quantizer_scales(module)
+        for key, kind, scales in found:
+            _put(quantizers, key, _entry(kind, scales))
+        return QuantStructure(quantizers, len(found))
     names = quantizer_names(module)
     missing = [n for n in names if module.get_submodule(n).amax is None]
     if missing:

@@ -424,7 +424,15 @@ def export_qdq_onnx(qmodel: nn.Module, example: torch.Tensor, path: str | os.Pat
     ``TensorQuantizer.use_fb_fake_quant`` routes quantizers through ``torch.fake_quantize_*``, which
     the TorchScript exporter maps to Q/DQ; it is a class-wide switch, so it is set only for the
     export and restored afterwards (even on failure). Per-channel Q/DQ needs opset >= 13.
+
+    A ModelOpt model (QuantSettings.torch_quantizer="modelopt", the fp8 mode) is exported by
+    :func:`qatcheck.quantize.modelopt_quant.export_onnx` instead (its own opset: 17, fp8 19).
     """
+    from qatcheck.quantize import modelopt_quant
+
+    if modelopt_quant.is_modelopt_model(qmodel):
+        modelopt_quant.export_onnx(qmodel, example, path, input_name, output_names, dynamic_axes)
+        return
     if opset < 13:
         raise ConfigError(f"Q/DQ ONNX export needs opset >= 13 (per-channel QuantizeLinear); got {opset}")
     uncalibrated = [n for n, q in _enabled_quantizers(qmodel)
