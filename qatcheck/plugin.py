@@ -288,17 +288,18 @@ class BoundCase:
             return [f"(no localization: {type(exc).__name__}: {exc})"]
 
     def _repro(self, what: str) -> list[str]:
-        """The reproduction bundle's command (qatcheck.repro), or why there is none; never a
-        second failure on top of the first."""
-        try:
-            from qatcheck import repro
+        """The reproduction bundle's command (qatcheck.repro) and whether Polygraphy's comparator
+        reproduces the failure on it, or why there is none; never a second failure on top of the
+        first."""
+        from qatcheck import repro
 
-            command = repro.write(self.session, self.case, what)
-        except ImportError:
-            return ["(no reproduction bundle: polygraphy is not installed)"]
+        try:
+            bundle = repro.write(self.session, self.case, what)
         except Exception as exc:  # the verdict stands; the bundle is a help
             return [f"(no reproduction bundle: {type(exc).__name__}: {exc})"]
-        return [f"reproduce outside pytest: {command}"] if command else []
+        if bundle is None:
+            return []
+        return [bundle.polygraphy_verdict, f"reproduce outside pytest: {bundle.command}"]
 
     def check_accuracy(self) -> Verdict:
         return self._conclude(self._call(self.session.check_accuracy, self.case), "accuracy")

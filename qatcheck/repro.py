@@ -8,18 +8,24 @@ outputs on them (``reference_outputs.json``, Polygraphy ``RunResults``), the set
 (``settings.json``) and the command (``repro.sh``):
 
     polygraphy run model.onnx --onnxrt --load-inputs inputs.json --load-outputs reference_outputs.json \\
-        --compare cosine_similarity --cosine-similarity-threshold <the case's floor>
+        --compare cosine_similarity --cosine-similarity-threshold <the case's floor> [<output>:<floor>]
+
+A TensorRT case gets ``--trt`` with the flags its build plan used (``trt_plan.polygraphy_cli_args``:
+precision flags or strong typing, TensorRT's calibration cache, pinned layers, the profile).
 
 Polygraphy judges each batch on its own while qatcheck's parity accumulates over the eval set, so
-the bundle keeps the worst batches (lowest cosine of any output) among the first ones: a failure the
-eval set shows is visible in them. Only cases run from an ONNX file (ONNX Runtime, TensorRT) get a
-bundle; a PyTorch case has no file to hand over.
+the bundle keeps the worst batches (lowest cosine of any output) among the first ones, and before
+printing the command qatcheck runs Polygraphy's own comparator (``CosineSimilarityCompareFunc``,
+the one the command uses) on those batches, through the case's runner: the failure message says
+whether the command reproduces the failure, so a printed command is never a guess. Only cases run
+from an ONNX file (ONNX Runtime, TensorRT) get a bundle; a PyTorch case has no file to hand over.
 """
 from __future__ import annotations
 
 import json
 import shlex
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -32,9 +38,55 @@ SEARCH_BATCHES = 16
 KEEP_BATCHES = 4
 
 
-def write(session, case, check: str) -> str | None:
-    """Write the bundle for ``case`` (its ``check`` failed); returns the command, or None when the
-    case has no ONNX file or no reference to compare with."""
+@dataclass
+class Bundle:
+    """A written bundle: the command, and what Polygraphy's comparator said of its batches."""
+
+    path: Path
+    command: str
+    #: does Polygraphy's comparison fail on the bundle's batches (the command exits non-zero)?
+    reproduces: bool
+    #: one line: which outputs fell below their floor in how many batches, at what cosine
+    polygraphy_verdict: str
+
+
+def cosine_thresholds(floor: float, output_floors: dict[str, float], names: list[str]) -> dict[str, float]:
+    """Polygraphy's per-output cosine thresholds (``""``: the default) from the case's floor and the
+    recipe's per-output floors (``Tolerances.output_min_cosine``)."""
+    return {"": float(floor), **{n: float(output_floors[n]) for n in names if n in output_floors}}
+
+
+def polygraphy_compare(names, ref_outputs, case_outputs, thresholds: dict[str, float]):
+    """Polygraphy's cosine comparison of the case's outputs with the reference's, batch by batch
+    (the comparison ``polygraphy run --compare cosine_similarity`` makes): (passed, one line)."""
+    from polygraphy.comparator import Comparator, IterationResult, RunResults
+    from polygraphy.comparator.compare import CosineSimilarityCompareFunc
+    from polygraphy.logger import G_LOGGER
+
+    results = RunResults()
+    for runner_name, batches in (("reference", ref_outputs), ("case", case_outputs)):
+        results.append((runner_name, [IterationResult({n: np.asarray(o) for n, o in zip(names, outs)},
+                                                      runner_name=runner_name) for outs in batches]))
+    with G_LOGGER.verbosity(G_LOGGER.CRITICAL):  # its per-batch log is the command's to print
+        accuracy = Comparator.compare_accuracy(
+            results, compare_func=CosineSimilarityCompareFunc(cosine_similarity_threshold=thresholds))
+    failing: dict[str, list[float]] = {}
+    for pairs in accuracy:  # one AccuracyResult per comparison: (runner, runner) -> iterations
+        for iteration in (it for per_iteration in pairs.values() for it in per_iteration):
+            for name, result in iteration.items():
+                if not bool(result):
+                    failing.setdefault(name, []).append(float(getattr(result, "cosine_similarity", float("nan"))))
+    if not failing:
+        return True, (f"Polygraphy's cosine comparison passes on all {len(ref_outputs)} batches: the "
+                      "failure shows only over the whole eval set, the command will not reproduce it")
+    worst = "; ".join(f"output {n!r} below {thresholds.get(n, thresholds[''])} in {len(c)}/{len(ref_outputs)} "
+                      f"batches (lowest cosine {min(c):.4f})" for n, c in failing.items())
+    return False, f"Polygraphy's cosine comparison fails on the bundle: {worst}"
+
+
+def write(session, case, check: str) -> Bundle | None:
+    """Write the bundle for ``case`` (its ``check`` failed); None when the case has no ONNX file or
+    no reference to compare with."""
     from polygraphy.comparator import IterationResult, RunResults
     from polygraphy.json import save_json
 
@@ -57,33 +109,40 @@ def write(session, case, check: str) -> str | None:
             acc = ParityAccumulator()
             acc.update(np.asarray(r), np.asarray(o))
             cos.append(acc.result()["cosine"])
-        scored.append((min(cos), i, x, refs))
+        scored.append((min(cos), i, x, refs, outs))
     if not scored:
         return None
     worst = sorted(scored, key=lambda t: t[0])[:KEEP_BATCHES]
     worst.sort(key=lambda t: t[1])
     floor = session.parity_thresholds(case)
-    threshold = floor.min_cosine if floor is not None else 0.999
+    names = list(recipe.output_names)
+    thresholds = cosine_thresholds(floor.min_cosine if floor is not None else 0.999,
+                                   dict(recipe.tolerances.output_min_cosine or {}), names)
+    passed, verdict = polygraphy_compare(names, [t[3] for t in worst], [t[4] for t in worst], thresholds)
     out = Path(session.options.reports_dir) / "repro" / case.id
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
     shutil.copyfile(model, out / "model.onnx")
-    names = list(recipe.output_names)
-    save_json([{recipe.input.name: x} for _, _, x, _ in worst], str(out / "inputs.json"))
+    save_json([{recipe.input.name: t[2]} for t in worst], str(out / "inputs.json"))
     results = RunResults()
-    results.append(("reference", [IterationResult({n: np.asarray(r) for n, r in zip(names, refs)},
-                                                  runner_name="reference") for _, _, _, refs in worst]))
+    results.append(("reference", [IterationResult({n: np.asarray(r) for n, r in zip(names, t[3])},
+                                                  runner_name="reference") for t in worst]))
     results.save(str(out / "reference_outputs.json"))
+    backend_args = runner.polygraphy_run_args(out)
     settings = {"case": case.id, "failed_check": check, "reference": ref_case.id,
-                "artifact": str(model), "batches": [i for _, i, _, _ in worst],
-                "batch_cosines": [round(float(c), 6) for c, _, _, _ in worst],
-                "cosine_threshold": threshold, "input": recipe.input.name, "outputs": names}
+                "artifact": str(model), "batches": [t[1] for t in worst],
+                "batch_cosines": [round(float(t[0]), 6) for t in worst],
+                "cosine_threshold": thresholds[""], "output_cosine_thresholds": thresholds,
+                "input": recipe.input.name, "outputs": names, "polygraphy_reproduces": not passed,
+                "polygraphy_verdict": verdict, "backend_args": backend_args}
     (out / "settings.json").write_text(json.dumps(settings, indent=1) + "\n")
-    command = " ".join(["polygraphy", "run", shlex.quote(str(out / "model.onnx")), "--onnxrt",
+    threshold_args = [f"{thresholds['']:g}", *(f"{n}:{t:g}" for n, t in thresholds.items() if n)]
+    command = " ".join(["polygraphy", "run", shlex.quote(str(out / "model.onnx")),
+                        *map(shlex.quote, backend_args),
                         "--load-inputs", shlex.quote(str(out / "inputs.json")),
                         "--load-outputs", shlex.quote(str(out / "reference_outputs.json")),
-                        "--compare", "cosine_similarity", "--cosine-similarity-threshold", f"{threshold:g}"])
+                        "--compare", "cosine_similarity", "--cosine-similarity-threshold", *threshold_args])
     (out / "repro.sh").write_text("#!/bin/sh\n# replays " + case.id + "'s comparison with " + ref_case.id
                                   + " outside pytest (exit 1: it still fails)\n" + command + "\n")
-    return command
+    return Bundle(out, command, not passed, verdict)

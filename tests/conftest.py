@@ -32,3 +32,25 @@ def single_thread_module():
 import qatcheck.backends.onnxruntime_backend  # noqa: E402,F401
 import qatcheck.backends.torch_backend  # noqa: E402,F401
 import qatcheck.session  # noqa: E402,F401
+
+
+def _warm_polygraphy() -> None:
+    """Polygraphy imports what a runner needs on first use (its dtype tables, its checks): run one
+    tiny graph through the runner path now, so an in-process pytester run does not import a second
+    copy of those modules whose DataType compares unequal to the first's."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper
+    from polygraphy.comparator import CompareFunc, Comparator, IterationResult, RunResults  # noqa: F401
+    from polygraphy.json import save_json  # noqa: F401
+
+    from qatcheck.backends.onnxruntime_backend import OrtRunner
+
+    io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 2]) for n in ("x", "y")]
+    model = helper.make_model(helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "warm",
+                                                io[:1], io[1:]))
+    OrtRunner(model, "CPUExecutionProvider").infer(np.zeros((1, 2), np.float32))
+    assert onnx
+
+
+_warm_polygraphy()

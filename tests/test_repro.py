@@ -53,6 +53,8 @@ def test_a_failing_parity_case_leaves_a_polygraphy_command_that_reproduces_it(py
                                  "*localize digits trt_ptq (32 samples, floor cosine 0.98): damage enters at "
                                  "layer1.conv2 *",
                                  "*per-layer table: *digits-localize-trt_ptq.md*",
+                                 "*Polygraphy's cosine comparison fails on the bundle: output 'logits' below 0.98 "
+                                 "in */4 batches (lowest cosine 0.*",
                                  "*reproduce outside pytest: polygraphy run *model.onnx --onnxrt*"])
     command = next(ln.split("reproduce outside pytest: ", 1)[1] for ln in out.splitlines()
                    if "reproduce outside pytest: " in ln)
@@ -60,6 +62,7 @@ def test_a_failing_parity_case_leaves_a_polygraphy_command_that_reproduces_it(py
     settings = json.loads((bundle / "settings.json").read_text())
     assert settings["reference"] == "digits-fp32-torch" and len(settings["batches"]) == 4
     assert min(settings["batch_cosines"]) < settings["cosine_threshold"]
+    assert settings["polygraphy_reproduces"] and settings["backend_args"] == ["--onnxrt"]
 
     replay = subprocess.run(shlex.split(command), capture_output=True, text=True, timeout=300)
     assert replay.returncode != 0, replay.stdout + replay.stderr
@@ -71,3 +74,23 @@ def test_a_failing_parity_case_leaves_a_polygraphy_command_that_reproduces_it(py
     assert onnx.load(str(bundle / "model.onnx"))
     replay = subprocess.run(shlex.split(command), capture_output=True, text=True, timeout=300)
     assert replay.returncode == 0, replay.stdout + replay.stderr
+
+
+def test_polygraphy_comparator_verdict_per_output_floor():
+    """The in-process check runs Polygraphy's own comparator with the case's per-output floors:
+    it names the output below its floor, and says so when the bundle's batches would pass."""
+    import numpy as np
+
+    from qatcheck import repro
+
+    names = ["boxes", "scores"]
+    rng = np.random.default_rng(0)
+    ref = [[rng.standard_normal((4, 8)).astype(np.float32), rng.standard_normal((4, 3)).astype(np.float32)]
+           for _ in range(3)]
+    drift = [[b, s + 0.9 * rng.standard_normal(s.shape).astype(np.float32)] for b, s in ref]
+    thresholds = repro.cosine_thresholds(0.98, {"scores": 0.5, "unused": 0.1}, names)
+    assert thresholds == {"": 0.98, "scores": 0.5}
+    passed, line = repro.polygraphy_compare(names, ref, drift, thresholds)
+    assert passed and "will not reproduce" in line  # 'scores' drifts but stays above its own floor
+    passed, line = repro.polygraphy_compare(names, ref, drift, {"": 0.98})
+    assert not passed and "output 'scores' below 0.98 in 3/3 batches" in line and "'boxes'" not in line

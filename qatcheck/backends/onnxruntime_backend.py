@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from qatcheck.backends.base import Backend, BuildContext, Runner, TimedCall
+from qatcheck.backends.polygraphy_runner import PolygraphyRunner
 from qatcheck.errors import ArtifactError, ConfigError
 
 #: providers that do not execute graphs locally
@@ -36,7 +37,11 @@ def choose_provider(requested: str = "auto") -> str:
     return available[0]
 
 
-class OrtRunner(Runner):
+class OrtRunner(PolygraphyRunner):
+    """ONNX Runtime through Polygraphy's ``OnnxrtRunner`` (see :mod:`.polygraphy_runner`), on a
+    session qatcheck creates: Polygraphy's ``SessionFromOnnx`` takes no session options, and the
+    thread settings below are what makes a CPU latency repeatable."""
+
     backend = "onnxruntime"
 
     def __init__(self, path, provider: str, input_name: str | None = None,
@@ -45,6 +50,7 @@ class OrtRunner(Runner):
         bytes) - the sensitivity profile's stripped variants are never written to disk.
         ``threads``: intra-op threads (None: ONNX Runtime's default, one per logical CPU)."""
         import onnxruntime as ort
+        from polygraphy.backend.onnxrt import OnnxrtRunner
 
         self._ort = ort
         self.threads = threads
@@ -62,19 +68,23 @@ class OrtRunner(Runner):
         except Exception as exc:
             raise ArtifactError(f"onnxruntime cannot load {label}: {exc}") from exc
         self.provider = provider
-        self.input_name = input_name or self.session.get_inputs()[0].name
+        super().__init__(OnnxrtRunner(self.session, name=f"onnxrt:{Path(label).name}"), input_name,
+                         [o.name for o in self.session.get_outputs()], label)
 
     @property
     def device(self) -> str:
         return self.provider
 
-    def infer(self, x: np.ndarray) -> list[np.ndarray]:
-        outs = self.session.run(None, {self.input_name: np.ascontiguousarray(x, dtype=np.float32)})
-        return [np.asarray(o, dtype=np.float32) for o in outs]
+    def polygraphy_run_args(self, bundle: Path) -> list[str]:
+        """``polygraphy run`` flags that run the graph as this runner does."""
+        if self.provider == "CPUExecutionProvider":
+            return ["--onnxrt"]
+        return ["--onnxrt", "--providers", self.provider]
 
     def timed_call(self, x: np.ndarray) -> TimedCall:
-        """Each timed loop runs in a fresh session: a new thread pool lands on the cores anew, so
-        a re-measurement is a second look at the model, not at one unlucky thread placement."""
+        """``session.run`` alone - the call Polygraphy's OnnxrtRunner times - in a fresh session
+        per timed loop: a new thread pool lands on the cores anew, so a re-measurement is a second
+        look at the model, not at one unlucky thread placement."""
         feed = {self.input_name: np.ascontiguousarray(x, dtype=np.float32)}
         run = self._ort.InferenceSession(self._src, self._opts, providers=[self.provider]).run
         return TimedCall(lambda: run(None, feed))

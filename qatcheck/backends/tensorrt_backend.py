@@ -1,29 +1,36 @@
-"""TensorRT backend: applies a :class:`~qatcheck.backends.trt_plan.BuildPlan` with the TensorRT
-Python API, caches the engine, runs and times it.
+"""TensorRT backend on Polygraphy: applies a :class:`~qatcheck.backends.trt_plan.BuildPlan` with
+Polygraphy's loaders, caches the engine, runs it with Polygraphy's ``TrtRunner`` and times it.
 
-Nothing is decided here: which ONNX, flags, calibrator, pinned layers, profiles and cache key all
-come from ``trt_plan.plan_build`` (tested without TensorRT). This module only talks to TensorRT.
+Nothing is decided here: which ONNX, network flags, builder flags, calibrator, pinned layers,
+profiles and cache keys all come from ``trt_plan.plan_build`` and ``trt_plan.polygraphy_loader_args``
+(tested without TensorRT). Polygraphy is NVIDIA's maintained layer over TensorRT's changing API
+(``NetworkFromOnnxPath`` with strong typing, ``CreateConfig`` with flags and a calibrator with a
+cache on <= 10, ``EngineBytesFromNetwork``, ``TrtRunner``), so this module is loader calls plus the
+two things Polygraphy leaves to its caller:
 
-Why the TensorRT API and not Polygraphy: the adapter needs per-layer precision pins (a network
-post-processing step in Polygraphy), its own calibrator cache and stream/event timing around
-``execute_async_v3`` (also possible through a CUDA graph); with those, Polygraphy's loaders would
-wrap about ten API calls and add a dependency whose TensorRT 11 support we cannot check here.
-Buffers are torch CUDA tensors (torch is a qatcheck dependency), so no cuda-python is needed.
+* per-layer precision pins (``partial`` on <= 10) - a ``PostprocessNetwork`` step, because a pin
+  names a PyTorch module or an ONNX node prefix (``trt_plan.layer_matches``), not a layer;
+* the timed call - CUDA events or a CUDA-graph replay of ``execute_async_v3`` on torch's stream,
+  with buffers qatcheck owns (Polygraphy's ``inference_time`` is host wall-clock around ``infer``).
 
-Written from the TensorRT 10.x / 11.x Python API documentation; its tests
-(tests/test_tensorrt_backend.py) run where TensorRT and a GPU exist.
+Inference goes through the runner path ONNX Runtime shares (:mod:`.polygraphy_runner`), fed with
+torch CUDA tensors (torch is a qatcheck dependency; Polygraphy hands torch outputs back for them).
+Written from the Polygraphy 0.53 and TensorRT 10.x / 11.x API documentation; its tests
+(tests/test_tensorrt_backend.py) run where TensorRT and a GPU exist - nowhere in this project's CI.
 """
 from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
 from qatcheck.backends import trt_plan
 from qatcheck.backends.base import Backend, BuildContext, Runner, TimedCall
+from qatcheck.backends.polygraphy_runner import PolygraphyRunner, quiet_polygraphy
 from qatcheck.backends.trt_audit import PrecisionAudit, parse_engine_info
 from qatcheck.errors import ArtifactError, ConfigError
 
@@ -32,13 +39,6 @@ def _trt():
     import tensorrt as trt
 
     return trt
-
-
-def _logger():
-    trt = _trt()
-    if not hasattr(_logger, "obj"):
-        _logger.obj = trt.Logger(trt.Logger.WARNING)
-    return _logger.obj
 
 
 def gpu_capability() -> tuple[int, int]:
@@ -54,190 +54,168 @@ def _atomic_write(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def make_calibrator(cal: trt_plan.CalibrationPlan, batches: Iterable[np.ndarray], cache_path: Path):
-    """An instance of TensorRT's calibrator class named by the plan, fed from ``batches``."""
-    import torch
+def calibration_feed(cal: trt_plan.CalibrationPlan, batches: Iterable[np.ndarray]) -> Iterator[dict]:
+    """The calibration batches as Polygraphy's calibrator wants them (``{input: array}``), at most
+    ``cal.batches`` of them, each of the shape the engine is calibrated at."""
+    for i, x in enumerate(batches):
+        if i >= cal.batches:
+            return
+        if tuple(x.shape) != tuple(cal.batch_shape):
+            raise ArtifactError(f"calibration batch of shape {tuple(x.shape)} differs from the input "
+                                f"shape {cal.batch_shape} the engine is calibrated at")
+        yield {cal.input: np.ascontiguousarray(x, dtype=np.float32)}
 
+
+def apply_pins(plan: trt_plan.BuildPlan, network, source: str = "the ONNX",
+               pinned: dict[str, str] | None = None) -> None:
+    """Keep the plan's pinned layers in their precision (``ILayer.precision`` and output types;
+    ``OBEY_PRECISION_CONSTRAINTS`` in the plan's flags makes TensorRT honour them). A pin that
+    matches no layer is an error naming it: a silent no-op would build plain int8. ``pinned``
+    collects the layers pinned (name -> precision)."""
     trt = _trt()
-    base = getattr(trt, cal.calibrator_class)
-
-    class Calibrator(base):  # type: ignore[misc, valid-type]
-        def __init__(self) -> None:
-            base.__init__(self)
-            self._it = iter(batches)
-            self._left = cal.batches
-            self._buf = None
-
-        def get_batch_size(self) -> int:
-            return 1  # explicit-batch networks: the batch is in the tensor shape
-
-        def get_batch(self, names, *args):
-            if self._left <= 0:
-                return None
-            try:
-                x = next(self._it)
-            except StopIteration:
-                return None
-            self._left -= 1
-            if tuple(x.shape) != tuple(cal.batch_shape):
-                raise ArtifactError(f"calibration batch of shape {tuple(x.shape)} differs from the input "
-                                    f"shape {cal.batch_shape} the engine is calibrated at")
-            self._buf = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).cuda()
-            return [int(self._buf.data_ptr())]
-
-        def read_calibration_cache(self):
-            return cache_path.read_bytes() if cache_path.exists() else None
-
-        def write_calibration_cache(self, cache) -> None:
-            _atomic_write(cache_path, bytes(cache))
-
-        if cal.quantile is not None:  # IInt8LegacyCalibrator (percentile)
-            def get_quantile(self) -> float:
-                return float(cal.quantile)
-
-            def get_regression_cutoff(self) -> float:
-                return float(cal.regression_cutoff or 1.0)
-
-            def read_histogram_cache(self, length):
-                return None
-
-            def write_histogram_cache(self, ptr, length) -> None:
-                return None
-
-    return Calibrator()
+    names = [network.get_layer(i).name for i in range(network.num_layers)]
+    missing = trt_plan.unmatched_pins(plan, names)
+    if missing:
+        raise ConfigError(f"keep_precision name(s) {', '.join(map(repr, missing))} match no TensorRT layer "
+                          f"of {source}; layers look like {', '.join(names[:6])}")
+    floating = {trt.DataType.FLOAT, trt.DataType.HALF}
+    dtype = {"fp32": trt.DataType.FLOAT, "fp16": trt.DataType.HALF}
+    for i in range(network.num_layers):
+        layer = network.get_layer(i)
+        pin = plan.pin_for(layer.name)
+        outs = [layer.get_output(j) for j in range(layer.num_outputs)]
+        if pin is None or not outs or any(o.dtype not in floating for o in outs):
+            continue  # shape/index layers keep their integer types
+        layer.precision = dtype[pin.precision]
+        for j in range(layer.num_outputs):
+            layer.set_output_type(j, dtype[pin.precision])
+        if pinned is not None:
+            pinned[layer.name] = pin.precision
 
 
-def build_engine(plan: trt_plan.BuildPlan, onnx_path: Path,
-                 calib_batches: Iterable[np.ndarray] | None, calib_cache: Path | None) -> bytes:
-    """Serialized engine for ``plan`` from ``onnx_path``."""
-    trt = _trt()
-    builder = trt.Builder(_logger())
-    flags = 0
-    NF = trt.NetworkDefinitionCreationFlag
-    if plan.trt_version[0] < 10 and hasattr(NF, "EXPLICIT_BATCH"):
-        flags |= 1 << int(NF.EXPLICIT_BATCH)
-    if plan.strongly_typed and hasattr(NF, "STRONGLY_TYPED"):  # on 11 it is the only behaviour
-        flags |= 1 << int(NF.STRONGLY_TYPED)
-    network = builder.create_network(flags)
-    parser = trt.OnnxParser(network, _logger())
-    if not parser.parse_from_file(str(onnx_path)):
-        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise ArtifactError(f"TensorRT's ONNX parser rejected {onnx_path}: {errors}")
-    config = builder.create_builder_config()
-    config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED  # the precision audit needs it
-    if plan.builder_optimization_level is not None:
-        config.builder_optimization_level = plan.builder_optimization_level
-    for flag in plan.builder_flags:
-        if not hasattr(trt.BuilderFlag, flag):
-            raise ConfigError(f"TensorRT {trt.__version__} has no BuilderFlag.{flag} (plan: {trt_plan.describe(plan)})")
-        config.set_flag(getattr(trt.BuilderFlag, flag))
-    for prof in plan.profiles:
-        p = builder.create_optimization_profile()
-        p.set_shape(prof.input, prof.min, prof.opt, prof.max)
-        config.add_optimization_profile(p)
+def network_loader(plan: trt_plan.BuildPlan, onnx_path: Path, debug_tensors: Sequence[str] = (),
+                   pinned: dict[str, str] | None = None):
+    """Polygraphy's network loader for ``plan``: the ONNX parsed (strongly typed where the plan says),
+    the pins applied (collected into ``pinned``), and ``debug_tensors`` marked as TensorRT debug
+    tensors (localization)."""
+    from polygraphy.backend.trt import MarkDebug, NetworkFromOnnxPath, PostprocessNetwork
+
+    args = trt_plan.polygraphy_loader_args(plan)
+    network = NetworkFromOnnxPath(str(onnx_path), **args["network"])
     if plan.pins:
-        names = [network.get_layer(i).name for i in range(network.num_layers)]
-        missing = trt_plan.unmatched_pins(plan, names)
-        if missing:
-            raise ConfigError(f"keep_precision name(s) {', '.join(map(repr, missing))} match no TensorRT layer "
-                              f"of {onnx_path.name}; layers look like {', '.join(names[:6])}")
-        floating = {trt.DataType.FLOAT, trt.DataType.HALF}
-        dtype = {"fp32": trt.DataType.FLOAT, "fp16": trt.DataType.HALF}
-        for i in range(network.num_layers):
-            layer = network.get_layer(i)
-            pin = plan.pin_for(layer.name)
-            outs = [layer.get_output(j) for j in range(layer.num_outputs)]
-            if pin is None or not outs or any(o.dtype not in floating for o in outs):
-                continue  # shape/index layers keep their integer types
-            layer.precision = dtype[pin.precision]
-            for j in range(layer.num_outputs):
-                layer.set_output_type(j, dtype[pin.precision])
-    if plan.calibration is not None:
+        network = PostprocessNetwork(network, lambda network: apply_pins(plan, network, onnx_path.name, pinned),
+                                     name="qatcheck keep_precision pins")
+    if debug_tensors:
+        network = MarkDebug(network, list(debug_tensors))
+    return network
+
+
+def build_engine(plan: trt_plan.BuildPlan, onnx_path: Path, calib_batches: Iterable[np.ndarray] | None,
+                 calib_cache: Path | None, debug_tensors: Sequence[str] = (),
+                 pinned: dict[str, str] | None = None) -> bytes:
+    """Serialized engine for ``plan`` from ``onnx_path``, built by Polygraphy's loaders (the layers
+    the pins matched are collected into ``pinned``)."""
+    from polygraphy.backend.trt import Calibrator, CreateConfig, EngineBytesFromNetwork, Profile
+    from polygraphy.exception import PolygraphyException
+
+    trt = _trt()
+    quiet_polygraphy()
+    args = trt_plan.polygraphy_loader_args(plan)
+    calibrator = None
+    if args["calibrator"] is not None:
         if calib_batches is None:
             raise ConfigError(f"mode {plan.mode!r} calibrates in TensorRT but no calibration batches were given")
-        config.int8_calibrator = make_calibrator(plan.calibration, calib_batches, calib_cache)
-    serialized = builder.build_serialized_network(network, config)
-    if serialized is None:
+        cal_args = dict(args["calibrator"])
+        base = getattr(trt, cal_args.pop("BaseClass"), None)
+        if base is None:
+            raise ConfigError(f"TensorRT {trt.__version__} has no {plan.calibration.calibrator_class} "
+                              f"(plan: {trt_plan.describe(plan)})")
+        cal_args["cache"] = str(calib_cache) if calib_cache is not None else None
+        calibrator = Calibrator(calibration_feed(plan.calibration, calib_batches), BaseClass=base, **cal_args)
+    profiles = [Profile().add(p.input, min=p.min, opt=p.opt, max=p.max) for p in plan.profiles] or None
+    config = CreateConfig(**args["config"], calibrator=calibrator, profiles=profiles,
+                          # the precision audit reads per-layer precisions from the inspector
+                          profiling_verbosity=trt.ProfilingVerbosity.DETAILED)
+    try:
+        return bytes(EngineBytesFromNetwork(network_loader(plan, onnx_path, debug_tensors, pinned), config)())
+    except PolygraphyException as exc:
         raise ArtifactError(f"TensorRT could not build an engine for {onnx_path.name} "
-                            f"({trt_plan.describe(plan)}); see the TensorRT log above")
-    return bytes(serialized)
+                            f"({trt_plan.describe(plan)}): {exc}") from exc
 
 
-class TrtRunner(Runner):
+class TrtRunner(PolygraphyRunner):
+    """An engine through Polygraphy's ``TrtRunner`` (inference, debug tensors) plus a timed call
+    over the same execution context."""
+
     backend = "tensorrt"
 
-    def __init__(self, engine_bytes: bytes, plan: trt_plan.BuildPlan, cuda_graph: str = "auto") -> None:
+    def __init__(self, engine_bytes: bytes, plan: trt_plan.BuildPlan, cuda_graph: str = "auto",
+                 output_names: Sequence[str] | None = None, label: str = "") -> None:
         import torch
+        from polygraphy.backend.trt import EngineFromBytes
+        from polygraphy.backend.trt import TrtRunner as PolygraphyTrtRunner
 
-        trt = _trt()
         self._torch = torch
         self.plan = plan
         self.cuda_graph = cuda_graph
-        self.runtime = trt.Runtime(_logger())
-        self.engine = self.runtime.deserialize_cuda_engine(engine_bytes)
-        if self.engine is None:
-            raise ArtifactError("TensorRT could not deserialize the cached engine (built by another version?)")
-        self.context = self.engine.create_execution_context()
-        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
-        mode = trt.TensorIOMode
-        self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == mode.INPUT]
-        self.outputs = [n for n in names if self.engine.get_tensor_mode(n) == mode.OUTPUT]
-        if len(self.inputs) != 1:
-            raise ArtifactError(f"the engine has {len(self.inputs)} inputs ({self.inputs}); qatcheck feeds one")
-        self._dtypes = {n: torch.from_numpy(np.zeros(0, dtype=trt.nptype(self.engine.get_tensor_dtype(n)))).dtype
-                        for n in names}
-        self._buffers: dict[str, Any] = {}
-        self._shape: tuple[int, ...] | None = None
-        self.stream = torch.cuda.Stream()
         self._audit: PrecisionAudit | None = None
+        self._timing_buffers: dict[str, Any] = {}
+        #: set by the backend: the ONNX built from, TensorRT's calibration cache, the pinned layers
+        self.artifact_path: Path | None = None
+        self.calibration_cache: Path | None = None
+        self.pinned_layers: dict[str, str] = {}
+        super().__init__(PolygraphyTrtRunner(EngineFromBytes(engine_bytes)), None, output_names,
+                         label or f"the TensorRT engine {plan.cache_key}")
+        if self.input_name is None:
+            raise ArtifactError(f"{self.label} has {len(self.input_names)} inputs ({self.input_names}); "
+                                "qatcheck feeds one")
+
+    @property
+    def engine(self):
+        return self.polygraphy_runner.engine
+
+    @property
+    def context(self):
+        return self.polygraphy_runner.context
 
     @property
     def device(self) -> str:
         return "cuda:0"
 
-    # ---- execution ------------------------------------------------------------------------
-    def _prepare(self, x: np.ndarray):
-        torch = self._torch
-        name = self.inputs[0]
-        shape = tuple(int(d) for d in x.shape)
-        if shape != self._shape:
-            if not self.context.set_input_shape(name, shape):
-                raise ArtifactError(f"input shape {shape} is outside the engine's profile "
-                                    f"({trt_plan.describe(self.plan)})")
-            self._buffers = {name: torch.empty(shape, dtype=self._dtypes[name], device="cuda")}
-            for out in self.outputs:
-                oshape = tuple(self.context.get_tensor_shape(out))
-                self._buffers[out] = torch.empty(oshape, dtype=self._dtypes[out], device="cuda")
-            for n, t in self._buffers.items():
-                self.context.set_tensor_address(n, int(t.data_ptr()))
-            self._shape = shape
-        self._buffers[name].copy_(torch.from_numpy(np.ascontiguousarray(x)))
+    def feed(self, x: np.ndarray):
+        # a CUDA tensor: Polygraphy binds it in place and hands torch tensors back
+        return self._torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).cuda()
 
-    def _execute(self) -> None:
-        stream = self._torch.cuda.current_stream()
-        if not self.context.execute_async_v3(stream.cuda_stream):
-            raise ArtifactError("TensorRT execute_async_v3 failed")
-
-    def infer(self, x: np.ndarray) -> list[np.ndarray]:
-        torch = self._torch
-        with torch.cuda.stream(self.stream):
-            self._prepare(x)
-            self._execute()
-            outs = [self._buffers[o].float().cpu() for o in self.outputs]
-        self.stream.synchronize()
-        return [o.numpy() for o in outs]
-
+    # ---- timing -----------------------------------------------------------------------------
     def timed_call(self, x: np.ndarray) -> TimedCall:
+        """``execute_async_v3`` on torch's current stream over buffers bound once (CUDA-graph
+        replay or eager events, see :mod:`qatcheck.backends.cuda_timing`). Fixed output addresses
+        rather than Polygraphy's output allocator: a graph replays from fixed addresses."""
         from qatcheck.backends import cuda_timing
 
-        torch = self._torch
-        with torch.cuda.stream(self.stream):
-            self._prepare(x)
-            self._execute()  # TensorRT must run once after a shape change before graph capture
-        self.stream.synchronize()
-        return cuda_timing.timed_call(self._execute, self.cuda_graph)
+        torch, trt, ctx = self._torch, _trt(), self.context
+        shape = tuple(int(d) for d in x.shape)
+        if not ctx.set_input_shape(self.input_name, shape):
+            raise ArtifactError(f"input shape {shape} is outside the engine's profile "
+                                f"({trt_plan.describe(self.plan)})")
+        buffers = {self.input_name: self.feed(x)}
+        for i in range(self.engine.num_io_tensors):
+            name = self.engine.get_tensor_name(i)
+            if self.engine.get_tensor_mode(name) == trt.TensorIOMode.OUTPUT:
+                dtype = torch.from_numpy(np.zeros(0, trt.nptype(self.engine.get_tensor_dtype(name)))).dtype
+                buffers[name] = torch.empty(tuple(ctx.get_tensor_shape(name)), dtype=dtype, device="cuda")
+        for name, t in buffers.items():
+            ctx.set_tensor_address(name, int(t.data_ptr()))
+        self._timing_buffers = buffers  # alive as long as the call may replay from them
 
-    # ---- introspection --------------------------------------------------------------------
+        def execute() -> None:
+            if not ctx.execute_async_v3(torch.cuda.current_stream().cuda_stream):
+                raise ArtifactError("TensorRT execute_async_v3 failed")
+        execute()  # TensorRT must run once after a shape change before graph capture
+        torch.cuda.synchronize()
+        return cuda_timing.timed_call(execute, self.cuda_graph)
+
+    # ---- introspection ----------------------------------------------------------------------
     def engine_information(self) -> str:
         trt = _trt()
         inspector = self.engine.create_engine_inspector()
@@ -250,9 +228,21 @@ class TrtRunner(Runner):
                                             source=f"engine inspector JSON of {self.plan.cache_key}")
         return self._audit
 
+    def polygraphy_run_args(self, bundle: Path) -> list[str]:
+        """``polygraphy run`` flags that build this engine the way the plan did; TensorRT's
+        calibration cache is copied into the reproduction ``bundle`` (replaying it needs no data)."""
+        cache = None
+        if self.calibration_cache is not None and self.calibration_cache.exists():
+            cache = Path(bundle) / "calibration.cache"
+            shutil.copyfile(self.calibration_cache, cache)
+        return trt_plan.polygraphy_cli_args(self.plan, cache, self.pinned_layers)
+
     def versions(self) -> dict[str, str]:
+        import polygraphy
+
         trt = _trt()
-        return {"tensorrt": trt.__version__, "trt_build": self.plan.cache_key,
+        return {"tensorrt": trt.__version__, "polygraphy": polygraphy.__version__,
+                "trt_build": self.plan.cache_key,
                 "timing": "cuda-graph" if self.cuda_graph != "off" else "cuda-events"}
 
 
@@ -301,21 +291,30 @@ class TensorRTBackend(Backend):
         onnx_path = Path(context.onnx_artifact(plan.onnx_mode).path)
         root = Path(context.cache_dir) / "tensorrt"
         engine_path = root / plan.engine_filename(context.recipe.name)
+        sidecar = engine_path.with_suffix(".json")
+        calib_cache = root / plan.calibration.cache_file if plan.calibration else None
+        pinned: dict[str, str] = {}
         if context.use_cache and engine_path.exists():
             data = engine_path.read_bytes()
             self.reused.append(engine_path.name)
+            if sidecar.exists():
+                pinned = json.loads(sidecar.read_text()).get("pinned_layers", {})
         else:
-            calib_cache = root / plan.calibration.cache_file if plan.calibration else None
             if calib_cache is not None and not context.use_cache and calib_cache.exists():
                 calib_cache.unlink()
             batches = context.calib_batches() if (plan.calibration and context.calib_batches) else None
-            data = build_engine(plan, onnx_path, batches, calib_cache)
+            data = build_engine(plan, onnx_path, batches, calib_cache, pinned=pinned)
             _atomic_write(engine_path, data)
+            sidecar.unlink(missing_ok=True)
             self.built.append(engine_path.name)
-        runner = TrtRunner(data, plan, self.cuda_graph)
-        sidecar = engine_path.with_suffix(".json")
+        runner = TrtRunner(data, plan, self.cuda_graph, context.recipe.output_names,
+                           label=f"the TensorRT engine {engine_path.name}")
+        #: what the reproduction bundle hands to ``polygraphy run --trt``: the ONNX the engine was
+        #: built from, the cache TensorRT calibrated with, the layers the pins matched
+        runner.artifact_path, runner.calibration_cache, runner.pinned_layers = onnx_path, calib_cache, pinned
         if not sidecar.exists():
-            info = {"plan": plan.to_dict(), "describe": trt_plan.describe(plan), "onnx": str(onnx_path)}
+            info = {"plan": plan.to_dict(), "describe": trt_plan.describe(plan), "onnx": str(onnx_path),
+                    "pinned_layers": pinned}
             try:
                 info["audit"] = runner.audit.summary()
             except Exception as exc:  # the audit is a report aid; never fail the build on it

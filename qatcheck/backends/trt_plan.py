@@ -333,6 +333,75 @@ def onnx_source(mode: str, trt_version: str | Sequence[int], ptq_form: str = "au
     return mode
 
 
+#: BuildPlan.builder_flags -> the Polygraphy ``CreateConfig`` keyword that sets it. The plan names
+#: TensorRT's flags (what a trtexec user knows); the adapter hands them to Polygraphy, which sets
+#: the BuilderFlag and checks the version has it.
+POLYGRAPHY_FLAG_ARGS: Mapping[str, tuple[str, Any]] = {
+    "FP16": ("fp16", True),
+    "INT8": ("int8", True),
+    "FP8": ("fp8", True),
+    "OBEY_PRECISION_CONSTRAINTS": ("precision_constraints", "obey"),
+}
+
+
+def polygraphy_loader_args(plan: BuildPlan) -> dict[str, dict[str, Any]]:
+    """The plan as keyword arguments of Polygraphy's loaders, in plain data (TensorRT enums are
+    named, not imported): ``network`` for ``NetworkFromOnnxPath``, ``config`` for ``CreateConfig``
+    (without the calibrator, the profiles and the profiling verbosity, which the adapter makes
+    from ``plan.calibration``, ``plan.profiles`` and the audit's needs), ``calibrator`` for
+    ``polygraphy.backend.trt.Calibrator`` (None: no implicit calibration)."""
+    config: dict[str, Any] = {}
+    for flag in plan.builder_flags:
+        if flag not in POLYGRAPHY_FLAG_ARGS:
+            raise ConfigError(f"builder flag {flag!r} has no Polygraphy CreateConfig argument "
+                              f"(known: {', '.join(POLYGRAPHY_FLAG_ARGS)}; plan: {describe(plan)})")
+        key, value = POLYGRAPHY_FLAG_ARGS[flag]
+        config[key] = value
+    if plan.builder_optimization_level is not None:
+        config["builder_optimization_level"] = int(plan.builder_optimization_level)
+    calibrator = None
+    if plan.calibration is not None:
+        cal = plan.calibration
+        calibrator = {"BaseClass": cal.calibrator_class, "cache": cal.cache_file}
+        if cal.quantile is not None:  # IInt8LegacyCalibrator (percentile)
+            calibrator.update(quantile=float(cal.quantile), regression_cutoff=float(cal.regression_cutoff or 1.0))
+    return {"network": {"strongly_typed": bool(plan.strongly_typed)}, "config": config,
+            "calibrator": calibrator}
+
+
+def polygraphy_cli_args(plan: BuildPlan, calibration_cache: Any = None,
+                        pinned_layers: Mapping[str, str] | None = None) -> list[str]:
+    """``polygraphy run`` flags that rebuild ``plan``'s engine from its ONNX (the reproduction
+    bundle's command): ``--trt`` with the plan's precision flags and strong typing, the calibration
+    cache TensorRT wrote (``--calibration-cache``: replaying it needs no calibration data), the
+    pinned layers by their TensorRT names (``pinned_layers``: layer -> fp32|fp16, as the build
+    matched them; a pin names a module, Polygraphy wants layers) and the optimization profile."""
+    args = ["--trt"]
+    if plan.strongly_typed:
+        args.append("--strongly-typed")
+    for flag in plan.builder_flags:
+        if flag in ("FP16", "INT8", "FP8"):
+            args.append("--" + flag.lower())
+        elif flag == "OBEY_PRECISION_CONSTRAINTS":
+            args += ["--precision-constraints", "obey"]
+    if plan.calibration is not None and calibration_cache is not None:
+        args += ["--calibration-cache", str(calibration_cache),
+                 "--calibration-base-class", plan.calibration.calibrator_class]
+        if plan.calibration.quantile is not None:
+            args += ["--quantile", f"{plan.calibration.quantile:g}",
+                     "--regression-cutoff", f"{plan.calibration.regression_cutoff or 1.0:g}"]
+    if pinned_layers:
+        dtype = {"fp32": "float32", "fp16": "float16"}
+        args += ["--layer-precisions", *(f"{name}:{dtype[p]}" for name, p in pinned_layers.items())]
+    for prof in plan.profiles:
+        for flag, shape in (("--trt-min-shapes", prof.min), ("--trt-opt-shapes", prof.opt),
+                            ("--trt-max-shapes", prof.max)):
+            args += [flag, f"{prof.input}:[{','.join(str(int(d)) for d in shape)}]"]
+    if plan.builder_optimization_level is not None:
+        args += ["--builder-optimization-level", str(int(plan.builder_optimization_level))]
+    return args
+
+
 def plan_matrix(trt_versions: Iterable[str], quant, input_spec, gpu_capability=(9, 0),
                 ptq_form: str = "auto") -> dict[tuple[str, str], BuildPlan | str]:
     """Every mode x version: the plan, or the error text. For docs and tests."""
