@@ -8,7 +8,8 @@
 # Needs .whl/ carried: device_env.sh's wheels (pytorch-quantization, pycocotools) and .whl/modelopt/
 # (nvidia-modelopt 0.47.0 and its dependencies, cp312 manylinux; only those the image lacks, or has
 # older, are installed - the image's own packages are never shadowed by older ones).
-# Usage: OUT=dir bash benchmarks/device_modelopt.sh     (about 5 min; SUITE_LIMIT=s per pass)
+# Usage: OUT=dir bash benchmarks/device_modelopt.sh     (about 6 min; SUITE_LIMIT=s per pass,
+#        SUITES="..." to run fewer suites, CHECKS=n clean reruns against the recording, default 1)
 set -o pipefail
 OUT=${OUT:-bench_out}; mkdir -p "$OUT/r"
 start_all=$(date +%s)
@@ -50,7 +51,7 @@ if torch.cuda.is_available():
 print("fp8 latency on cuda:", fp8_latency_skip("cuda") or "measured (fake-quant)")
 EOF
 
-SUITES="suites/test_digits_modelopt.py suites/test_digitdet_modelopt.py"
+SUITES=${SUITES:-"suites/test_digits_modelopt.py suites/test_digitdet_modelopt.py"}
 run_suites() {
   python3 -m pytest -p qatcheck.plugin -p no:cacheprovider -q -rfEs $SUITES --qatcheck-device cuda \
     --qatcheck-require cuda --qatcheck-backends torch,onnxruntime --qatcheck-baselines /tmp/bmo \
@@ -60,10 +61,12 @@ start=$(date +%s)
 timeout ${SUITE_LIMIT:-170} bash -c "$(declare -f run_suites); SUITES='$SUITES'; OUT='$OUT'; run_suites --update-baselines" \
   2>&1 | tee "$OUT/r/suite-record.log" | grep -v "^test_latency" | tail -80
 echo "record rc=$? in $(( $(date +%s) - start )) s"
-start=$(date +%s)
-timeout ${SUITE_LIMIT:-170} bash -c "$(declare -f run_suites); SUITES='$SUITES'; OUT='$OUT'; run_suites --junitxml $OUT/r/junit.xml" \
-  2>&1 | tee "$OUT/r/suite-check.log" | grep -v "^test_latency" | tail -60
-echo "check rc=$? in $(( $(date +%s) - start )) s"
+for i in $(seq 1 ${CHECKS:-1}); do
+  start=$(date +%s)
+  timeout ${SUITE_LIMIT:-170} bash -c "$(declare -f run_suites); SUITES='$SUITES'; OUT='$OUT'; run_suites --junitxml $OUT/r/junit-$i.xml" \
+    2>&1 | tee "$OUT/r/suite-check-$i.log" | grep -v "^test_latency" | tail -60
+  echo "check $i rc=$? in $(( $(date +%s) - start )) s"
+done
 cp /tmp/bmo/*.json "$OUT/r/" 2>/dev/null
 echo "total $(( $(date +%s) - start_all )) s"
 tar czf "$OUT/results.tgz" -C "$OUT" r && rm -rf "$OUT/r"

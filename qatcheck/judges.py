@@ -320,7 +320,9 @@ def judge_latency(m: Measurement, base: CaseBaseline | None, *, tolerance_rel: f
     - slower beyond the tolerance with the whole 95% interval above it: **fail**;
     - slower than the tolerance but the interval reaches below it, or measured under contention
       from other processes, or with a byte-identical artifact (nothing this change did can make
-      it slower): **inconclusive** - reported with its figures, a failure under ``strict``;
+      it slower), or timed as the host's launch rate (CUDA-graph capture failed:
+      ``m.latency_host_bound``): **inconclusive** - reported with its figures, a failure under
+      ``strict``;
     - within the tolerance: **pass** (an interval entirely below ``1 - tolerance``: *improved*).
 
     ``speedup`` = (floor, reference mode, reference measurement) also requires the case to be at
@@ -364,7 +366,7 @@ def judge_latency(m: Measurement, base: CaseBaseline | None, *, tolerance_rel: f
                    f"interleaved rounds, {p.median_ms:.4f} vs {p.reference_median_ms:.4f} ms): {sd.describe()}; "
                    f"tolerance +{b['tolerance']:.0%} (stored median {b['value']:.4f} ms, this run's "
                    f"{stats.median_ms:.4f} ms)")
-        not_the_model = ""  # both artifacts met the same machine, round by round
+        not_the_model = m.latency_host_bound  # both met the same machine, round by round
         notes.append(f"the artifact changed since the latency baseline: judged against its recorded artifact "
                      f"{p.reference}, timed beside it (x{p.ratio:.3f})")
     elif b is not None:
@@ -375,6 +377,7 @@ def judge_latency(m: Measurement, base: CaseBaseline | None, *, tolerance_rel: f
         not_the_model = _contention(stats, base.get("latency", "spread", fid))
         recorded = base.get("latency", "artifact", fid)
         unchanged = bool(m.latency_artifact) and recorded == m.latency_artifact
+        not_the_model = not_the_model or m.latency_host_bound
         if not not_the_model and unchanged:
             # byte for byte the artifact the baseline was timed from, on the same runtime versions
             # and device (the fingerprint): nothing this change did can make it slower

@@ -87,6 +87,8 @@ class Measurement:
     latency_attempts: int = 0
     #: why nothing was timed, when nothing was (pytest-xdist workers sharing a device)
     latency_skipped: str = ""
+    #: why the timed figure is the host's launch rate (cuda_timing.HOST_BOUND); "" when it is not
+    latency_host_bound: str = ""
     latency_attempt_medians: tuple[float, ...] = ()
     #: the digest of the artifact that was timed, where a later run can time it again beside its
     #: own (qatcheck.reference_store); "" for backends that cannot

@@ -191,8 +191,8 @@ MODES: tuple[str, ...] = modes()
 # Opt-in rows, registered after MODES: a recipe measures them only when it lists them.
 register_mode(ModeSpec(
     "fp8", "int8_torch", "fp8", f"{_A}:torch_qdq_onnx", f"{_A}:fp8_module",
-    # TensorRT: qatcheck.backends.trt_plan has no FP8 build (strongly typed / FP8 flag) yet
-    backends=("torch", "onnxruntime"),
+    # TensorRT: strongly typed from the FP8 Q/DQ graph on an FP8 GPU (trt_plan.plan_build)
+    backends=("torch", "onnxruntime", "tensorrt"),
     calibrator_field="fp8_calibrator", calibrated=True,
     key_fields=("quant.fp8_calibrator", "quant.percentile", "quant.calib_batches", "calib_data", "device",
                 "modelopt"),
@@ -250,10 +250,19 @@ def parity_reference(mode: str, backend: str) -> tuple[str, str] | None:
     return (mode, "export")
 
 
-def calibrator_of(mode: str, quant: Any) -> str:
-    """The calibrator a mode used, for the table ("-" for uncalibrated modes)."""
-    field = spec(mode).calibrator_field
-    return getattr(quant, field) if field else "-"
+def calibrator_of(mode: str, quant: Any, options: Any = None) -> str:
+    """The calibrator a mode used, for the table ("-" for uncalibrated modes), with "(modelopt)"
+    where NVIDIA ModelOpt rather than qatcheck / pytorch-quantization quantized it:
+    ``QuantSettings.torch_quantizer`` for the torch modes, ``--qatcheck-trt-ptq modelopt`` for the
+    graph modes (the fp8 mode is always ModelOpt's)."""
+    s = spec(mode)
+    if not s.calibrator_field:
+        return "-"
+    name = getattr(quant, s.calibrator_field)
+    by_modelopt = (s.family == "int8_torch" and s.precision == "int8"
+                   and getattr(quant, "torch_quantizer", "") == "modelopt") or \
+        (s.family == "int8_graph" and getattr(options, "trt_ptq", "") == "modelopt")
+    return f"{name} (modelopt)" if by_modelopt else name
 
 
 # backends are named here too, for the callers that think of "which modes on which backends"

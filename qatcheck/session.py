@@ -32,7 +32,7 @@ from qatcheck.errors import ConfigError, DataError
 from qatcheck.evaluate import combined_parity, evaluate
 from qatcheck.fsutil import file_digest
 from qatcheck.measurement import PARTS, Case, Measurement, Verdict
-from qatcheck.modes import PROFILE_POINTS, calibrator_of, parity_reference, spec as mode_spec, unsupported_reason
+from qatcheck.modes import PROFILE_POINTS, calibrator_of, parity_reference, resolve, spec as mode_spec, unsupported_reason
 from qatcheck.options import Options
 from qatcheck.recipe import ParityThresholds, Recipe
 from qatcheck.reference_store import ReferenceStore
@@ -178,7 +178,7 @@ class QatcheckSession:
         if unknown:
             raise ConfigError(f"unknown measurement part(s) {', '.join(sorted(unknown))}; known: {', '.join(PARTS)}")
         m = self.measurements.get(case) or Measurement(
-            case=case, calibrator=calibrator_of(case.mode, self.recipes[case.recipe].quant),
+            case=case, calibrator=calibrator_of(case.mode, self.recipes[case.recipe].quant, self.options),
             shape=tuple(self.shape(case)))
         measure = {"eval": self._measure_eval, "structure": self._measure_structure,
                    "latency": lambda c: self._measure_latency(c, benchmark)}
@@ -263,6 +263,10 @@ class QatcheckSession:
         if self.options.xdist_worker:  # pytest-benchmark is off on xdist workers: qatcheck's own loop
             benchmark = None
         runner = self.runner(case)
+        gate = mode_spec(case.mode).latency_skip  # the mode's own reason not to time here (fp8 off an FP8 GPU)
+        reason = resolve(gate)(runner.device) if gate is not None else None
+        if reason:
+            return dict(device=runner.device, latency=None, latency_skipped=reason)
         shape = self.shape(case)
         call = runner.timed_call(self._latency_input(case))
         notes = [call.note] if getattr(call, "note", "") else []
@@ -282,9 +286,11 @@ class QatcheckSession:
             notes.append(f"latency CV above {timing.CV_WARNING:.1%}: the machine is noisy; the latency "
                          "verdicts account for it (a wider interval, inconclusive rather than red)")
         if mode_spec(case.mode).int8 and runner.device == "CPUExecutionProvider":
-            notes.append("int8 Q/DQ on onnxruntime CPU runs as fake-quant: not an int8 latency")
+            p = mode_spec(case.mode).precision
+            notes.append(f"{p} Q/DQ on onnxruntime CPU runs as fake-quant: not an {p} latency")
         return dict(device=runner.device, latency=stats, fingerprint=fp,
                     fingerprint_id=fpr.fingerprint_id(fp), notes=tuple(notes), latency_attempts=1,
+                    latency_host_bound=getattr(call, "host_bound", ""),
                     latency_attempt_medians=(stats.median_ms,), latency_artifact=self._timed_onnx(case, runner))
 
     def _latency_input(self, case: Case) -> np.ndarray:

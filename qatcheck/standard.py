@@ -41,8 +41,8 @@ def test_structure(qcase):
 
 
 def test_precision(qcase):
-    """On TensorRT: every conv of an int8 engine runs in int8 (layers the recipe keeps in higher
-    precision excepted). Skips on backends without an engine to inspect."""
+    """On TensorRT: every conv of an int8 (fp8) engine runs in int8 (fp8) - layers the recipe keeps
+    in higher precision excepted. Skips on backends without an engine to inspect."""
     if not spec(qcase.case.mode).int8:
         pytest.skip(f"{qcase.case.mode} is not an int8 mode")
-    qcase.check_precision(conv="int8")
+    qcase.check_precision(conv=spec(qcase.case.mode).precision)

@@ -47,8 +47,10 @@ def _warm_polygraphy() -> None:
     from qatcheck.backends.onnxruntime_backend import OrtRunner
 
     io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 2]) for n in ("x", "y")]
+    # an IR version every onnxruntime reads (a newer onnx package writes one an older runtime refuses)
     model = helper.make_model(helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "warm",
-                                                io[:1], io[1:]))
+                                                io[:1], io[1:]), ir_version=8,
+                              opset_imports=[helper.make_opsetid("", 13)])
     OrtRunner(model, "CPUExecutionProvider").infer(np.zeros((1, 2), np.float32))
     assert onnx
 

@@ -308,3 +308,18 @@ def test_contention_scales_with_the_machine():
         s = dataclasses.replace(stats(1.0, ci=0.01), foreign_load=0.5, cpus=cpus)
         v = judge_latency(measured(s), None, tolerance_rel=0.15)
         assert bool(v.updates) is recorded, cpus
+
+
+def test_a_slowdown_timed_as_the_hosts_launch_rate_is_inconclusive_never_red():
+    """CUDA-graph capture failed (ModelOpt fake-quant on the H200): eager events time the host's
+    kernel launches, which moved x0.53..x1.40 between two clean runs there. Such a slowdown is
+    inconclusive with the reason (strict: a failure); a captured case is still red."""
+    from qatcheck.backends.cuda_timing import HOST_BOUND
+
+    slow = dataclasses.replace(measured(stats(1.4, ci=0.02)), latency_host_bound=HOST_BOUND)
+    v = judge_latency(slow, base(1.0, ci=0.02), tolerance_rel=0.15)
+    assert v.status == "inconclusive" and v.ok and "kernel-launch rate" in v.notes[0]
+    v = judge_latency(slow, base(1.0, ci=0.02), tolerance_rel=0.15, strict=True)
+    assert v.status == "fail" and "inconclusive (--qatcheck-latency-strict)" in v.failures[0]
+    v = judge_latency(measured(stats(1.4, ci=0.02)), base(1.0, ci=0.02), tolerance_rel=0.15)
+    assert v.status == "fail"

@@ -144,3 +144,32 @@ def test_digitdet_planted_is_named(tmp_path_factory):
     assert clean.named is None
     assert loc.named == "down2.b.conv" and loc.row(loc.named_tensor).rank == 1
     assert loc.row(loc.worst[1]).own_sqnr_db - loc.row(loc.named_tensor).own_sqnr_db > 20.0
+
+
+def test_the_quantized_side_can_come_from_another_runtime(digits, tmp_path):
+    """The hook the TensorRT backend's debug tensors plug into (TensorRTBackend.debug_tensors):
+    the compared tensors' quantized values come from the source given, by name. Fed the planted
+    graph's values (ONNX Runtime standing in for an engine), the cumulative rows are the planted
+    run's and the planted layer is named, with the source in the report."""
+    from qatcheck.backends.onnxruntime_backend import OrtRunner
+
+    recipe, cache, qpath = digits
+    planted = onnx.load(str(_planted(qpath, tmp_path, 64)))
+    asked = []
+
+    def debug_tensors(names):
+        asked.extend(names)
+        return OrtRunner(L.expose_tensors(planted, names), "CPUExecutionProvider").named_outputs
+
+    runner = SensitivityRunner(recipe, "onnx", cache, progress=False)
+    from qatcheck.data.batching import eval_batches
+
+    batches = list(eval_batches(runner.state.eval_data, recipe.input.profile()["opt"], pad=True, max_samples=64))
+    fp32 = runner.builder.onnx_artifact("fp32").path
+    direct = L.localize_graphs(planted, fp32, batches, input_name=recipe.input.name)
+    hooked = L.localize_graphs(planted, fp32, batches, input_name=recipe.input.name,
+                               quantized_tensors=debug_tensors, path="tensorrt debug tensors")
+    assert asked == [r.tensor for r in direct.rows]
+    assert [round(r.cosine, 6) for r in hooked.rows] == [round(r.cosine, 6) for r in direct.rows]
+    assert hooked.named == direct.named == PLANT_LAYER
+    assert hooked.path == "tensorrt debug tensors" and "debug tensors" in hooked.method

@@ -107,7 +107,7 @@ def test_fp8_is_an_opt_in_row():
 
     s = spec("fp8")
     assert "fp8" not in MODES and "fp8" not in digits_recipe().modes
-    assert (s.precision, s.int8, s.has_torch, s.backends) == ("fp8", True, True, ("torch", "onnxruntime"))
+    assert (s.precision, s.int8, s.has_torch, s.backends) == ("fp8", True, True, ("torch", "onnxruntime", "tensorrt"))
 
 
 # ---- torch_ptq / qat through ModelOpt -------------------------------------------------------------
@@ -276,3 +276,18 @@ def test_planted_regressions_fail_naming_the_quantizer_and_a_clean_rerun_passes(
     result.stdout.fnmatch_lines(["*artifact cache*: 0 built*"])
     report = (pytester.path / "reports" / "digits_modelopt.md").read_text()
     assert "note (mode fp8, every case): fp8 is simulated here" in report
+
+
+def test_the_table_says_which_tool_quantized():
+    """The calibrator column names ModelOpt where it, not qatcheck / pytorch-quantization, wrote the
+    quantized model: torch_quantizer for the torch modes, --qatcheck-trt-ptq for the graph modes."""
+    from qatcheck.modes import calibrator_of
+    from qatcheck.options import Options
+    from qatcheck.recipe import QuantSettings
+
+    mo, pq = QuantSettings(torch_calibrator="max", torch_quantizer="modelopt"), QuantSettings(torch_calibrator="max")
+    assert calibrator_of("torch_ptq", mo) == calibrator_of("qat", mo) == "max (modelopt)"
+    assert calibrator_of("torch_ptq", pq) == "max" and calibrator_of("fp8", mo) == mo.fp8_calibrator
+    assert calibrator_of("trt_ptq", pq, Options(trt_ptq="modelopt")) == f"{pq.calibrator} (modelopt)"
+    assert calibrator_of("partial", pq, Options(trt_ptq="qdq")) == pq.calibrator
+    assert calibrator_of("fp32", mo, Options(trt_ptq="modelopt")) == "-"

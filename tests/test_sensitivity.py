@@ -180,7 +180,7 @@ def test_ort_runner_takes_in_memory_models(tmp_path):
     graph = helper.make_graph([helper.make_node("Relu", ["input"], ["out"], name="relu")], "g",
                               [helper.make_tensor_value_info("input", TensorProto.FLOAT, [2, 3])],
                               [helper.make_tensor_value_info("out", TensorProto.FLOAT, [2, 3])])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model = helper.make_model(graph, ir_version=8, opset_imports=[helper.make_opsetid("", 17)])
     onnx.save(model, str(tmp_path / "relu.onnx"))
     x = np.array([[-1, 0, 2], [3, -4, 5]], dtype=np.float32)
     for src in (tmp_path / "relu.onnx", model, model.SerializeToString()):

@@ -15,7 +15,7 @@ from qatcheck.recipe import InputSpec, QuantSettings
 
 SPEC = InputSpec(name="input", shape=(32, 3, 32, 32), dynamic={0: (1, 32, 64)})
 QUANT = QuantSettings(calibrator="entropy", keep_precision=("stem.conv", "fc"))
-DIGESTS = {m: f"sha-{m}" for m in MODES}
+DIGESTS = {m: f"sha-{m}" for m in (*MODES, "fp8")}
 CAP = (9, 0)
 V10, V11 = "10.3.0.26", "11.0.0"
 
@@ -204,7 +204,7 @@ def test_pins_match_layers_by_module_or_node_name():
 
 def test_plan_matrix_and_describe():
     m = tp.plan_matrix([V10, V11], QUANT, SPEC)
-    assert len(m) == 2 * len(MODES) and all(isinstance(v, tp.BuildPlan) for v in m.values())
+    assert len(m) == 2 * (len(MODES) + 1) and all(isinstance(v, tp.BuildPlan) for v in m.values())  # + fp8
     text = tp.describe(m[(V10, "partial")])
     assert "IInt8EntropyCalibrator2" in text and "fp32 pins stem.conv, fc" in text
     native11 = tp.plan_matrix([V11], QUANT, SPEC, ptq_form="native")
@@ -358,3 +358,16 @@ def test_session_precision_check_fails_on_a_dropped_int8_layer(tmp_path):
     assert session.check_precision(Case("r", "partial", "tensorrt"), {"conv": "int8"}).ok
     skipped = session.check_precision(Case("r", "trt_ptq", "onnxruntime"), {"conv": "int8"})
     assert skipped.ok and "TensorRT only" in skipped.skipped
+
+
+def test_fp8_builds_strongly_typed_on_an_fp8_gpu_only():
+    for version in (V10, V11):
+        p = plan("fp8", version)
+        assert (p.onnx_mode, p.precision, p.quantization, p.strongly_typed, p.builder_flags) == \
+            ("fp8", "fp8", "explicit", True, ())
+        assert tp.polygraphy_loader_args(p) == {"network": {"strongly_typed": True}, "config": {},
+                                                "calibrator": None}
+    with pytest.raises(ConfigError, match=r"FP8 needs a GPU of compute capability >= 8.9 .* this one is 8.6"):
+        plan("fp8", V10, gpu_capability=(8, 6))
+    with pytest.raises(ConfigError, match="strongly typed network .*TensorRT 8.6.1"):
+        plan("fp8", "8.6.1")

@@ -55,7 +55,8 @@ def test_an_unknown_builder_flag_is_an_error_naming_it():
 def _gen_script(tmp_path, cli_args):
     io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["N", 3, 32, 32]) for n in ("input", "out")]
     model = helper.make_model(helper.make_graph(
-        [helper.make_node("Identity", ["input"], ["out"], name="/stem/conv/Conv")], "g", io[:1], io[1:]))
+        [helper.make_node("Identity", ["input"], ["out"], name="/stem/conv/Conv")], "g", io[:1], io[1:]),
+        ir_version=8, opset_imports=[helper.make_opsetid("", 13)])
     onnx.save(model, str(tmp_path / "m.onnx"))
     script = tmp_path / "gen.py"
     polygraphy = [sys.executable, "-c", "from polygraphy.tools._main import main; main()"]

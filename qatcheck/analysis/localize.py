@@ -266,10 +266,16 @@ def conclude(rows: list[LayerRow], floor: float
 
 def localize_graphs(quantized: str | Path | onnx.ModelProto, fp32: str | Path | onnx.ModelProto,
                     batches, *, input_name: str | None = None, floor: float = 0.99,
-                    recipe: str = "", mode: str = "", calibrator: str | None = None
-                    ) -> Localization:
+                    recipe: str = "", mode: str = "", calibrator: str | None = None,
+                    quantized_tensors=None, path: str = "onnxruntime") -> Localization:
     """Localize on two ONNX graphs over ``(inputs, targets, real count)`` batches (see the module
-    docstring for the rule). ``quantized`` may be any Q/DQ graph, e.g. a planted one."""
+    docstring for the rule). ``quantized`` may be any Q/DQ graph, e.g. a planted one.
+
+    ``quantized_tensors(names) -> (batch -> {name: array})`` supplies the quantized side's values of
+    the compared tensors from elsewhere - the TensorRT backend's engine with those tensors marked
+    as debug tensors (``TensorRTBackend.debug_tensors``); ``path`` names it. Default: ONNX Runtime
+    with the tensors exposed as graph outputs. Own SQNR is always the quantized graph's node on
+    ONNX Runtime (what the layer's Q/DQ does by itself)."""
     from qatcheck.backends.onnxruntime_backend import OrtRunner
 
     check_floor(floor)
@@ -282,12 +288,12 @@ def localize_graphs(quantized: str | Path | onnx.ModelProto, fp32: str | Path | 
     if not tensors:
         raise ConfigError(f"the quantized graph {qpath} and the fp32 graph {fpath} share no "
                           "intermediate tensor (same name and shape) to compare")
-    qrun = OrtRunner(expose_tensors(qmodel, tensors), provider="CPUExecutionProvider",
-                     input_name=input_name)
+    if quantized_tensors is None:
+        quantized_tensors = (lambda names: OrtRunner(expose_tensors(qmodel, names), input_name=input_name,
+                                                     provider="CPUExecutionProvider").named_outputs)
+    quantized_values = quantized_tensors(list(tensors))
     frun = OrtRunner(expose_tensors(fmodel, tensors), provider="CPUExecutionProvider",
                      input_name=input_name)
-    qnames = [o.name for o in qrun.session.get_outputs()]
-    fnames = [o.name for o in frun.session.get_outputs()]
     producer = {o: node for node in qmodel.graph.node for o in node.output}
     graph_inputs = {v.name for v in qmodel.graph.input} - {i.name for i in qmodel.graph.initializer}
     compared = set(tensors)
@@ -320,8 +326,8 @@ def localize_graphs(quantized: str | Path | onnx.ModelProto, fp32: str | Path | 
     own = {t: _Acc() for t in isolated}
     samples = 0
     for x, _, n in batches:
-        qo = dict(zip(qnames, qrun.infer(x)))
-        fo = dict(zip(fnames, frun.infer(x)))
+        qo = quantized_values(x)
+        fo = frun.named_outputs(x)
         ref = {**fo, **{name: np.ascontiguousarray(x, dtype=np.float32) for name in graph_inputs}}
         for t in tensors:
             r, o = np.asarray(fo[t])[:n], np.asarray(qo[t])[:n]
@@ -355,9 +361,12 @@ def localize_graphs(quantized: str | Path | onnx.ModelProto, fp32: str | Path | 
                         named_tensor=named.tensor if named else None,
                         first_below_floor=first.tensor if first else None, worst=worst,
                         skipped=list(dict.fromkeys(skipped)),
-                        seconds=time.perf_counter() - t0, path="onnxruntime", order="topological",
-                        method=f"Quantized graph `{qpath}` vs fp32 `{fpath}` on ONNX Runtime (CPU) "
-                               "at the opt shape")
+                        seconds=time.perf_counter() - t0, path=path, order="topological",
+                        method=(f"Quantized graph `{qpath}` vs fp32 `{fpath}` on ONNX Runtime (CPU) "
+                                "at the opt shape" if path == "onnxruntime" else
+                                f"Quantized side from {path} (the case's engine, the compared tensors "
+                                f"marked as debug tensors; own SQNR: `{qpath}`'s node on ONNX Runtime) "
+                                f"vs fp32 `{fpath}` on ONNX Runtime (CPU) at the opt shape"))
 
 
 def _calibrator_path(mode: str) -> str:
@@ -428,9 +437,15 @@ def for_failed_case(session, case, max_samples: int = 32) -> list[str]:
 
     batches = eval_batches(session._states[case.recipe].eval_data, recipe.input.profile()["opt"],
                            max_samples=max_samples)
+    debug = getattr(session.backend(case.backend), "debug_tensors", None)
+    if debug is not None:  # TensorRT: the engine's own intermediate values (debug tensors)
+        qpath = builder.onnx_artifact(case.mode).path  # own SQNR: the mode's Q/DQ graph's nodes
+        kwargs = dict(quantized_tensors=debug(session.context(case)), path=f"{case.backend} debug tensors")
+    else:
+        kwargs = {}
     loc = localize_graphs(qpath, builder.onnx_artifact("fp32").path, batches, input_name=recipe.input.name,
                           floor=floor, recipe=recipe.name, mode=case.mode,
-                          calibrator=getattr(recipe.quant, "calibrator", None))
+                          calibrator=getattr(recipe.quant, "calibrator", None), **kwargs)
     return failure_lines(loc, session.options.reports_dir)
 
 

@@ -42,6 +42,9 @@ class TimedCall:
     clock: str = ""
     #: why timing deviates from what was asked (e.g. CUDA-graph capture failed); shown in the report
     note: str = ""
+    #: why the figure is the host's kernel-launch rate rather than the device's work ("" when it is
+    #: the device's): a slowdown measured so is inconclusive, never red (qatcheck.judges.judge_latency)
+    host_bound: str = ""
 
 
 class Runner(abc.ABC):

@@ -284,6 +284,24 @@ class TensorRTBackend(Backend):
             ptq_form=self.ptq_form, calib_id=context.calib_id, dynamic=context.dynamic,
             builder_optimization_level=context.builder_optimization_level)
 
+    def debug_tensors(self, context: BuildContext):
+        """Localization's source of the engine's intermediate values (TensorRT >= 10 debug
+        tensors): ``factory(names)`` builds the case's plan again with ``names`` marked as debug
+        tensors (Polygraphy's ``MarkDebug``) and returns ``batch -> {name: array}`` through
+        Polygraphy's ``TrtRunner``, whose debug listener merges them into its outputs. Marking a
+        tensor keeps it from being fused away, so this engine may pick other kernels than the
+        deployed one; the values are still TensorRT's arithmetic on the same plan."""
+        def factory(names: Sequence[str]):
+            plan = self.plan(context)
+            onnx_path = Path(context.onnx_artifact(plan.onnx_mode).path)
+            root = Path(context.cache_dir) / "tensorrt"
+            calib_cache = root / plan.calibration.cache_file if plan.calibration else None
+            batches = context.calib_batches() if (plan.calibration and context.calib_batches) else None
+            data = build_engine(plan, onnx_path, batches, calib_cache, debug_tensors=names)
+            runner = TrtRunner(data, plan, "off", None, label=f"{plan.mode} engine with {len(names)} debug tensors")
+            return runner.named_outputs
+        return factory
+
     def runner(self, context: BuildContext) -> Runner:
         if context is None:
             raise ConfigError("the TensorRT backend needs a BuildContext (mode, recipe, cache) to plan a build")

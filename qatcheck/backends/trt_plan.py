@@ -53,6 +53,8 @@ MIN_TRT = (8, 5)
 TRT_STRONGLY_TYPED_ONLY = 11
 #: first version with NetworkDefinitionCreationFlag.STRONGLY_TYPED
 TRT_HAS_STRONG_TYPING = (9, 0)
+#: FP8 tensor cores: Ada (8.9) and Hopper (9.0) onwards
+FP8_MIN_CAPABILITY = (8, 9)
 
 
 
@@ -295,6 +297,17 @@ def plan_build(mode: str, trt_version: str | Sequence[int], quant, input_spec,
                          builder_flags=("FP16",),
                          notes=("BuilderFlag.FP16 on the fp32 ONNX: TensorRT picks fp16 kernels where "
                                 "faster (trtexec --fp16)",), **common)
+    if spec.precision == "fp8":  # FP8 (E4M3) Q/DQ: ModelOpt's graph, built strongly typed
+        if cap < FP8_MIN_CAPABILITY:
+            raise ConfigError(f"mode {mode!r}: FP8 needs a GPU of compute capability >= "
+                              f"{FP8_MIN_CAPABILITY[0]}.{FP8_MIN_CAPABILITY[1]} (Ada, Hopper); this one is "
+                              f"{cap[0]}.{cap[1]}")
+        if v[:2] < TRT_HAS_STRONG_TYPING:
+            raise ConfigError(f"mode {mode!r}: FP8 Q/DQ needs a strongly typed network (TensorRT >= "
+                              f"{version_str(TRT_HAS_STRONG_TYPING)}); this is TensorRT {version_str(v)}")
+        return BuildPlan(precision="fp8", quantization="explicit", strongly_typed=True, builder_flags=(),
+                         notes=("FP8 Q/DQ built strongly typed, every tensor's type from the graph "
+                                "(trtexec --stronglyTyped, as NVIDIA ModelOpt documents for FP8)",), **common)
     if not spec.trt_native_ptq or source == mode:  # explicit Q/DQ in the graph
         writer = (("Q/DQ ONNX written by NVIDIA ModelOpt's ONNX PTQ (--qatcheck-trt-ptq modelopt)",)
                   if spec.trt_native_ptq and ptq_form == "modelopt" else ())

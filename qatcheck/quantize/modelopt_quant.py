@@ -62,6 +62,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from qatcheck.backends.trt_plan import FP8_MIN_CAPABILITY  # FP8 tensor cores: Ada, Hopper
 from qatcheck.errors import ArtifactError, ConfigError, DataError
 from qatcheck.fsutil import atomic_path
 
@@ -82,8 +83,6 @@ FP8_OPSET = 19
 _E4M3_MAX = 448.0
 #: smallest amax the fp8 export writes (an all-zero tensor would divide by zero); as torch_quant's
 _AMAX_FLOOR = 2.0 ** -23
-#: FP8 needs Ada / Hopper tensor cores or later
-FP8_MIN_CAPABILITY = (8, 9)
 #: QATCHECK_MODELOPT_CUDA_EXT=0: skip ModelOpt's JIT-compiled CUDA kernels (its pure-PyTorch
 #: fallback computes the same fake-quant; compiling them needs nvcc and takes minutes)
 _CUDA_EXT_ENV = "QATCHECK_MODELOPT_CUDA_EXT"
