@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from qatcheck.errors import BaselineError
-from qatcheck import judges, report_files
+from qatcheck import report_files
 from qatcheck.measurement import Case, overall
 from qatcheck.modes import PROFILE_POINTS, spec as mode_spec
 from qatcheck.tasks.base import metric_spec
@@ -92,8 +92,6 @@ def rows_for(session, recipe_name: str) -> tuple[list[str], list[list[str]], lis
             base = None
         d_base = (m.metrics[p] - base["value"]) * 100 if base and p in m.metrics else None
         lat = m.latency.median_ms if m.latency else None
-        if lat is not None and judges.mode_latency_skip(m):  # timing meaningless here (fp8 off an FP8 GPU)
-            lat = None
         # a speedup compares the same input shape on the same device fingerprint
         speed = (fp32.latency.median_ms / lat if fp32 and fp32.latency and lat and not is_ref
                  and fp32.fingerprint_id == m.fingerprint_id and tuple(fp32.shape) == tuple(m.shape)

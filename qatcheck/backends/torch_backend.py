@@ -82,15 +82,20 @@ class TorchRunner(Runner):
                     module(xt)
             return TimedCall(run, clock="wall")
         from qatcheck.backends import cuda_timing
-        from qatcheck.quantize.frozen_quant import freeze_fake_quant, is_fake_quant_model
+        from qatcheck.quantize.frozen_quant import FreezeRefused, freeze_fake_quant, is_fake_quant_model
 
-        note = ""
+        note = refused = ""
         if is_fake_quant_model(module) and self.cuda_graph != "off":
-            # pytorch-quantization's quantizers synchronise with the host, so the module cannot
-            # be captured in a CUDA graph; its frozen twin computes bit-identical outputs with
-            # the calibrated scales precomputed (tests/test_frozen_quant.py) and can be
-            module = freeze_fake_quant(module).to(self._device)
-            note = "fake-quant timed through its frozen twin (identical outputs, capture-safe)"
+            # pytorch-quantization's quantizers and ModelOpt's INT8 ones synchronise with the host,
+            # so the module cannot be captured in a CUDA graph; its frozen twin computes
+            # bit-identical outputs with the calibrated scales precomputed (tests/test_frozen_quant.py,
+            # tests/test_frozen_modelopt.py) and can be. A ModelOpt configuration the twin does not
+            # reproduce is timed as it is (capture fails: eager events, with cuda_timing's note).
+            try:
+                module = freeze_fake_quant(module).to(self._device)
+                note = "fake-quant timed through its frozen twin (identical outputs, capture-safe)"
+            except FreezeRefused as exc:
+                refused = f"no frozen twin: {exc}"
 
         # CUDA events around a CUDA-graph replay (trtexec's GPU compute time); eager events when
         # --qatcheck-cuda-graph off or capture fails (the call's note says so)
@@ -100,6 +105,8 @@ class TorchRunner(Runner):
         call = cuda_timing.timed_call(forward, self.cuda_graph)
         if note and not call.note:
             call.note = note
+        elif refused and call.note:
+            call.note = f"{call.note} ({refused})"
         return call
 
     def probe(self) -> TimedCall | None:

@@ -194,34 +194,12 @@ def _enabled(model: nn.Module) -> Iterator[tuple[str, Any]]:
     return ((n, q) for n, q in _quantizers(model) if q.is_enabled)
 
 
-def _as_input(batch: Any) -> torch.Tensor:
-    from qatcheck.quantize.torch_quant import _as_input as as_input
-
-    return as_input(batch)
-
-
 def _forward_loop(batches: Iterable[Any], device: torch.device, progress: bool):
     """ModelOpt's ``forward_loop(model)``: the recipe's calibration batches, shape-checked."""
+    from qatcheck.quantize.torch_quant import feed_calibration
+
     def loop(model: nn.Module) -> None:
-        iterator: Iterable[Any] = batches
-        if progress:
-            from tqdm import tqdm
-            iterator = tqdm(batches, desc="calibrate (modelopt)", unit="batch")
-        expected, seen = None, 0
-        with torch.no_grad():
-            for seen, batch in enumerate(iterator, start=1):
-                x = _as_input(batch)
-                expected = expected or tuple(x.shape[1:])
-                if tuple(x.shape[1:]) != expected:
-                    raise DataError(f"calibration batch {seen} has shape {tuple(x.shape)}; "
-                                    f"expected (N, {', '.join(map(str, expected))})")
-                try:
-                    model(x.to(device))
-                except RuntimeError as exc:
-                    raise DataError(f"calibration batch {seen} of shape {tuple(x.shape)} does not fit "
-                                    f"the model: {exc}") from exc
-        if seen == 0:
-            raise DataError("calibration data yielded no batches")
+        feed_calibration(model, batches, device, progress=progress, desc="calibrate (modelopt)")
     return loop
 
 
@@ -301,13 +279,10 @@ def load(model: nn.Module, path: str | os.PathLike[str], quant: QuantSettings, f
     _mtq()
     import modelopt.torch.opt as mto
 
+    from qatcheck.quantize.torch_quant import read_checkpoint
+
     path = Path(path)
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user problem
-        raise ArtifactError(f"{path}: cannot read the ModelOpt checkpoint: {exc}") from exc
-    if not isinstance(payload, dict) or payload.get("format") != _SAVE_FORMAT:
-        raise ArtifactError(f"{path}: not a qatcheck ModelOpt checkpoint ({_SAVE_FORMAT})")
+    payload = read_checkpoint(path, _SAVE_FORMAT, "ModelOpt checkpoint")
     if payload["settings"] != _settings_id(quant, fp8):
         raise ArtifactError(f"{path}: saved with other quantization settings ({payload['settings']}) than "
                             f"requested ({_settings_id(quant, fp8)})")

@@ -359,6 +359,34 @@ def _as_input(batch: Any) -> torch.Tensor:
                     f"got {type(batch).__name__}")
 
 
+def feed_calibration(model: nn.Module, batches: Iterable[Any], device, expected: tuple | None = None,
+                     progress: bool = False, desc: str = "calibrate") -> int:
+    """Run ``model`` (no grad) on every calibration batch: all of one shape (``expected``, batch
+    dim excluded; default the first batch's), a batch of another shape or one the model rejects is
+    a DataError naming it, and no batch at all is one too. Returns how many batches ran. Shared by
+    pytorch-quantization's calibration and ModelOpt's forward loop."""
+    iterator: Iterable[Any] = batches
+    if progress:
+        from tqdm import tqdm
+        iterator = tqdm(batches, desc=desc, unit="batch")
+    seen = 0
+    with torch.no_grad():
+        for seen, batch in enumerate(iterator, start=1):
+            x = _as_input(batch)
+            expected = expected or tuple(x.shape[1:])
+            if tuple(x.shape[1:]) != expected:
+                raise DataError(f"calibration batch {seen} has shape {tuple(x.shape)}; "
+                                f"expected (N, {', '.join(map(str, expected))})")
+            try:
+                model(x.to(device))
+            except RuntimeError as exc:
+                raise DataError(f"calibration batch {seen} of shape {tuple(x.shape)} does not fit "
+                                f"the model: {exc}") from exc
+    if seen == 0:
+        raise DataError("calibration data yielded no batches")
+    return seen
+
+
 def calibrate(qmodel: nn.Module, batches: Iterable[torch.Tensor | np.ndarray],
               config: TorchQuantConfig, device: str | torch.device = "cpu", progress: bool = False,
               *, input_shape: Sequence[int] | None = None) -> None:
@@ -380,31 +408,12 @@ def calibrate(qmodel: nn.Module, batches: Iterable[torch.Tensor | np.ndarray],
             q._calibrator.reset()
             q.disable_quant()
             q.enable_calib()
-        seen = 0
         try:
-            iterator: Iterable[Any] = batches
-            if progress:
-                from tqdm import tqdm
-                iterator = tqdm(batches, desc="calibrate", unit="batch")
-            with torch.no_grad():
-                for seen, batch in enumerate(iterator, start=1):
-                    x = _as_input(batch)
-                    if expected is None:
-                        expected = tuple(x.shape[1:])
-                    if tuple(x.shape[1:]) != expected:
-                        raise DataError(f"calibration batch {seen} has shape {tuple(x.shape)}; "
-                                        f"expected (N, {', '.join(map(str, expected))})")
-                    try:
-                        qmodel(x.to(device))
-                    except RuntimeError as exc:
-                        raise DataError(f"calibration batch {seen} of shape {tuple(x.shape)} does "
-                                        f"not fit the model: {exc}") from exc
+            feed_calibration(qmodel, batches, device, expected, progress)
         finally:
             for _, q in quantizers:
                 q.disable_calib()
                 q.enable_quant()
-        if seen == 0:
-            raise DataError("calibration data yielded no batches")
         for name, q in quantizers:
             if _calibrator_is_empty(q):
                 log.warning("quantizer %s saw no data during calibration (layer not called in "
@@ -491,18 +500,25 @@ def save_quantized(qmodel: nn.Module, path: str | os.PathLike[str],
         torch.save(payload, tmp)
 
 
+def read_checkpoint(path: Path, fmt: str, what: str) -> dict:
+    """A qatcheck checkpoint's payload (tensors only: ``weights_only``); an unreadable file or one
+    of another format is one ArtifactError naming the file."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user problem
+        raise ArtifactError(f"{path}: cannot read {what}: {exc}") from exc
+    if not isinstance(payload, dict) or payload.get("format") != fmt:
+        raise ArtifactError(f"{path}: not a qatcheck {what} ({fmt})")
+    return payload
+
+
 def load_quantized(model: nn.Module, config: TorchQuantConfig,
                    path: str | os.PathLike[str]) -> nn.Module:
     """Rebuild a model stored by :func:`save_quantized` without calibrating: ``model`` is the fp32
     model from the recipe's factory (its weights are overwritten by the stored ones). The result is
     in eval mode, on ``model``'s device, and gives bit-identical outputs to the saved model."""
     path = Path(path)
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user problem
-        raise ArtifactError(f"{path}: cannot read quantized checkpoint: {exc}") from exc
-    if not isinstance(payload, dict) or payload.get("format") != _SAVE_FORMAT:
-        raise ArtifactError(f"{path}: not a qatcheck quantized checkpoint ({_SAVE_FORMAT})")
+    payload = read_checkpoint(path, _SAVE_FORMAT, "quantized checkpoint")
     stored_config = payload["config"]
     if stored_config is not None:
         stored_config = {k: (tuple(v) if isinstance(v, list) else v) for k, v in stored_config.items()}
