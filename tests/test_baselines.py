@@ -372,6 +372,29 @@ class FakeRunner(Runner):
         return {"onnxruntime": "test"}
 
 
+class QuietCpu:
+    """``timing.CpuLoad`` for these tests: they judge a fake runner's timings against baselines, so
+    the real machine's background load (measured at 0.26 of a core on the CI machine, over the
+    0.25 contention limit) must not turn a verdict inconclusive. The contention rule has its own
+    tests (tests/test_latency_verdicts.py)."""
+
+    def __enter__(self):
+        self.load = 0.0
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _quiet_cpu():
+    from qatcheck import timing
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(timing, "CpuLoad", QuietCpu)
+        yield
+
+
 def make_session(root: Path, *, update: bool = False, tolerances: Tolerances | None = None,
                  latency_ms: float | None = None) -> tuple[QatcheckSession, Case]:
     rng = np.random.default_rng(0)
