@@ -215,6 +215,13 @@ def cmd_cache(args) -> int:
     return 0
 
 
+def _outputs(p: argparse.ArgumentParser, reports: str | None = "reports") -> None:
+    """Where a subcommand writes: its report directory (None: it writes none) and the artifact cache."""
+    if reports is not None:
+        p.add_argument("--reports", default=reports, help=f"report directory (default {reports}/)")
+    p.add_argument("--cache", default=".qatcheck_cache", help="artifact cache (default .qatcheck_cache)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m qatcheck", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -239,8 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--write-keep", default=None, metavar="FILE",
                    help="with a budget: write the chosen layers and why to FILE (JSON a recipe reads "
                         "with qatcheck.analysis.keeplist.load_keep_list)")
-    s.add_argument("--reports", default="reports", help="report directory (default reports/)")
-    s.add_argument("--cache", default=".qatcheck_cache", help="artifact cache (default .qatcheck_cache)")
+    _outputs(s)
     s.add_argument("--no-cache", action="store_true", help="recompute everything")
     s.add_argument("--no-progress", action="store_true", help="no progress bars")
     s.set_defaults(func=cmd_sensitivity)
@@ -263,8 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     loc.add_argument("--device", default="cpu",
                      help="torch_ptq / qat: where the models run (and are built when not cached; "
                           "default cpu)")
-    loc.add_argument("--reports", default="reports", help="report directory (default reports/)")
-    loc.add_argument("--cache", default=".qatcheck_cache", help="artifact cache (default .qatcheck_cache)")
+    _outputs(loc)
     loc.set_defaults(func=cmd_localize)
     x = sub.add_parser("crosscheck", help="qatcheck's ONNX PTQ vs NVIDIA ModelOpt's on the same fp32 "
                        "ONNX and calibration data: per-site scale ratios, placement differences, "
@@ -281,9 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--threshold", type=float, default=1.10,
                    help="a scale ratio beyond this either way is a disagreement (default 1.10)")
     x.add_argument("--top", type=int, default=12, help="rows of the printed table (default 12)")
-    x.add_argument("--reports", default="reports/crosscheck",
-                   help="report directory (default reports/crosscheck/)")
-    x.add_argument("--cache", default=".qatcheck_cache", help="artifact cache (default .qatcheck_cache)")
+    _outputs(x, reports="reports/crosscheck")
     x.add_argument("--no-cache", action="store_true", help="rebuild both graphs")
     x.set_defaults(func=cmd_crosscheck)
     lint = sub.add_parser("lint", help="check Q/DQ ONNX graphs: Concat inputs with different scales, "
@@ -294,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     lint.set_defaults(func=cmd_lint)
     c = sub.add_parser("cache", help="list the artifact cache's entries, or prune them")
     c.add_argument("action", choices=("list", "prune"), nargs="?", default="list")
-    c.add_argument("--cache", default=".qatcheck_cache", help="artifact cache (default .qatcheck_cache)")
+    _outputs(c, reports=None)
     c.add_argument("--all", action="store_true", help="prune: every entry (default: damaged ones only)")
     c.add_argument("--older-than", type=float, default=None, metavar="DAYS",
                    help="prune: also intact entries older than DAYS")

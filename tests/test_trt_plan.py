@@ -170,6 +170,7 @@ def test_cache_key_is_stable_and_sensitive_to_every_field():
         "calib data": plan("trt_ptq", V10, calib_id="d"),
         "form": plan("trt_ptq", V10, calib_id="c", ptq_form="qdq"),
         "opt level": plan("trt_ptq", V10, calib_id="c", builder_optimization_level=5),
+        "loader library": plan("trt_ptq", V10, calib_id="c", builder="polygraphy 0.54.0"),
         "input shape": plan("trt_ptq", V10, calib_id="c",
                             input_spec=dataclasses.replace(SPEC, shape=(16, 3, 32, 32), dynamic={0: (1, 16, 64)})),
     }

@@ -275,6 +275,8 @@ class TensorRTBackend(Backend):
         return None
 
     def plan(self, context: BuildContext) -> trt_plan.BuildPlan:
+        import polygraphy
+
         trt = _trt()
         r = context.recipe
         source = trt_plan.onnx_source(context.mode, trt.__version__, self.ptq_form)
@@ -282,7 +284,8 @@ class TensorRTBackend(Backend):
         return trt_plan.plan_build(
             context.mode, trt.__version__, r.quant, r.input, {source: art.digest}, gpu_capability(),
             ptq_form=self.ptq_form, calib_id=context.calib_id, dynamic=context.dynamic,
-            builder_optimization_level=context.builder_optimization_level)
+            builder_optimization_level=context.builder_optimization_level,
+            builder=f"polygraphy {polygraphy.__version__}")
 
     def debug_tensors(self, context: BuildContext):
         """Localization's source of the engine's intermediate values (TensorRT >= 10 debug

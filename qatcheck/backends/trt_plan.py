@@ -136,6 +136,9 @@ class BuildPlan:
     #: identity of the calibration data (its fingerprint): part of the key of implicit builds
     calib_id: str = ""
     notes: tuple[str, ...] = ()
+    #: what applies the plan (the adapter's loader library and version, "polygraphy 0.53.6"): its
+    #: defaults shape the builder config, so an upgrade rebuilds the engines
+    builder: str = ""
 
     # ---- keys -----------------------------------------------------------------------------
     def settings(self) -> dict[str, Any]:
@@ -147,7 +150,8 @@ class BuildPlan:
                 "calib_id": self.calib_id if self.calibration else "",
                 "pins": [asdict(p) for p in self.pins],
                 "profiles": [asdict(p) for p in self.profiles],
-                "builder_optimization_level": self.builder_optimization_level}
+                "builder_optimization_level": self.builder_optimization_level,
+                **({"builder": self.builder} if self.builder else {})}
 
     def key_parts(self) -> dict[str, Any]:
         return {"onnx": self.onnx_digest, "settings": self.settings(),
@@ -258,7 +262,7 @@ def calibration_for(quant, input_spec, version: Sequence[int], calib_id: str,
 def plan_build(mode: str, trt_version: str | Sequence[int], quant, input_spec,
                onnx_digests: Mapping[str, str], gpu_capability: Sequence[int], *,
                ptq_form: str = "auto", calib_id: str = "", dynamic: bool = False,
-               builder_optimization_level: int | None = None) -> BuildPlan:
+               builder_optimization_level: int | None = None, builder: str = "") -> BuildPlan:
     """The build for ``mode`` on TensorRT ``trt_version`` and a GPU of ``gpu_capability``.
 
     ``quant`` is the recipe's :class:`~qatcheck.recipe.QuantSettings`, ``input_spec`` its
@@ -284,7 +288,7 @@ def plan_build(mode: str, trt_version: str | Sequence[int], quant, input_spec,
     st_only = major >= TRT_STRONGLY_TYPED_ONLY
     common = dict(mode=mode, trt_version=v, gpu_capability=cap, onnx_mode=source, onnx_digest=digest,
                   profiles=profiles_for(mode, input_spec, dynamic),
-                  builder_optimization_level=builder_optimization_level)
+                  builder_optimization_level=builder_optimization_level, builder=builder)
     if spec.precision == "fp32":
         return BuildPlan(precision="fp32", quantization="none", strongly_typed=st_only,
                          builder_flags=(), **common)

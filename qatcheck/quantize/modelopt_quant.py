@@ -63,7 +63,7 @@ import torch
 from torch import nn
 
 from qatcheck.backends.trt_plan import FP8_MIN_CAPABILITY  # FP8 tensor cores: Ada, Hopper
-from qatcheck.errors import ArtifactError, ConfigError, DataError
+from qatcheck.errors import ArtifactError, ConfigError
 from qatcheck.fsutil import atomic_path
 
 if TYPE_CHECKING:  # pragma: no cover

@@ -15,11 +15,14 @@ from qatcheck.errors import ArtifactError
 from qatcheck.fsutil import atomic_path
 
 
-def save_checkpoint(out: Path, state_dict: dict, meta: dict) -> None:
+def save_checkpoint(out: Path, state_dict: dict, meta: dict, summary: str = "") -> None:
     """``{"state_dict", "meta"}`` written atomically: an interrupted training run never leaves a
-    half-written checkpoint in the zoo."""
+    half-written checkpoint in the zoo. ``summary`` (what the training reached) is printed with
+    the file's name and size."""
     with atomic_path(out) as tmp:
         torch.save({"state_dict": state_dict, "meta": meta}, tmp)
+    if summary:
+        print(f"saved {out} ({out.stat().st_size / 1024:.0f} KB): {summary}")
 
 
 def training_parser(prog: str, doc: str | None, epochs: int, detection: bool = True):
@@ -37,6 +40,18 @@ def training_parser(prog: str, doc: str | None, epochs: int, detection: bool = T
         parser.add_argument("--data-root", type=Path, default=None,
                             help="where the generated set lives (default ~/.cache/qatcheck/digit_detection)")
     return parser
+
+
+def training_main(prog: str, doc: str | None, epochs: int, train, argv=None, **extra_options) -> int:
+    """The detection training scripts' ``main``: :func:`training_parser`'s options (plus
+    ``extra_options``: ``name=(default, help)``, passed to ``train`` by name) into ``train``."""
+    parser = training_parser(prog, doc, epochs)
+    for name, (default, help_) in extra_options.items():
+        parser.add_argument(f"--{name.replace('_', '-')}", default=default, help=help_)
+    args = parser.parse_args(argv)
+    train(epochs=args.epochs, out=args.out, seed=args.seed, threads=args.threads, root=args.data_root,
+          **{name: getattr(args, name) for name in extra_options})
+    return 0
 
 
 def check_state_dict(path: Path, state: dict, model: nn.Module, what: str) -> None:

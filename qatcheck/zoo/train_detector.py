@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from qatcheck.zoo.checkpoint import save_checkpoint, training_parser
+from qatcheck.zoo.checkpoint import save_checkpoint, training_main
 from qatcheck.zoo.digit_detector import DETECTOR_CHECKPOINT, STRIDE, DigitDetector
 from qatcheck.zoo.train_digits import seed_everything
 
@@ -172,17 +172,13 @@ def train(epochs: int = EPOCHS, out: Path | None = None, seed: int = 0, threads:
         "torch": str(torch.__version__), "threads": torch.get_num_threads(),
         "train_seconds": round(seconds, 1), "machine": platform.machine(),
     }
-    save_checkpoint(out, model.state_dict(), meta)
-    print(f"saved {out} ({out.stat().st_size / 1024:.0f} KB): val mAP@.5:.95 {metrics['map50_95']:.4f}, "
-          f"mAP@.5 {metrics['map50']:.4f} in {seconds:.1f}s on {torch.get_num_threads()} thread(s)")
+    save_checkpoint(out, model.state_dict(), meta, f"val mAP@.5:.95 {metrics['map50_95']:.4f}, "
+                    f"mAP@.5 {metrics['map50']:.4f} in {seconds:.1f}s on {torch.get_num_threads()} thread(s)")
     return model, meta
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = training_parser("qatcheck.zoo.train_detector", __doc__, EPOCHS)
-    args = parser.parse_args(argv)
-    train(epochs=args.epochs, out=args.out, seed=args.seed, threads=args.threads, root=args.data_root)
-    return 0
+    return training_main("qatcheck.zoo.train_detector", __doc__, EPOCHS, train, argv)
 
 
 if __name__ == "__main__":

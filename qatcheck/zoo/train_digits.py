@@ -134,9 +134,8 @@ def train(dataset: str, epochs: int | None = None, out: Path | None = None, seed
     }
     from qatcheck.zoo.checkpoint import save_checkpoint
 
-    save_checkpoint(out, model.state_dict(), meta)
-    print(f"saved {out} ({out.stat().st_size / 1024:.0f} KB): val top-1 {val_top1:.2f}% "
-          f"in {seconds:.1f}s on {torch.get_num_threads()} thread(s)")
+    save_checkpoint(out, model.state_dict(), meta, f"val top-1 {val_top1:.2f}% "
+                    f"in {seconds:.1f}s on {torch.get_num_threads()} thread(s)")
     return model, meta
 
 

@@ -22,7 +22,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from qatcheck.zoo.checkpoint import save_checkpoint, training_parser
+from qatcheck.zoo.checkpoint import save_checkpoint, training_main
 from qatcheck.zoo.digit_detector import DETECTOR_CHECKPOINT, load_digit_detector
 from qatcheck.zoo.pruning import DETECTOR_PLAN, PRUNED_CHECKPOINT, channel_counts, remove_channels, select_channels
 from qatcheck.zoo.train_detector import build_targets, dense_loss, evaluate
@@ -87,17 +87,13 @@ def train(epochs: int = EPOCHS, out: Path | None = None, seed: int = 0, threads:
         "val_fingerprint": val_ds.fingerprint(),
         "torch": str(torch.__version__), "threads": torch.get_num_threads(), "machine": platform.machine(),
     }
-    save_checkpoint(out, model.state_dict(), meta)
-    print(f"saved {out} ({out.stat().st_size / 1024:.0f} KB): val mAP@.5:.95 {metrics['map50_95']:.4f}, "
-          f"mAP@.5 {metrics['map50']:.4f}, {meta['params']} parameters")
+    save_checkpoint(out, model.state_dict(), meta, f"val mAP@.5:.95 {metrics['map50_95']:.4f}, "
+                    f"mAP@.5 {metrics['map50']:.4f}, {meta['params']} parameters")
     return model, meta
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = training_parser("qatcheck.zoo.train_pruned", __doc__, EPOCHS)
-    args = parser.parse_args(argv)
-    train(epochs=args.epochs, out=args.out, seed=args.seed, threads=args.threads, root=args.data_root)
-    return 0
+    return training_main("qatcheck.zoo.train_pruned", __doc__, EPOCHS, train, argv)
 
 
 if __name__ == "__main__":

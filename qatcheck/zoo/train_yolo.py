@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from qatcheck.zoo.checkpoint import save_checkpoint, training_parser
+from qatcheck.zoo.checkpoint import save_checkpoint, training_main
 from qatcheck.zoo.train_detector import evaluate as _evaluate, load_split
 from qatcheck.zoo.yolo import (
     DEFAULT_CFG,
@@ -144,19 +144,14 @@ def train(epochs: int = EPOCHS, out: Path | None = None, seed: int = 0, threads:
         "torch": str(torch.__version__), "ultralytics": str(ultralytics.__version__),
         "threads": torch.get_num_threads(), "train_seconds": round(seconds, 1), "machine": platform.machine(),
     }
-    save_checkpoint(out, compact_state_dict(ema.model), meta)
-    print(f"saved {out} ({out.stat().st_size / 1e6:.2f} MB): val mAP@.5:.95 {metrics['map50_95']:.4f}, "
-          f"mAP@.5 {metrics['map50']:.4f} in {seconds:.1f}s on {torch.get_num_threads()} thread(s)")
+    save_checkpoint(out, compact_state_dict(ema.model), meta, f"val mAP@.5:.95 {metrics['map50_95']:.4f}, "
+                    f"mAP@.5 {metrics['map50']:.4f} in {seconds:.1f}s on {torch.get_num_threads()} thread(s)")
     return final, meta
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = training_parser("qatcheck.zoo.train_yolo", __doc__, EPOCHS)
-    parser.add_argument("--cfg", default=DEFAULT_CFG, help=f"ultralytics model yaml (default {DEFAULT_CFG})")
-    args = parser.parse_args(argv)
-    train(epochs=args.epochs, out=args.out, seed=args.seed, threads=args.threads, root=args.data_root,
-          cfg=args.cfg)
-    return 0
+    return training_main("qatcheck.zoo.train_yolo", __doc__, EPOCHS, train, argv,
+                         cfg=(DEFAULT_CFG, f"ultralytics model yaml (default {DEFAULT_CFG})"))
 
 
 if __name__ == "__main__":
