@@ -22,7 +22,7 @@ from qatcheck.backends.base import Artifact
 from qatcheck.cache import ArtifactCache, library_versions
 from qatcheck.data.base import Dataset, shuffled_batches
 from qatcheck.data.batching import fixed_batches
-from qatcheck.errors import ArtifactError, DataError
+from qatcheck.errors import ArtifactError, ConfigError, DataError
 from qatcheck.fsutil import file_digest
 from qatcheck.modes import ModeSpec, resolve, spec as mode_spec
 from qatcheck.onnx_model import NO_TORCH, is_onnx_only, pin_shapes
@@ -168,11 +168,23 @@ class RecipeState:
         return self._dataset("train_data")
 
 
+#: who writes the ONNX-level PTQ graphs (trt_ptq / partial)
+ONNX_QUANTIZERS = ("qatcheck", "modelopt")
+
+
+def onnx_quantizer_for(options: Any) -> str:
+    """The session's choice (``--qatcheck-trt-ptq``): ``modelopt`` has ModelOpt write the graphs;
+    every other form (auto / native / qdq) is about how TensorRT builds them, from qatcheck's."""
+    return "modelopt" if getattr(options, "trt_ptq", "auto") == "modelopt" else "qatcheck"
+
+
 class ArtifactBuilder:
     """Builds (or finds in the cache) each mode's artifacts for one recipe, as its row says."""
 
     def __init__(self, state: RecipeState, cache: ArtifactCache, progress: bool = False,
-                 device: str = "cpu") -> None:
+                 device: str = "cpu", onnx_quantizer: str = "qatcheck") -> None:
+        if onnx_quantizer not in ONNX_QUANTIZERS:
+            raise ConfigError(f"onnx_quantizer {onnx_quantizer!r}: choose one of {', '.join(ONNX_QUANTIZERS)}")
         self.state = state
         self.recipe = state.recipe
         self.cache = cache
@@ -180,6 +192,9 @@ class ArtifactBuilder:
         #: where calibration and QAT fine-tuning run (part of those artifacts' cache keys: CUDA
         #: and CPU kernels round differently, so their results are different artifacts)
         self.device = device
+        #: who writes the trt_ptq / partial Q/DQ graph: qatcheck's ONNX PTQ, or NVIDIA ModelOpt's
+        #: (--qatcheck-trt-ptq modelopt; part of those graphs' cache keys)
+        self.onnx_quantizer = onnx_quantizer
         self._torch: dict[str, Artifact] = {}
         self._onnx: dict[tuple[str, bool], Artifact] = {}
 
@@ -208,10 +223,10 @@ class ArtifactBuilder:
         if dynamic:
             parts["dynamic"] = True
         parts.update({f: self._field(f, dynamic) for f in spec.key_fields})
-        from qatcheck.quantize import modelopt_onnx
+        if spec.onnx_builder in (onnx_ptq, f"{__name__}:onnx_ptq") and self.onnx_quantizer == "modelopt":
+            from qatcheck.quantize import modelopt_onnx
 
-        if spec.onnx_builder in (onnx_ptq, f"{__name__}:onnx_ptq") and modelopt_onnx.selected():
-            parts["quantizer"] = modelopt_onnx.quantizer_id()  # --qatcheck-trt-ptq modelopt
+            parts["quantizer"] = modelopt_onnx.quantizer_id()  # with ModelOpt's version
         return parts
 
     def calib_batches(self) -> Iterator[np.ndarray]:
@@ -400,7 +415,7 @@ def onnx_ptq(b: ArtifactBuilder, spec: ModeSpec, path: Path, dynamic: bool) -> d
     cfg = OnnxPTQConfig(calibrator=q.calibrator, percentile=q.percentile, per_channel=q.per_channel,
                         exclude=tuple(q.keep_precision) if spec.keeps_layers else ())
     # --qatcheck-trt-ptq modelopt: NVIDIA ModelOpt's ONNX PTQ writes the graph instead of ours
-    quantize = modelopt_onnx.quantize_modelopt if modelopt_onnx.selected() else quantize_onnx
+    quantize = modelopt_onnx.quantize_modelopt if b.onnx_quantizer == "modelopt" else quantize_onnx
     quantize(b.onnx_artifact("fp32", dynamic).path, path, b.calib_batches(), cfg,
              input_name=b.recipe.input.name, progress=b.progress)
     return {}

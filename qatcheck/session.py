@@ -22,7 +22,7 @@ import numpy as np
 
 from qatcheck import fingerprint as fpr
 from qatcheck import judges, onnx_model, timing
-from qatcheck.artifacts import ArtifactBuilder, RecipeState
+from qatcheck.artifacts import ArtifactBuilder, RecipeState, onnx_quantizer_for
 from qatcheck.backends import create_backend, executes
 from qatcheck.backends.base import Backend, BuildContext, Runner
 from qatcheck.baselines import BaselineStore
@@ -109,7 +109,8 @@ class QatcheckSession:
             state = RecipeState(self.recipes[recipe_name])
             self._states[recipe_name] = state
             self._builders[recipe_name] = ArtifactBuilder(state, self.cache, self._show_progress(),
-                                                          device=self._train_device())
+                                                          device=self._train_device(),
+                                                          onnx_quantizer=onnx_quantizer_for(self.options))
         return self._builders[recipe_name]
 
     def _train_device(self) -> str:

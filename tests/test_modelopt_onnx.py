@@ -7,7 +7,6 @@ the clean minmax pair agrees to float rounding (< 1e-6), a planted x8 scale is f
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 
@@ -22,11 +21,11 @@ if _REASON:
     pytest.skip(f"ModelOpt's ONNX PTQ is not usable here: {_REASON}", allow_module_level=True)
 
 from qatcheck.analysis import ptq_crosscheck as X  # noqa: E402
-from qatcheck.artifacts import ArtifactBuilder, RecipeState  # noqa: E402
+from qatcheck.artifacts import ArtifactBuilder, RecipeState, onnx_quantizer_for  # noqa: E402
 from qatcheck.cache import ArtifactCache, cache_key  # noqa: E402
 from qatcheck.errors import ConfigError  # noqa: E402
 from qatcheck.modes import spec as mode_spec  # noqa: E402
-from qatcheck.options import Options, activate, deactivate  # noqa: E402
+from qatcheck.options import Options  # noqa: E402
 from qatcheck.quantize.onnx_ptq import OnnxPTQConfig, scale_qdq  # noqa: E402
 from qatcheck.zoo.recipes import digits_recipe  # noqa: E402
 
@@ -37,15 +36,9 @@ ACT = "/layer1/relu1/Relu_output_0"
 WEIGHT = "weight of /layer1/conv2/Conv"
 
 
-@contextlib.contextmanager
-def trt_ptq(form: str):
-    """The session's --qatcheck-trt-ptq, as the plugin sets it (qatcheck.options.active())."""
-    options = Options(trt_ptq=form)
-    activate(options)
-    try:
-        yield
-    finally:
-        deactivate(options)
+def with_form(b: ArtifactBuilder, form: str) -> ArtifactBuilder:
+    """The builder a session with --qatcheck-trt-ptq ``form`` makes (the same recipe and cache)."""
+    return ArtifactBuilder(b.state, b.cache, onnx_quantizer=onnx_quantizer_for(Options(trt_ptq=form)))
 
 
 def minmax_digits(**quant):
@@ -90,8 +83,7 @@ def dq_fed(model: onnx.ModelProto) -> dict[str, set[int]]:
 
 # ---- the option ---------------------------------------------------------------------------------
 def test_option_builds_a_modelopt_qdq_graph_that_scores_like_fp32(builder, cache):
-    with trt_ptq("modelopt"):
-        art = builder.onnx_artifact("trt_ptq")
+    art = with_form(builder, "modelopt").onnx_artifact("trt_ptq")
     model = onnx.load(str(art.path))
     ops = [n.op_type for n in model.graph.node]
     assert ops.count("QuantizeLinear") >= 10 and ops.count("QuantizeLinear") == ops.count("DequantizeLinear")
@@ -108,8 +100,8 @@ def test_option_builds_a_modelopt_qdq_graph_that_scores_like_fp32(builder, cache
 def test_the_choice_enters_the_cache_key_of_trt_ptq_and_partial_only(builder):
     keys = {}
     for form in ("auto", "native", "qdq", "modelopt"):
-        with trt_ptq(form):
-            keys[form] = {m: builder.key_parts(mode_spec(m)) for m in ("fp32", "trt_ptq", "partial", "torch_ptq")}
+        b = with_form(builder, form)
+        keys[form] = {m: b.key_parts(mode_spec(m)) for m in ("fp32", "trt_ptq", "partial", "torch_ptq")}
     for mode in ("trt_ptq", "partial"):
         # qdq / native / auto: our quantizer, the keys existing caches were written under
         assert keys["auto"][mode] == keys["qdq"][mode] == keys["native"][mode]
@@ -123,9 +115,9 @@ def test_the_choice_enters_the_cache_key_of_trt_ptq_and_partial_only(builder):
 def test_dynamic_and_partial_builds(builder):
     import onnxruntime as ort
 
-    with trt_ptq("modelopt"):
-        dyn = builder.onnx_artifact("trt_ptq", dynamic=True)
-        partial = builder.onnx_artifact("partial")
+    b = with_form(builder, "modelopt")
+    dyn = b.onnx_artifact("trt_ptq", dynamic=True)
+    partial = b.onnx_artifact("partial")
     model = onnx.load(str(dyn.path))
     assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # the batch stays symbolic
     sess = ort.InferenceSession(str(dyn.path), providers=["CPUExecutionProvider"])
@@ -142,9 +134,12 @@ def test_refusals_are_config_errors(builder, cache):
         modelopt_onnx.check_config(OnnxPTQConfig(calibrator="percentile"))
     with pytest.raises(ConfigError, match="per output channel"):
         modelopt_onnx.check_config(OnnxPTQConfig(calibrator="minmax", per_channel=False))
-    b = ArtifactBuilder(RecipeState(digits_recipe()), ArtifactCache(cache))  # calibrator percentile
-    with trt_ptq("modelopt"), pytest.raises(ConfigError, match="no ModelOpt counterpart"):
+    b = ArtifactBuilder(RecipeState(digits_recipe()), ArtifactCache(cache),  # calibrator percentile
+                        onnx_quantizer="modelopt")
+    with pytest.raises(ConfigError, match="no ModelOpt counterpart"):
         b.onnx_artifact("trt_ptq")
+    with pytest.raises(ConfigError, match="onnx_quantizer 'tensorrt': choose one of qatcheck, modelopt"):
+        ArtifactBuilder(b.state, b.cache, onnx_quantizer="tensorrt")
     with pytest.raises(ConfigError, match="minmax or entropy"):
         X.build_graphs(digits_recipe(), "percentile", cache_dir=cache)
 

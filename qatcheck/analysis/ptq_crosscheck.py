@@ -299,17 +299,13 @@ class CrossCheck:
 def build_graphs(recipe, calibrator: str, mode: str = "trt_ptq", cache_dir: str | Path = ".qatcheck_cache",
                  use_cache: bool = True):
     """(builder, {"fp32", "ours", "modelopt"} -> path): the recipe's fp32 ONNX and its ``mode``
-    graph written by each quantizer from it with the same calibration batches and ``calibrator``.
-
-    Both land in the artifact cache under the keys a pytest session uses (ours: the plain
-    trt_ptq / partial key; ModelOpt's: the key of ``--qatcheck-trt-ptq modelopt``), so a session
-    and a cross-check share them."""
+    graph written by each quantizer from it with the same calibration batches and ``calibrator``:
+    two artifact builders that differ only in ``onnx_quantizer``, so both graphs land in the cache
+    under the keys a pytest session uses (with and without ``--qatcheck-trt-ptq modelopt``)."""
     from qatcheck.analysis.sensitivity import with_calibrator
     from qatcheck.artifacts import ArtifactBuilder, RecipeState
     from qatcheck.cache import ArtifactCache
-    from qatcheck.modes import spec as mode_spec
     from qatcheck.quantize import modelopt_onnx
-    from qatcheck.quantize.onnx_ptq import OnnxPTQConfig, quantize_onnx
 
     if calibrator not in CALIBRATORS:
         raise ConfigError(f"crosscheck: calibrator {calibrator!r}: choose {' or '.join(CALIBRATORS)} "
@@ -321,26 +317,13 @@ def build_graphs(recipe, calibrator: str, mode: str = "trt_ptq", cache_dir: str 
         raise ConfigError(f"crosscheck: {reason}")
     recipe = with_calibrator(recipe, calibrator, "onnx")
     recipe.quant.validate()
-    spec = mode_spec(mode)
-    cache = ArtifactCache(cache_dir, enabled=use_cache)
-    builder = ArtifactBuilder(RecipeState(recipe), cache, progress=False)
-    q = recipe.quant
-    if spec.keeps_layers and not q.keep_precision:
+    if mode == "partial" and not recipe.quant.keep_precision:
         raise ConfigError(f"crosscheck --mode {mode}: Recipe({recipe.name}).quant.keep_precision is empty")
-    cfg = OnnxPTQConfig(calibrator=q.calibrator, percentile=q.percentile, per_channel=q.per_channel,
-                        exclude=tuple(q.keep_precision) if spec.keeps_layers else ())
-    fp32 = builder.onnx_artifact("fp32").path
-    key = dict(builder.key_parts(spec))
-    key.pop("quantizer", None)
-    name = f"{recipe.name}-{spec.name}"
-    paths = {"fp32": fp32}
-    for who, fn, parts in ((OURS, quantize_onnx, key),
-                           (MODELOPT, modelopt_onnx.quantize_modelopt,
-                            {**key, "quantizer": modelopt_onnx.quantizer_id()})):
-        paths[who] = cache.get_or_build(
-            name, parts, ".onnx",
-            lambda p, fn=fn: fn(fp32, p, builder.calib_batches(), cfg, input_name=recipe.input.name))
-    return builder, paths
+    state, cache = RecipeState(recipe), ArtifactCache(cache_dir, enabled=use_cache)
+    ours, theirs = (ArtifactBuilder(state, cache, progress=False, onnx_quantizer=q) for q in ("qatcheck", "modelopt"))
+    paths = {"fp32": ours.onnx_artifact("fp32").path, OURS: ours.onnx_artifact(mode).path,
+             MODELOPT: theirs.onnx_artifact(mode).path}
+    return ours, paths
 
 
 def evaluate_graphs(builder, paths: dict[str, Path], max_samples: int | None = None) -> dict:

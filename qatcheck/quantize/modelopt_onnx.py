@@ -73,16 +73,6 @@ def quantizer_id() -> str:
     return f"nvidia-modelopt {version()}"
 
 
-def selected(options=None) -> bool:
-    """Does the session (``options``, default :func:`qatcheck.options.active`) ask ModelOpt to
-    write the trt_ptq / partial graphs?"""
-    if options is None:
-        from qatcheck.options import active
-
-        options = active()
-    return getattr(options, "trt_ptq", "auto") == OPTION_VALUE
-
-
 @dataclass
 class ModelOptResult:
     """What :func:`quantize_modelopt` did."""
