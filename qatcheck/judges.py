@@ -62,8 +62,9 @@ def _nonfinite(m: Measurement) -> str | None:
     if not m.nonfinite_outputs:
         return None
     # inputs are checked before the model runs (qatcheck.evaluate): finite inputs, so the model overflowed
-    return (f"{m.nonfinite_outputs} output values are NaN/inf over the eval set, from finite inputs: "
-            "the model overflowed (fp16 range? a zero or NaN scale?)")
+    return (f"the outputs of {m.nonfinite_samples} of {m.eval_samples} eval samples hold NaN/inf "
+            f"({m.nonfinite_outputs} values), from finite inputs: the model overflowed (fp16 range? a zero or "
+            "NaN scale?)")
 
 
 def _data_changed(m: Measurement, base: CaseBaseline) -> str | None:
