@@ -65,3 +65,34 @@ def test_latency_placement(monkeypatch, device, gpus, count, expected):
     else:
         assert placed is None and f"{count} workers and {expected}" in reason
     assert latency_placement(Worker(0, 1), device) == (None, "")  # one worker: timed where asked
+
+
+def test_an_artifact_built_on_a_workers_share_of_the_cores_is_the_same(tmp_path):
+    """Issue 21 #10: a mean_abs differed in the 4th digit between ``-n 2`` and ``-n 0``. Inference
+    gave bit-identical figures at 1 and 2 threads (every case of digits and digitdet), but an xdist
+    worker built at its share of the cores, and PyTorch's conv backward sums in a thread-count-
+    dependent order: QAT fine-tuning came out with other weights, and the figures measured on them
+    could move. Builds run at a fixed thread count whatever the process has: the same artifact."""
+    import dataclasses
+
+    import torch
+
+    from qatcheck.artifacts import ArtifactBuilder, RecipeState
+    from qatcheck.cache import ArtifactCache
+    from qatcheck.zoo.recipes import digits_recipe
+
+    # a short fine-tune from a quick calibration: enough steps for the thread count to show
+    quick = digits_recipe()
+    recipe = digits_recipe(quant=dataclasses.replace(quick.quant, torch_calibrator="max", calib_batches=2),
+                           qat=dataclasses.replace(quick.qat, epochs=1, max_batches_per_epoch=4))
+    saved, states = torch.get_num_threads(), []
+    try:
+        for threads in (1, 2):  # what --qatcheck-threads auto gives a worker of -n 2, and -n 0, on 2 cores
+            torch.set_num_threads(threads)
+            builder = ArtifactBuilder(RecipeState(recipe), ArtifactCache(tmp_path / f"t{threads}"))
+            states.append(torch.load(builder.torch_artifact("qat").path, weights_only=True)["state_dict"])
+            assert torch.get_num_threads() == threads  # the process's own setting is left as it was
+    finally:
+        torch.set_num_threads(saved)
+    assert states[0].keys() == states[1].keys()
+    assert [k for k in states[0] if not torch.equal(states[0][k], states[1][k])] == []
