@@ -94,6 +94,29 @@ def build_code_digest(spec: ModeSpec) -> str:
     return source_digest([*_BUILD_CODE, *(Path(s).resolve() for s in sources if s)])
 
 
+def output_count_error(recipe: Recipe, count: int) -> str | None:
+    """Why a model returning ``count`` outputs does not fit ``Recipe.output_names`` (None when it
+    does). More outputs than names: the task would score whichever comes first (a face model's box
+    regressions read as class scores, passing and recorded). Fewer: a name the recipe scores or
+    judges has no tensor (the exporter's "number of output names provided exceeded ...")."""
+    names = recipe.output_names
+    if count == len(names):
+        return None
+    head = (f"Recipe({recipe.name}).model returns {count} output{'s' if count != 1 else ''}, but "
+            f"Recipe.output_names names {len(names)} ({', '.join(map(repr, names))})")
+    if count > len(names):
+        hint = f"set output_names to all {count}, in the order forward() returns them"
+        if recipe.task == "classification" and recipe.task_output is None:
+            hint += ", and task_output to the one the classification task scores"
+        return f"{head}: {hint}"
+    missing = []
+    for name in names[count:]:  # by position: names past the model's last output have no tensor
+        who = ("Recipe.heads" if name in recipe.heads else "task_output" if name == recipe.task_output else "")
+        missing.append(f"{name!r}" + (f" ({who} names it)" if who else ""))
+    return (f"{head}: the model produces nothing for {', '.join(missing)}; output_names lists the "
+            "outputs forward() returns, in its order")
+
+
 class RecipeState:
     """The recipe's lazily loaded pieces (model, datasets), loaded at most once per session."""
 
@@ -119,7 +142,10 @@ class RecipeState:
             raise ArtifactError(f"Recipe({self.recipe.name}).model returned {type(model).__name__}, "
                                 "not a torch.nn.Module")
         model = model.eval().cpu()
-        export.check_model_accepts(model, self.recipe.input, f"Recipe({self.recipe.name}).model")
+        outputs = export.check_model_accepts(model, self.recipe.input, f"Recipe({self.recipe.name}).model")
+        wrong = output_count_error(self.recipe, len(outputs))
+        if wrong:  # before a task scores the wrong tensor, or the exporter refuses the names
+            raise ArtifactError(wrong)
         return model
 
     @cached_property
@@ -201,7 +227,7 @@ class ArtifactBuilder:
     # ---- cache keys ---------------------------------------------------------------------------
     def _field(self, name: str, dynamic: bool = False) -> Any:
         special = {"calib_data": self.calib_id, "train_data": lambda: self.state.train_data.fingerprint(),
-                   "device": lambda: self.device.split(":")[0], "loss": lambda: code_digest(self.recipe.loss),
+                   "device": lambda: self.device.split(":")[0], "loss": self._loss_id,
                    "fp32_onnx": lambda: self.onnx_artifact("fp32", dynamic).digest,
                    "torch_quantizer": self._torch_quantizer_id, "modelopt": _modelopt_version}
         if name in special:
@@ -285,6 +311,11 @@ class ArtifactBuilder:
         return self.cache.get_or_build(f"{self.recipe.name}-{spec.name}-state", self.key_parts(spec),
                                        ".pt", build)
 
+    def _loss_id(self) -> str:
+        """Recipe.loss's code; the default loss is keyed on the output it trains (task_output)."""
+        r = self.recipe
+        return code_digest(r.loss) if r.loss is not None or r.task_output is None else f"cross_entropy:{r.task_output}"
+
     def _torch_quant_config(self):
         from qatcheck.quantize.torch_quant import TorchQuantConfig
 
@@ -349,7 +380,7 @@ def ptq_module(b: ArtifactBuilder, spec: ModeSpec) -> tuple[torch.nn.Module, Pat
 
 def qat_module(b: ArtifactBuilder, spec: ModeSpec) -> tuple[torch.nn.Module, Path]:
     """The calibrated torch_ptq model fine-tuned on the train data (QATSettings, Recipe.loss)."""
-    from qatcheck.quantize.qat import QATConfig, finetune
+    from qatcheck.quantize.qat import QATConfig, cross_entropy, finetune
 
     if b._modelopt():
         from qatcheck.quantize import modelopt_quant
@@ -358,12 +389,15 @@ def qat_module(b: ArtifactBuilder, spec: ModeSpec) -> tuple[torch.nn.Module, Pat
 
     def build(path: Path) -> None:
         qm = b.torch_artifact("torch_ptq").module
-        q = b.recipe.qat
+        q, r = b.recipe.qat, b.recipe
+        # Recipe.loss, else cross-entropy on the output the task scores (the only one, or task_output)
+        scored = r.task_output or r.output_names[0]
+        loss = r.loss or cross_entropy(r.output_names.index(scored), scored)
         epochs = iter(range(1 << 30))
         finetune(qm, lambda: shuffled_batches(b.state.train_data, q.batch_size, next(epochs)),
                  QATConfig(epochs=q.epochs, lr=q.lr, batch_size=q.batch_size,
                            max_batches_per_epoch=q.max_batches_per_epoch),
-                 loss_fn=b.recipe.loss, device=b.device, progress=b.progress)
+                 loss_fn=loss, device=b.device, progress=b.progress)
         b._save_quantized(qm, path)
     path = b._cached_state(spec, build)
     return b._load_quantized(path), path

@@ -17,6 +17,8 @@ from qatcheck.measurement import Measurement, Verdict
 
 #: comparisons of floats read back from JSON
 EPS = 1e-9
+#: backend -> the runtime's name in messages (an ONNX-only recipe's reference is ONNX Runtime's)
+_RUNTIME = {"torch": "PyTorch", "onnxruntime": "ONNX Runtime", "tensorrt": "TensorRT"}
 
 
 @dataclass(frozen=True)
@@ -185,9 +187,10 @@ def judge_parity(m: Measurement, base: CaseBaseline | None, *, thresholds, agree
     """Outputs vs the case's reference: absolute floors (``thresholds``, a ParityThresholds; with
     several outputs each output is held to the floor, or to its own in ``output_floors``, and named
     when below) and the stored values minus their tolerance."""
-    if m.parity is None or thresholds is None:
-        return Verdict("parity", m.case, "skip", reason=f"{m.case.id} is the parity reference "
-                                                          "(PyTorch fp32) itself")
+    if m.parity is None or thresholds is None:  # a case without a reference is the reference
+        runtime = _RUNTIME.get(m.case.backend, m.case.backend)
+        return Verdict("parity", m.case, "skip",
+                       reason=f"{m.case.id} is the parity reference ({runtime} {m.case.mode}) itself")
     p, agree = m.parity, agreement_name
     vs = f"vs {m.parity_reference}"
     bad = [k for k in ("cosine", agree, "max_abs") if not math.isfinite(p.get(k, 0.0))]

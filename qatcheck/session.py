@@ -232,7 +232,8 @@ class QatcheckSession:
                 raise DataError(f"{case.id}: " + "; ".join(changed))
 
         with self._progress(-(-len(data) // shape[0]), case.id) as bar:
-            ev = evaluate(runner.infer, eval_batches(data, shape), task,
+            batches = eval_batches(data, shape, resize_targets=getattr(task, "resize_targets", None))
+            ev = evaluate(runner.infer, batches, task,
                           reference=ref_runner.infer if ref_runner else None, on_batch=bar.update,
                           source=f"Recipe({case.recipe}).eval_data ({data.name})", check_outputs=check_outputs)
         names = named(len(ev.output_shapes))

@@ -25,15 +25,17 @@ def example_input(spec: InputSpec, shape: Sequence[int] | None = None, device: s
     return torch.zeros(tuple(shape or spec.shape), dtype=dtype, device=device)
 
 
-def check_model_accepts(model: torch.nn.Module, spec: InputSpec, where: str = "model") -> None:
-    """Run one forward pass at the spec's shape so a wrong input spec fails here, by name."""
+def check_model_accepts(model: torch.nn.Module, spec: InputSpec, where: str = "model") -> tuple:
+    """Run one forward pass at the spec's shape so a wrong input spec fails here, by name; return
+    the outputs as the runners see them (a tuple or list is several outputs, anything else one)."""
     x = example_input(spec, device=next(iter(model.parameters()), torch.zeros(())).device.type)
     try:
         with torch.no_grad():
-            model(x)
+            out = model(x)
     except Exception as exc:  # the model decides what it rejects; we only name the spec
         raise ArtifactError(f"{where} does not accept the recipe's input spec "
                             f"{spec.name}{tuple(spec.shape)} ({spec.dtype}): {exc}") from exc
+    return tuple(out) if isinstance(out, (tuple, list)) else (out,)
 
 
 def dynamic_axes_for(spec: InputSpec, output_names: Sequence[str]) -> dict[str, dict[int, str]]:
