@@ -293,12 +293,11 @@ class ArtifactBuilder:
             raise ArtifactError(f"Recipe({self.recipe.name}): a dynamic {spec.name} ONNX needs "
                                 "InputSpec.dynamic axes")
         if (spec.name, dynamic) not in self._onnx:
-            info: dict = {}
-
-            def build(path: Path) -> None:
-                info.update(resolve(spec.onnx_builder)(self, spec, path, dynamic) or {})
+            def build(path: Path) -> dict:
+                return resolve(spec.onnx_builder)(self, spec, path, dynamic) or {}
             name = f"{self.recipe.name}-{spec.name}" + ("-dyn" if dynamic else "")
             path = self.cache.get_or_build(name, self.key_parts(spec, dynamic), ".onnx", build)
+            info = dict(self.cache.info(path))  # the builder's, kept with the file when reused
             if spec.calibrator_field:
                 info.setdefault("calibrator", getattr(self.recipe.quant, spec.calibrator_field))
             if spec.keeps_layers:
@@ -306,6 +305,11 @@ class ArtifactBuilder:
             self._onnx[(spec.name, dynamic)] = Artifact("onnx", spec.precision, path=path,
                                                          digest=file_digest(path), info=info)
         return self._onnx[(spec.name, dynamic)]
+
+    def built_onnx(self, path: str | Path) -> Artifact | None:
+        """The ONNX artifact this builder made (or reused) at ``path``, if any: what a runner that
+        executes that file ran (a TensorRT 10 fp16 engine is built from the fp32 one)."""
+        return next((a for a in self._onnx.values() if a.path == Path(path)), None)
 
     def _cached_state(self, spec: ModeSpec, build) -> Path:
         return self.cache.get_or_build(f"{self.recipe.name}-{spec.name}-state", self.key_parts(spec),
@@ -435,8 +439,9 @@ def export_fp32(b: ArtifactBuilder, spec: ModeSpec, path: Path, dynamic: bool) -
 
 
 def convert_fp16(b: ArtifactBuilder, spec: ModeSpec, path: Path, dynamic: bool) -> dict:
-    export.convert_fp16(b.onnx_artifact("fp32", dynamic).path, path)
-    return {}
+    """The fp32 graph in fp16, BatchNorm and constants folded in fp32 first and nodes whose
+    constants fp16 cannot hold kept in fp32 (qatcheck.quantize.fp16); the info lists both."""
+    return export.convert_fp16(b.onnx_artifact("fp32", dynamic).path, path)
 
 
 def onnx_ptq(b: ArtifactBuilder, spec: ModeSpec, path: Path, dynamic: bool) -> dict:

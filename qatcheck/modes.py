@@ -118,6 +118,13 @@ class ModeSpec:
     def profile_only(self) -> bool:
         return self.variant_of is not None
 
+    @property
+    def from_fp32_onnx(self) -> bool:
+        """Its ONNX is made from the fp32 export (``fp32_onnx`` in its key: the fp16 conversion,
+        ONNX-level PTQ), so its compute tensors keep their fp32 names and can be compared with the
+        fp32 graph's tensor by tensor (localization's ONNX path)."""
+        return "fp32_onnx" in self.key_fields
+
 
 def resolve(builder: Any) -> Callable[..., Any]:
     """A builder given as ``"module:function"`` -> the function (callables pass through)."""
@@ -248,6 +255,16 @@ def parity_reference(mode: str, backend: str) -> tuple[str, str] | None:
     if not s.has_torch:
         return ("fp32", "quantization")
     return (mode, "export")
+
+
+def localization_paths(mode: str) -> tuple[str, ...]:
+    """Where a low-precision mode can be localized against fp32 (qatcheck.analysis.localize):
+    ``onnx`` when its graph is made from the fp32 export (tensor names kept), ``torch`` when it
+    has a PyTorch form; the preferred one first. fp32 and profile-only modes: none."""
+    s = spec(mode)
+    if s.precision == "fp32" or s.profile_only:
+        return ()
+    return tuple(p for p, ok in (("onnx", s.from_fp32_onnx), ("torch", s.has_torch)) if ok)
 
 
 def calibrator_of(mode: str, quant: Any, options: Any = None) -> str:

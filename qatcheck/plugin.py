@@ -277,9 +277,11 @@ class BoundCase:
 
     def _localize(self) -> list[str]:
         """Where the damage enters (qatcheck.analysis.localize), for a failed parity check of a
-        quantized case at its static shape: trt_ptq / partial on their Q/DQ graph, torch_ptq / qat
-        on their PyTorch module (localize_torch; their exported graphs on other backends get a line
-        pointing to the torch case); never a second failure on top of the first."""
+        low-precision case at its static shape - which modes, and on which path, comes from the mode
+        table (qatcheck.modes.localization_paths): fp16 / trt_ptq / partial on their graph, the
+        modes with a PyTorch form on the torch backend in PyTorch (the exports of torch_ptq / qat /
+        fp8 on other backends get a line pointing to the torch case); never a second failure on top
+        of the first."""
         try:
             from qatcheck.analysis.localize import for_failed_case
 

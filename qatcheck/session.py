@@ -239,7 +239,7 @@ class QatcheckSession:
         names = named(len(ev.output_shapes))
         out = dict(device=runner.device, metrics=ev.metrics, artifact=self._artifact_digest(case, runner),
                    eval_samples=ev.samples, eval_seconds=ev.seconds, eval_fingerprint=data.fingerprint(),
-                   nonfinite_outputs=ev.nonfinite_outputs,
+                   nonfinite_outputs=ev.nonfinite_outputs, notes=self._artifact_notes(case, runner),
                    output_shapes={n: list(sh) for n, sh in zip(names, ev.output_shapes)} if at_opt else None)
         if ref_runner is not None:
             if onnx_model.is_onnx_only(recipe):  # vs the fp32 graph: same precision is an export check
@@ -258,6 +258,13 @@ class QatcheckSession:
         if plan is not None and getattr(plan, "cache_key", None):
             return plan.cache_key
         return self.builder(case.recipe).onnx_artifact(case.mode, case.dynamic).digest
+
+    def _artifact_notes(self, case: Case, runner: Runner) -> tuple[str, ...]:
+        """What the builder of the ONNX file the case ran says about it (the fp16 conversion's
+        folded nodes and those it kept in fp32); nothing where the runner built from another file."""
+        path = getattr(runner, "artifact_path", None)
+        art = self.builder(case.recipe).built_onnx(path) if path is not None else None
+        return tuple(art.info.get("notes", ())) if art is not None else ()
 
     def _measure_latency(self, case: Case, benchmark=None) -> dict:
         if self.options.latency_off:

@@ -77,15 +77,21 @@ def load_onnx(path: str | Path) -> onnx.ModelProto:
     return model
 
 
-def convert_fp16(src: str | Path, dst: str | Path) -> Path:
+def convert_fp16(src: str | Path, dst: str | Path) -> dict:
     """fp16 weights and compute with fp32 inputs/outputs (``keep_io_types``), so every backend is
-    fed the same fp32 tensors and only the precision inside the graph changes."""
+    fed the same fp32 tensors and only the precision inside the graph changes. BatchNorm and
+    constant arithmetic are folded in fp32 first, and nodes whose constants fp16 cannot hold stay
+    fp32, as TensorRT deploys them (:mod:`qatcheck.quantize.fp16`). Returns what was folded / kept
+    (the artifact's info)."""
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
+    from qatcheck.quantize import fp16
+
     model = load_onnx(src)
+    plan, block = fp16.prepare(model)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        half = convert_float_to_float16(model, keep_io_types=True)
+        half = convert_float_to_float16(model, keep_io_types=True, node_block_list=block or None)
     with atomic_path(dst) as tmp:
         onnx.save(half, str(tmp))
-    return Path(dst)
+    return plan.info()
