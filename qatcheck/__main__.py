@@ -207,6 +207,8 @@ def cmd_cache(args) -> int:
         gone = cache.prune(everything=args.all, older_than_days=args.older_than)
         for e in gone:
             print(f"removed {e.path.name}" + (f" ({e.problem})" if e.problem else ""))
+        for tmp in cache.orphans:
+            print(f"removed {tmp.relative_to(cache.root)} (temp file of a writer that died mid-write)")
         print(f"{len(gone)} entr{'y' if len(gone) == 1 else 'ies'} removed, {sum(e.size for e in gone) / 1e6:.1f} MB")
         return 0
     entries = cache.entries()

@@ -20,7 +20,7 @@ import torch
 
 from qatcheck.backends.base import Artifact
 from qatcheck.cache import ArtifactCache, library_versions
-from qatcheck.data.base import Dataset, shuffled_batches
+from qatcheck.data.base import Dataset, require_float, shuffled_batches
 from qatcheck.data.batching import fixed_batches
 from qatcheck.errors import ArtifactError, ConfigError, DataError
 from qatcheck.fsutil import file_digest
@@ -175,6 +175,7 @@ class RecipeState:
         if first is None:
             raise DataError(f"Recipe({self.recipe.name}).{field} ({ds.name}) has len() {len(ds)} but "
                             "yields no batches")
+        require_float(np.asarray(first[0]), f"Recipe({self.recipe.name}).{field} ({ds.name})")
         if tuple(first[0].shape[1:]) != tuple(self.recipe.input.shape[1:]):
             raise DataError(f"Recipe({self.recipe.name}).{field} ({ds.name}) yields inputs of shape "
                             f"{tuple(first[0].shape[1:])} per sample, but InputSpec.shape is "

@@ -18,7 +18,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable
 
-from qatcheck.fsutil import file_digest, locked, write_text_atomic
+from qatcheck.fsutil import file_digest, locked, remove_orphans, write_text_atomic
 
 DIGEST_LENGTH = 32
 
@@ -62,6 +62,11 @@ class ArtifactCache:
         self.notes: list[str] = []
         #: file -> its manifest, for every entry this cache handed out (ArtifactCache.info)
         self._manifests: dict[Path, Path] = {}
+        #: temp files of writers that died (kill -9) mid-write, removed on opening and by prune
+        self.orphans: list[Path] = remove_orphans(self.root)
+        if self.orphans:
+            self.notes.append(f"removed {len(self.orphans)} temp file(s) under {self.root} left by writers "
+                              "that died mid-write")
 
     def get_or_build(self, name: str, parts: dict[str, Any], suffix: str,
                      build: Callable[[Path], None]) -> Path:
@@ -122,7 +127,9 @@ class ArtifactCache:
         return out
 
     def prune(self, *, everything: bool = False, older_than_days: float | None = None) -> list[Entry]:
-        """Remove damaged entries, and with ``everything`` or ``older_than_days`` intact ones too."""
+        """Remove damaged entries, and with ``everything`` or ``older_than_days`` intact ones too;
+        and the temp files of writers that died (added to ``orphans``)."""
+        self.orphans += remove_orphans(self.root)
         gone = []
         for e in self.entries():
             if everything or e.problem or (older_than_days is not None and e.age_days > older_than_days):

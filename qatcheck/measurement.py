@@ -79,6 +79,8 @@ class Measurement:
     eval_fingerprint: str = ""
     #: NaN / inf values among this case's outputs (inputs are checked before any model runs)
     nonfinite_outputs: int = 0
+    #: eval samples with at least one NaN / inf output value
+    nonfinite_samples: int = 0
     #: int8 cases: qatcheck.quantize.structure.QuantStructure of what was measured
     structure: Any = None
     #: how many times the latency loop ran (re-measured when the first looked slower), and each

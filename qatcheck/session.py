@@ -239,7 +239,8 @@ class QatcheckSession:
         names = named(len(ev.output_shapes))
         out = dict(device=runner.device, metrics=ev.metrics, artifact=self._artifact_digest(case, runner),
                    eval_samples=ev.samples, eval_seconds=ev.seconds, eval_fingerprint=data.fingerprint(),
-                   nonfinite_outputs=ev.nonfinite_outputs, notes=self._artifact_notes(case, runner),
+                   nonfinite_outputs=ev.nonfinite_outputs, nonfinite_samples=ev.nonfinite_samples,
+                   notes=self._artifact_notes(case, runner),
                    output_shapes={n: list(sh) for n, sh in zip(names, ev.output_shapes)} if at_opt else None)
         if ref_runner is not None:
             if onnx_model.is_onnx_only(recipe):  # vs the fp32 graph: same precision is an export check

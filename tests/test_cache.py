@@ -204,6 +204,70 @@ def test_kill_9_during_a_build_never_leaves_a_damaged_entry_in_use(tmp_path, mom
         assert "truncated or replaced" in cache.notes[0]
 
 
+KILLED_WRITE = r'''
+import os, signal, sys
+from qatcheck.fsutil import atomic_path
+with atomic_path(sys.argv[1]) as tmp:
+    tmp.write_text("half writ")
+    os.kill(os.getpid(), signal.SIGKILL)
+'''
+
+LIVE_WRITE = r'''
+import sys, time
+from qatcheck.fsutil import atomic_path
+with atomic_path(sys.argv[1]) as tmp:
+    tmp.write_text("still writing")
+    print(tmp, flush=True)
+    time.sleep(120)
+'''
+
+
+def test_temp_files_of_killed_writers_are_removed_never_a_live_writers(tmp_path, capsys):
+    """Issue 21 #10: ``kill -9`` left temp files that ``cache prune`` did not remove. A writer holds
+    a lock on its temp file while it lives; opening the cache and ``cache prune`` remove the temp
+    files nobody holds (anywhere under the cache: the latency-reference store too) once a minute
+    old, and never touch a live concurrent writer's, however old."""
+    import os
+    import subprocess
+    import sys
+
+    root = tmp_path / "c"
+    good = ArtifactCache(root).get_or_build("r-fp32", {"a": 1}, ".onnx", _writer("model"))
+
+    def killed(target: Path) -> None:
+        proc = subprocess.run([sys.executable, "-c", KILLED_WRITE, str(target)], capture_output=True)
+        assert proc.returncode == -9, proc.stderr.decode()
+
+    def age(paths, seconds=3600) -> None:
+        for t in paths:
+            os.utime(t, (time.time() - seconds,) * 2)
+
+    killed(root / "r-fp16-0123.onnx")
+    killed(root / "latency-reference" / "abcd.onnx")
+    live = subprocess.Popen([sys.executable, "-c", LIVE_WRITE, str(root / "r-qat-4567.onnx")],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        live_tmp = Path(live.stdout.readline().strip())
+        temps = sorted(root.rglob(".*.tmp"))
+        assert len(temps) == 3 and live_tmp in temps
+        assert ArtifactCache(root).orphans == []  # all three written just now: a writer may still start
+        age(temps)
+        cache = ArtifactCache(root)  # opening the cache (every session does) removes the orphans
+        assert sorted(cache.orphans) == sorted(t for t in temps if t != live_tmp)
+        assert "removed 2 temp file(s)" in cache.notes[0] and "left by writers that died" in cache.notes[0]
+        assert live_tmp.exists() and good.exists()
+        killed(root / "r-fp16-0123.onnx")  # and python -m qatcheck cache prune says what it removed
+        age(root.glob(".r-fp16-0123.onnx.*.tmp"))
+        assert cli(["cache", "prune", "--cache", str(root)]) == 0
+        out = capsys.readouterr().out
+        assert "removed .r-fp16-0123.onnx." in out and ".tmp (temp file of a writer that died mid-write)" in out
+        assert sorted(root.rglob(".*.tmp")) == [live_tmp] and good.exists()
+        assert live.poll() is None  # the live writer never noticed
+    finally:
+        live.kill()
+        live.wait()
+
+
 KILLED_COMMIT = r'''
 import os, signal, sys
 import qatcheck.baselines as b

@@ -221,7 +221,7 @@ def test_nan_inputs_fail_and_update_baselines_writes_nothing(pytester, shared_ca
     assert result.ret != 0 and outcomes(result) == {"failed": 1}
     assert path.read_bytes() == before
     result.stdout.fnmatch_lines([
-        "*DataError: Recipe(digits).eval_data (*): 4 input sample(s) hold NaN/inf values (sample index "
+        "*DataError: Recipe(digits).eval_data (*): 4 of 540 input samples hold NaN/inf values (sample index "
         "0, 1, 2, 3); no model was run on them - fix or filter the data*"])
     result.stdout.no_fnmatch_line("*baselines updated*")
 

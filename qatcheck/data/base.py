@@ -45,6 +45,7 @@ class ArrayDataset:
             raise DataError(f"dataset {name!r}: images must be NCHW, got shape {images.shape}")
         if len(targets) != len(images):
             raise DataError(f"dataset {name!r}: {len(images)} images but {len(targets)} targets")
+        require_float(images, f"dataset {name!r}")
         self.name = name
         self.images = np.ascontiguousarray(images, dtype=np.float32)
         self.targets = targets
@@ -69,6 +70,19 @@ class ArrayDataset:
             h.update(t.tobytes() if hasattr(t, "tobytes") else repr(list(t)).encode())
             self._fingerprint = h.hexdigest()[:16]
         return self._fingerprint
+
+
+def require_float(images: np.ndarray, what: str) -> None:
+    """Model inputs are floats, fed to the model as they are: integer images (uint8 pixels) would be
+    converted to 0..255 floats, which a model trained on 0..1 or normalised inputs reads as
+    garbage - and a 16% top-1 recorded as a fresh baseline. Which scale and normalisation the model
+    expects is the recipe's to say, so qatcheck refuses rather than guesses."""
+    if np.issubdtype(images.dtype, np.floating):
+        return
+    lo, hi = (images.min(), images.max()) if images.size else (0, 0)
+    raise DataError(f"{what}: images are {images.dtype} (values {lo}..{hi}); inputs go to the model unchanged "
+                    "and qatcheck does not guess their scale - convert them the way the model was trained, "
+                    "e.g. images.astype(np.float32) / 255 and its mean/std normalisation, before handing them over")
 
 
 def shuffled_batches(ds: "Dataset", batch_size: int, seed: int) -> Iterator[tuple[np.ndarray, Any]]:
