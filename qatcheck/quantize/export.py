@@ -6,6 +6,9 @@ exporter pytorch-quantization's quantizers support.
 """
 from __future__ import annotations
 
+import copy
+import hashlib
+import io
 import warnings
 from pathlib import Path
 from typing import Sequence
@@ -62,6 +65,26 @@ def export_onnx(model: torch.nn.Module, spec: InputSpec, path: str | Path,
                           do_constant_folding=True, dynamo=False)
     load_onnx(path)
     return path
+
+
+def training_graph_digest(model: torch.nn.Module, spec: InputSpec, output_names: Sequence[str],
+                          opset: int = OPSET) -> str:
+    """Digest of ``model`` traced in training mode: what QAT fine-tunes through, which the eval
+    export does not show (``if self.training:`` branches, dropout, BatchNorm in batch statistics).
+    Traced on a copy (a training-mode forward moves BatchNorm's running statistics). A model the
+    exporter cannot trace in training mode gives a fixed marker: its QAT key then rests on the eval
+    graph, the modules and the weights."""
+    buf = io.BytesIO()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(copy.deepcopy(model), (example_input(spec),), buf, input_names=[spec.name],
+                              output_names=list(output_names), opset_version=opset,
+                              training=torch.onnx.TrainingMode.TRAINING, do_constant_folding=False,
+                              dynamo=False)
+    except Exception as exc:  # noqa: BLE001 - QAT itself may still train it; only the key is weaker
+        return f"untraced ({type(exc).__name__})"
+    return hashlib.sha256(buf.getvalue()).hexdigest()[:16]
 
 
 def load_onnx(path: str | Path) -> onnx.ModelProto:
