@@ -8,6 +8,7 @@ nothing is compared with the stored values, but floors and fp32 budgets still ap
 """
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -32,6 +33,8 @@ class CaseBaseline:
     eval_data: Mapping[str, Any] | None = None
     #: each output's per-sample shape when the baseline was recorded (``outputs`` in the file)
     outputs: Mapping[str, Any] | None = None
+    #: the settings that shaped the case's artifact when it was recorded (the case's ``settings``)
+    settings: Mapping[str, Any] | None = None
 
     def get(self, section: str, name: str, fingerprint: str | None = None) -> dict | None:
         entries = self.entries.get(section, {})
@@ -45,9 +48,10 @@ class CaseBaseline:
 
 def _verdict(check: str, m: Measurement, failures: list[str], updates: list[Update],
              notes: list[str] | tuple[str, ...] = (), improved: list[str] | None = None,
-             strict: bool = False) -> Verdict:
+             strict: bool = False, causes: tuple[str | None, ...] = (), data_changed: bool = False) -> Verdict:
     """pass / fail, or ``improved`` when values beat their baseline beyond the tolerance (a
-    failure under ``strict``: the baseline is stale)."""
+    failure under ``strict``: the baseline is stale). ``causes`` (what changed since the baseline:
+    the eval data, a recipe setting) lead the failures they explain; alone they fail nothing."""
     notes = list(notes)
     if improved:
         if strict:
@@ -55,8 +59,11 @@ def _verdict(check: str, m: Measurement, failures: list[str], updates: list[Upda
                                    for x in improved]
         else:
             notes += [f"improved: {x}; --update-baselines keeps it" for x in improved]
+    causes = tuple(c for c in causes if c) if failures else ()
+    failures = [*causes, *(f for f in failures if f not in causes)]
     status = "fail" if failures else "improved" if improved else "pass"
-    return Verdict(check, m.case, status, tuple(failures), notes=tuple(notes), updates=tuple(updates))
+    return Verdict(check, m.case, status, tuple(failures), notes=tuple(notes), updates=tuple(updates),
+                   causes=causes, data_changed=data_changed and bool(failures))
 
 
 def _nonfinite(m: Measurement) -> str | None:
@@ -69,16 +76,77 @@ def _nonfinite(m: Measurement) -> str | None:
             "NaN scale?)")
 
 
-def _data_changed(m: Measurement, base: CaseBaseline) -> str | None:
+def _data_changed(m: Measurement, base: CaseBaseline) -> tuple[str | None, tuple[str, ...]]:
     """The eval set the baseline was recorded on differs from this run's: metric moves are then
-    the data's as much as the model's, and the message must say so first."""
+    the data's as much as the model's, and the message must say so first, and which part changed
+    (``inputs``, ``targets``; none named when the baseline predates keeping them apart)."""
     stored = base.eval_data
-    if not stored or not m.eval_fingerprint or stored.get("fingerprint") == m.eval_fingerprint:
+    if not stored or not m.eval_fingerprint:
+        return None, ()
+    was = f"{stored.get('samples', '?')} samples"
+    now = f"{m.eval_samples} samples"
+    if "inputs" not in stored:  # recorded by an older qatcheck: one fingerprint for both parts
+        if stored.get("fingerprint") == m.eval_fingerprint:
+            return None, ()
+        return (f"the eval data changed since the baseline was recorded (fingerprint "
+                f"{stored.get('fingerprint')}, {was} -> {m.eval_fingerprint}, {now}): metric moves may be "
+                "the data's, not the model's; re-record with --update-baselines if the new data is intended"), ()
+    inputs = stored["inputs"] != m.eval_inputs or was != now
+    digests = bool(stored.get("targets")) and bool(m.eval_targets) and stored["targets"] != m.eval_targets
+    # the dataset's fingerprint covers inputs and targets (COCO: every annotation, crowd flags and
+    # areas too): moved with the inputs unchanged, it is the targets that changed
+    targets = digests or (not inputs and stored.get("fingerprint") != m.eval_fingerprint)
+    if not (inputs or targets):
+        return None, ()
+    what = ("its inputs and targets changed" if inputs and targets else
+            "its inputs changed, its targets did not" if inputs else
+            "its targets changed, its inputs did not")
+    details = [f"targets {stored['targets']} -> {m.eval_targets}" if digests else
+               f"fingerprint {stored.get('fingerprint')} -> {m.eval_fingerprint}" if targets else ""]
+    details.append(f"inputs {stored['inputs']}, {was} -> {m.eval_inputs}, {now}" if inputs else now)
+    whose = "may be the data's" if inputs else "are the data's"
+    parts = tuple(part for part, moved in (("inputs", inputs), ("targets", targets)) if moved)
+    return (f"the eval data changed since the baseline was recorded: {what} "
+            f"({'; '.join(d for d in details if d)}): metric moves {whose}, not the model's; "
+            "re-record with --update-baselines if the new data is intended"), parts
+
+
+#: who a setting belongs to, when not to the recipe (ArtifactBuilder.settings names)
+_SETTING_SUBJECTS = {"device": "the calibration / training device",
+                     "onnx_quantizer": "the ONNX PTQ quantizer (--qatcheck-trt-ptq)",
+                     "modelopt": "the installed nvidia-modelopt"}
+
+
+def _show(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def settings_changed(stored: Mapping[str, Any] | None, now: Mapping[str, Any] | None) -> str | None:
+    """Which of the settings that shaped a case's artifact (ArtifactBuilder.settings) differ from
+    those its baseline was recorded with, old -> new. A setting only one side has (a baseline
+    from before it was kept) is not judged."""
+    if not stored or not now:
         return None
-    return (f"the eval data changed since the baseline was recorded (fingerprint "
-            f"{stored.get('fingerprint')}, {stored.get('samples', '?')} samples -> {m.eval_fingerprint}, "
-            f"{m.eval_samples} samples): metric moves may be the data's, not the model's; "
-            "re-record with --update-baselines if the new data is intended")
+    moved = []
+    for name in (k for k in now if k in stored):
+        old, new = stored[name], now[name]
+        if isinstance(old, Mapping) and isinstance(new, Mapping):  # a settings object, field by field
+            moved += [(f"{name}.{k}", old.get(k), new.get(k)) for k in {**old, **new} if old.get(k) != new.get(k)]
+        elif old != new:
+            moved.append((name, old, new))
+    if not moved:
+        return None
+    hint = "re-record with --update-baselines if intended"
+    if len(moved) == 1:
+        name, old, new = moved[0]
+        subject = _SETTING_SUBJECTS.get(name, f"the recipe's {name}")
+        return f"{subject} changed since this baseline was recorded ({_show(old)} → {_show(new)}): {hint}"
+    listed = ", ".join(f"{name} ({_show(old)} → {_show(new)})" for name, old, new in moved)
+    return f"the recipe's settings changed since this baseline was recorded: {listed}: {hint}"
+
+
+def _settings_changed(m: Measurement, base: CaseBaseline | None) -> str | None:
+    return settings_changed(base.settings, m.settings) if base is not None else None
 
 
 def outputs_changed(shapes: Mapping[str, Any] | None, stored: Mapping[str, Any] | None) -> list[str]:
@@ -111,8 +179,11 @@ def judge_accuracy(m: Measurement, base: CaseBaseline | None, *, metric_names: t
     updates = []
     key = m.case.key
     problems = [_nonfinite(m)]
+    data = None
     if base is not None:
-        problems += [_data_changed(m, base), *outputs_changed(m.output_shapes, base.outputs)]
+        data, _ = _data_changed(m, base)
+        # alone it fails: the stored metrics were measured on other data
+        problems += [data, *outputs_changed(m.output_shapes, base.outputs)]
     failures += [p for p in problems if p]
     for name in metric_names:
         spec = (specs or {}).get(name) or MetricSpec()
@@ -153,7 +224,8 @@ def judge_accuracy(m: Measurement, base: CaseBaseline | None, *, metric_names: t
             moved, unit = (f"{drop:.2f} points", "points") if spec.fraction else (f"{drop:.1f}%", "%")
             failures.append(f"{primary} {_fmt(spec, m.metrics[primary])} is {moved} {bad} fp32 "
                             f"{_fmt(spec, fp32.metrics[primary])} on {m.case.backend} (budget {budget_points:g} {unit})")
-    return _verdict("accuracy", m, failures, updates, improved=improved, strict=strict)
+    return _verdict("accuracy", m, failures, updates, improved=improved, strict=strict,
+                    causes=(data, _settings_changed(m, base)), data_changed=bool(data))
 
 
 def _mode(m: Measurement):
@@ -233,7 +305,11 @@ def judge_parity(m: Measurement, base: CaseBaseline | None, *, thresholds, agree
         elif p[name] > b["value"] + b["tolerance"] + EPS:
             improved.append(f"{name} {p[name]:.6f} {vs} is above the baseline {b['value']:.6f} "
                             f"+ tolerance {b['tolerance']:g}")
-    return _verdict("parity", m, failures, updates, improved=improved, strict=strict)
+    # new targets move no output: only new inputs explain a parity move
+    data, parts = _data_changed(m, base) if base is not None else (None, ())
+    data = data if "inputs" in parts else None
+    return _verdict("parity", m, failures, updates, improved=improved, strict=strict,
+                    causes=(data, _settings_changed(m, base)), data_changed=bool(data))
 
 
 def _spread(stats) -> tuple[tuple[str, float], ...]:
@@ -526,7 +602,7 @@ def judge_structure(m: Measurement, base: CaseBaseline | None, *, scale_rel: flo
         tol = {k.rpartition(".")[0]: v["tolerance"] for k, v in base.entries["structure"].items()
                if ".scale" in k}
         failures += compare_structure(m.structure, stored, scale_rel=tol or scale_rel)
-    return _verdict("structure", m, failures, updates)
+    return _verdict("structure", m, failures, updates, causes=(_settings_changed(m, base),))
 
 
 def judge_precision(case, audit, expect: Mapping[str, Any], kept: tuple[str, ...] = ()) -> Verdict:

@@ -90,6 +90,34 @@ def test_what_the_eval_graph_does_not_show_rebuilds_the_torch_modes_that_read_it
     assert changed(before, keys(digits_recipe(model=_halved_in_training), tmp_path)) == {"qat"}
 
 
+def relabeled(split: str):
+    """The digits split with every 10th label moved to the next class: the same images."""
+    from qatcheck.data.base import ArrayDataset
+    from qatcheck.data.digits import digits_split
+
+    def factory() -> ArrayDataset:
+        ds = digits_split(split)
+        targets = ds.targets.copy()
+        targets[::10] = (targets[::10] + 1) % 10
+        return ArrayDataset(ds.name, ds.images, targets, source=ds.source)
+    return factory
+
+
+def test_new_calibration_labels_rebuild_nothing_new_training_labels_rebuild_qat(tmp_path):
+    """Issue 21.11e: calibration reads only the inputs, so calibration data with new targets and
+    the same images reuses every calibrated artifact (0 built); QAT trains on the targets, so new
+    training labels rebuild it - and only it."""
+    cache = ArtifactCache(tmp_path)
+    built = ArtifactBuilder(RecipeState(digits_recipe()), cache).onnx_artifact("trt_ptq")
+    again = ArtifactCache(tmp_path)
+    reused = ArtifactBuilder(RecipeState(digits_recipe(calib_data=relabeled("calib"))), again).onnx_artifact("trt_ptq")
+    assert not again.built and reused.digest == built.digest
+
+    before = keys(digits_recipe(), tmp_path)
+    assert changed(before, keys(digits_recipe(calib_data=relabeled("calib")), tmp_path)) == set()
+    assert changed(before, keys(digits_recipe(train_data=relabeled("train")), tmp_path)) == {"qat"}
+
+
 def test_qatchecks_own_build_code_is_in_every_key(tmp_path, monkeypatch):
     import qatcheck.artifacts as artifacts
 

@@ -100,6 +100,18 @@ def test_coco_loader_letterbox_and_targets(tmp_path: Path) -> None:
     assert ds.coco.getAnnIds(imgIds=[7]) == [1] and ds.coco.anns[2]["area"] == 450  # area filled in
 
 
+def test_coco_inputs_fingerprint_leaves_out_the_annotations(tmp_path: Path) -> None:
+    """A moved box changes the set's fingerprint (QAT and the eval baseline key on it) but not its
+    inputs' (calibrated artifacts key on that: calibration never reads a box); a new input size does."""
+    images, annotations = _fixture(tmp_path)
+    ds = CocoDataset(images, annotations, input_size=(32, 32))
+    (tmp_path / "moved").mkdir()
+    _, moved = _fixture(tmp_path / "moved", box=lambda data: data["annotations"][0].update(bbox=[11, 5, 20, 10]))
+    moved_ds = CocoDataset(images, moved, input_size=(32, 32))
+    assert moved_ds.fingerprint() != ds.fingerprint() and moved_ds.inputs_fingerprint() == ds.inputs_fingerprint()
+    assert CocoDataset(images, annotations, input_size=(48, 48)).inputs_fingerprint() != ds.inputs_fingerprint()
+
+
 @pytest.mark.parametrize("case, edit, words", [
     ("bad json", None, "not valid JSON"),
     ("missing file", lambda d: d["images"].append({"id": 11, "file_name": "gone.png", "width": 4, "height": 4}),
