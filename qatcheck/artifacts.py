@@ -267,10 +267,10 @@ class ArtifactBuilder:
 
     def model_graph(self) -> str:
         """What the model computes: the digest of its static fp32 export, made afresh each session
-        (0.1-0.3 s for the built-in models on a 2-core CPU). It holds forward() and everything it calls, in
-        whatever module, so an edit that changes it rebuilds every artifact and one that changes
-        nothing traced (a comment, a refactor) rebuilds none. "" for an ONNX-only recipe: its
-        file's digest is already in the weights."""
+        (50-150 ms for the built-in models on a 2-core CPU). It holds forward() and everything it
+        calls, in whatever module, so an edit that changes it rebuilds every artifact and one that
+        changes nothing traced (a comment, a refactor) rebuilds none. "" for an ONNX-only recipe:
+        its file's digest is already in the weights."""
         return "" if self.state.onnx_only else self.onnx_artifact("fp32").digest
 
     def _content_keyed(self, spec: ModeSpec) -> bool:
