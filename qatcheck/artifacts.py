@@ -200,6 +200,10 @@ class RecipeState:
         return self._dataset("train_data")
 
 
+#: key fields that digest the model itself (its graphs, its modules), not a setting of the recipe
+_MODEL_FIELDS = ("fp32_onnx", "modules", "train_graph")
+
+
 #: who writes the ONNX-level PTQ graphs (trt_ptq / partial)
 ONNX_QUANTIZERS = ("qatcheck", "modelopt")
 
@@ -231,12 +235,16 @@ class ArtifactBuilder:
         self._onnx: dict[tuple[str, bool], Artifact] = {}
 
     # ---- cache keys ---------------------------------------------------------------------------
+    def _special(self, dynamic: bool = False) -> dict[str, Any]:
+        """The key fields that are not recipe fields (ModeSpec.key_fields names them)."""
+        return {"calib_data": self.calib_id, "train_data": lambda: self.state.train_data.fingerprint(),
+                "device": lambda: self.device.split(":")[0], "loss": self._loss_id,
+                "fp32_onnx": lambda: self.onnx_artifact("fp32", dynamic).digest,
+                "modules": lambda: self.state.modules, "train_graph": lambda: self.state.train_graph,
+                "torch_quantizer": self._torch_quantizer_id, "modelopt": _modelopt_version}
+
     def _field(self, name: str, dynamic: bool = False) -> Any:
-        special = {"calib_data": self.calib_id, "train_data": lambda: self.state.train_data.fingerprint(),
-                   "device": lambda: self.device.split(":")[0], "loss": self._loss_id,
-                   "fp32_onnx": lambda: self.onnx_artifact("fp32", dynamic).digest,
-                   "modules": lambda: self.state.modules, "train_graph": lambda: self.state.train_graph,
-                   "torch_quantizer": self._torch_quantizer_id, "modelopt": _modelopt_version}
+        special = self._special(dynamic)
         if name in special:
             return special[name]()
         value: Any = self.recipe
@@ -318,7 +326,7 @@ class ArtifactBuilder:
         the model, not a setting), and who wrote an ONNX-level PTQ graph. A baseline keeps them per
         case, so a failure can name the one that changed (qatcheck.judges.settings_changed)."""
         spec, _ = self._variant(mode, False)
-        out = {f.removeprefix("quant."): self._setting(f) for f in spec.key_fields if f != "fp32_onnx"}
+        out = {f.removeprefix("quant."): self._setting(f) for f in spec.key_fields if f not in _MODEL_FIELDS}
         if spec.onnx_builder in (onnx_ptq, f"{__name__}:onnx_ptq"):
             out["onnx_quantizer"] = (f"modelopt=={_modelopt_version()}" if self.onnx_quantizer == "modelopt"
                                      else "qatcheck")
@@ -332,7 +340,7 @@ class ArtifactBuilder:
             return "default" if fn is None else f"{getattr(fn, '__qualname__', repr(fn))} {code_digest(fn)}"
         if name == "torch_quantizer" and self.recipe.quant.torch_quantizer == "pytorch-quantization":
             return f"pytorch-quantization=={library_versions()['pytorch-quantization']}"
-        if name in ("calib_data", "train_data", "device", "torch_quantizer", "modelopt"):
+        if name in self._special():  # data fingerprints, graph digests, library versions
             return self._field(name)
         value: Any = self.recipe
         for part in name.split("."):
