@@ -37,22 +37,41 @@ class CaseBaseline:
             entries = entries.get(fingerprint, {})
         return entries.get(name)
 
-    def missing(self, key: str, what: str) -> str:
-        return f"no baseline for {key} {what} in {self.path}; record it with --update-baselines"
+    def missing(self, key: str, what: str, hint: str = "") -> str:
+        return f"no baseline for {key} {what} in {self.path}; {hint or record_hint([])}"
+
+
+def record_hint(blockers: list[str], what: str = "it") -> str:
+    """How to record a value: ``record it with --update-baselines`` - unless the check also fails
+    on what holds while recording too (``blockers``: its floor, its fp32 budget, NaN outputs).
+    --update-baselines refuses a failing check, so that hint would go in a circle: this one says
+    the value will not be recorded, and the verdict adds :data:`REFUSED` once, saying what to do."""
+    if not blockers:
+        return f"record {what} with --update-baselines"
+    return f"--update-baselines will not record {what} while this check fails {' and '.join(blockers)}"
+
+
+_NOT_RECORDED = "--update-baselines will not record"
+REFUSED = ("a failing check is never recorded: fix the case, or give the mode its own tolerance in the "
+           "recipe's Tolerances if it is knowingly worse (--qatcheck-force-update records it anyway)")
 
 
 def _verdict(check: str, m: Measurement, failures: list[str], updates: list[Update],
              notes: list[str] | tuple[str, ...] = (), improved: list[str] | None = None,
-             strict: bool = False) -> Verdict:
+             strict: bool = False, blockers: list[str] | None = None) -> Verdict:
     """pass / fail, or ``improved`` when values beat their baseline beyond the tolerance (a
-    failure under ``strict``: the baseline is stale)."""
+    failure under ``strict``: the baseline is stale). ``blockers``: the check's failures that hold
+    under --update-baselines too (see :func:`record_hint`)."""
     notes = list(notes)
     if improved:
         if strict:
-            failures = failures + [f"{x} (--qatcheck-strict: record it with --update-baselines)"
-                                   for x in improved]
+            failures = failures + [f"{x} (--qatcheck-strict: {record_hint(blockers or [])})" for x in improved]
+        elif blockers:
+            notes += [f"improved: {x}" for x in improved]
         else:
             notes += [f"improved: {x}; --update-baselines keeps it" for x in improved]
+    if any(_NOT_RECORDED in f for f in failures):
+        failures = failures + [REFUSED]
     status = "fail" if failures else "improved" if improved else "pass"
     return Verdict(check, m.case, status, tuple(failures), notes=tuple(notes), updates=tuple(updates))
 
@@ -66,16 +85,17 @@ def _nonfinite(m: Measurement) -> str | None:
             "the model overflowed (fp16 range? a zero or NaN scale?)")
 
 
-def _data_changed(m: Measurement, base: CaseBaseline) -> str | None:
+def _data_changed(m: Measurement, base: CaseBaseline, blockers: list[str] = ()) -> str | None:
     """The eval set the baseline was recorded on differs from this run's: metric moves are then
     the data's as much as the model's, and the message must say so first."""
     stored = base.eval_data
     if not stored or not m.eval_fingerprint or stored.get("fingerprint") == m.eval_fingerprint:
         return None
+    hint = ("re-record with --update-baselines if the new data is intended" if not blockers else
+            f"if the new data is intended, {record_hint(list(blockers), 'the new values')}")
     return (f"the eval data changed since the baseline was recorded (fingerprint "
             f"{stored.get('fingerprint')}, {stored.get('samples', '?')} samples -> {m.eval_fingerprint}, "
-            f"{m.eval_samples} samples): metric moves may be the data's, not the model's; "
-            "re-record with --update-baselines if the new data is intended")
+            f"{m.eval_samples} samples): metric moves may be the data's, not the model's; {hint}")
 
 
 def outputs_changed(shapes: Mapping[str, Any] | None, stored: Mapping[str, Any] | None) -> list[str]:
@@ -99,17 +119,25 @@ def judge_accuracy(m: Measurement, base: CaseBaseline | None, *, metric_names: t
                    specs: Mapping[str, Any] | None = None, value_rel: float = 0.05) -> Verdict:
     """Each metric vs its baseline, in its direction (``specs``: name -> tasks.base.MetricSpec;
     fractions: tolerance in points, section ``metrics``; plain values: tolerance relative to the
-    baseline, section ``values``); and, with ``budget_points``, the primary metric vs fp32 on the
-    same backend. Better than the baseline beyond the tolerance: improved."""
+    baseline, section ``values``); and, with ``budget_points``, the primary metric vs ``fp32`` (the
+    fp32 case on the same backend the session chose: see QatcheckSession.budget_reference).
+    Better than the baseline beyond the tolerance: improved."""
     from qatcheck.tasks.base import MetricSpec
 
     failures: list[str] = []
     improved: list[str] = []
     updates = []
     key = m.case.key
-    problems = [_nonfinite(m)]
+    nonfinite = _nonfinite(m)
+    budget = (_budget_failure(m, fp32, primary, (specs or {}).get(primary) or MetricSpec(), budget_points)
+              if budget_points is not None and fp32 is not None else None)
+    # what fails while recording too: a hint to record the value would go in a circle
+    blockers = [b for b, failed in (("on NaN/inf outputs", nonfinite),
+                                    ("a non-finite metric", any(not math.isfinite(m.metrics[n]) for n in metric_names)),
+                                    ("its fp32 budget", budget)) if failed]
+    problems = [nonfinite]
     if base is not None:
-        problems += [_data_changed(m, base), *outputs_changed(m.output_shapes, base.outputs)]
+        problems += [_data_changed(m, base, blockers), *outputs_changed(m.output_shapes, base.outputs)]
     failures += [p for p in problems if p]
     for name in metric_names:
         spec = (specs or {}).get(name) or MetricSpec()
@@ -124,7 +152,7 @@ def judge_accuracy(m: Measurement, base: CaseBaseline | None, *, metric_names: t
             continue
         b = base.get(section, name)
         if b is None:
-            failures.append(base.missing(key, f"{section}.{name}"))
+            failures.append(base.missing(key, f"{section}.{name}", record_hint(blockers)))
             continue
         sign = 1.0 if spec.higher_is_better else -1.0
         # how far the value moved in the bad direction, and the tolerance, in the same unit
@@ -139,18 +167,25 @@ def judge_accuracy(m: Measurement, base: CaseBaseline | None, *, metric_names: t
         elif -worse > margin + EPS:
             improved.append(f"{name} {_fmt(spec, value)} is {good} the baseline {_fmt(spec, b['value'])} by "
                             f"{_amount(spec, -worse, b['value'])}")
-    if budget_points is not None and fp32 is not None:
-        spec = (specs or {}).get(primary) or MetricSpec()
-        sign = 1.0 if spec.higher_is_better else -1.0
-        worse = sign * (fp32.metrics[primary] - m.metrics[primary])
-        # a fraction's budget is in points; a plain value's in percent of fp32's value
-        drop = worse * 100 if spec.fraction else 100 * worse / max(abs(fp32.metrics[primary]), 1e-12)
-        if not drop <= budget_points + EPS:
-            bad = "below" if spec.higher_is_better else "above"
-            moved, unit = (f"{drop:.2f} points", "points") if spec.fraction else (f"{drop:.1f}%", "%")
-            failures.append(f"{primary} {_fmt(spec, m.metrics[primary])} is {moved} {bad} fp32 "
-                            f"{_fmt(spec, fp32.metrics[primary])} on {m.case.backend} (budget {budget_points:g} {unit})")
-    return _verdict("accuracy", m, failures, updates, improved=improved, strict=strict)
+    if budget:
+        failures.append(budget)
+    return _verdict("accuracy", m, failures, updates, improved=improved, strict=strict, blockers=blockers)
+
+
+def _budget_failure(m: Measurement, fp32: Measurement, primary: str, spec, budget_points: float) -> str | None:
+    """The primary metric further below fp32's than the budget allows (None: within it). A
+    fraction's budget is in points; a plain value's in percent of fp32's value."""
+    sign = 1.0 if spec.higher_is_better else -1.0
+    worse = sign * (fp32.metrics[primary] - m.metrics[primary])
+    drop = worse * 100 if spec.fraction else 100 * worse / max(abs(fp32.metrics[primary]), 1e-12)
+    if drop <= budget_points + EPS:
+        return None
+    bad = "below" if spec.higher_is_better else "above"
+    moved, unit = (f"{drop:.2f} points", "points") if spec.fraction else (f"{drop:.1f}%", "%")
+    ref = "fp32" if not fp32.case.shape else f"fp32 ({fp32.case.mode} build at {fp32.case.shape})"
+    return (f"{primary} {_fmt(spec, m.metrics[primary])} is {moved} {bad} {ref} "
+            f"{_fmt(spec, fp32.metrics[primary])} on {m.case.backend} (budget {budget_points:g} {unit}; "
+            f"Tolerances.fp32_budget_points sets a mode's own)")
 
 
 def _mode(m: Measurement):
@@ -213,6 +248,8 @@ def judge_parity(m: Measurement, base: CaseBaseline | None, *, thresholds, agree
             failures.append(f"max_abs {p['max_abs']:.3g} {vs} is above the ceiling {thresholds.max_abs:g}")
     if p[agree] < thresholds.min_top1_agreement - EPS:
         failures.append(f"{agree} {p[agree]:.2%} {vs} is below the floor {thresholds.min_top1_agreement:.2%}")
+    # floors hold while recording too: a hint to record a missing baseline would go in a circle
+    blockers = ["its parity floor"] if failures else []
     updates = []
     improved: list[str] = []
     key = m.case.key
@@ -222,14 +259,14 @@ def judge_parity(m: Measurement, base: CaseBaseline | None, *, thresholds, agree
             continue
         b = base.get("parity", name)
         if b is None:
-            failures.append(base.missing(key, f"parity.{name}"))
+            failures.append(base.missing(key, f"parity.{name}", record_hint(blockers)))
         elif p[name] < b["value"] - b["tolerance"] - EPS:
             failures.append(f"{name} {p[name]:.6f} {vs} fell below the baseline "
                             f"{b['value']:.6f} - tolerance {b['tolerance']:g}")
         elif p[name] > b["value"] + b["tolerance"] + EPS:
             improved.append(f"{name} {p[name]:.6f} {vs} is above the baseline {b['value']:.6f} "
                             f"+ tolerance {b['tolerance']:g}")
-    return _verdict("parity", m, failures, updates, improved=improved, strict=strict)
+    return _verdict("parity", m, failures, updates, improved=improved, strict=strict, blockers=blockers)
 
 
 def _spread(stats) -> tuple[tuple[str, float], ...]:
@@ -342,7 +379,8 @@ def judge_latency(m: Measurement, base: CaseBaseline | None, *, tolerance_rel: f
     notes: list[str] = []
     improved: list[str] = []
     status = None
-    if base is None and (stats.foreign_load or 0.0) >= contention_limit(stats.cpus):
+    contended = (stats.foreign_load or 0.0) >= contention_limit(stats.cpus)
+    if base is None and contended:
         # a baseline timed under contention would make every quiet rerun look "improved" and hide
         # the next real slowdown: it is not recorded
         notes.append(f"latency not recorded: other processes kept {stats.foreign_load:.1f} CPU cores busy "
@@ -354,7 +392,11 @@ def judge_latency(m: Measurement, base: CaseBaseline | None, *, tolerance_rel: f
     if base is not None and b is None and not failures and speedup is None:
         return Verdict("latency", m.case, "skip", updates=tuple(updates),
                        reason=(f"no latency baseline for {m.case.key} on this device (fingerprint "
-                               f"{fid}: {device}); record one with --update-baselines"))
+                               f"{fid}: {device}); " + (
+                                   "record one with --update-baselines" if not contended else
+                                   f"record one with --update-baselines on a quiet machine (other processes "
+                                   f"kept {stats.foreign_load:.1f} CPU cores busy now: this figure would not "
+                                   "be recorded)")))
     unchanged = False  # the timed artifact is byte-identical to the one the baseline was timed from
     if b is not None and m.latency_paired is not None:
         # the artifact changed since the baseline: its recorded artifact was timed beside it, in this

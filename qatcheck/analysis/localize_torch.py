@@ -61,8 +61,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from qatcheck.analysis.localize import (_CAP_DB, TORCH_MODES, LayerRow, Localization, _Acc, _nsr,
-                                        check_floor, conclude, failure_floor, failure_lines)
+from qatcheck.analysis.localize import (_CAP_DB, TORCH_MODES, AutoLocalization, LayerRow, Localization, _Acc,
+                                        _nsr, check_floor, conclude, failure_floor, localize_command)
 from qatcheck.errors import ConfigError, DataError
 
 __all__ = ["localize_modules", "localize_torch", "for_failed_case", "leaf_modules", "RULE"]
@@ -608,11 +608,12 @@ def localize_torch(recipe, mode: str = "torch_ptq", *, max_samples: int | None =
                             quantized=str(qa.path), device=device)
 
 
-def for_failed_case(session, case, max_samples: int = 32) -> list[str]:
+def for_failed_case(session, case, max_samples: int = 32, auto=None) -> list[str]:
     """The automatic localization of a failed ``torch_ptq`` / ``qat`` parity case (static shape):
     the mode's module vs the recipe's fp32 model, where the session builds and runs them. A case
     judged against its own PyTorch model (an exported graph on another backend: export parity)
-    gets one line saying why there is none - its quantization is the PyTorch case's."""
+    gets one line saying why there is none - its quantization is the PyTorch case's. ``auto``: the
+    session's :class:`~qatcheck.analysis.localize.AutoLocalization` (budget, reuse)."""
     from qatcheck.data.batching import eval_batches
     from qatcheck.modes import parity_reference
 
@@ -627,11 +628,16 @@ def for_failed_case(session, case, max_samples: int = 32) -> list[str]:
                 f"{case.recipe}-{case.mode}-torch case)"]
     recipe = session.recipes[case.recipe]
     builder = session.builder(case.recipe)
-    qa = builder.torch_artifact(case.mode)
+    qa, fp32 = builder.torch_artifact(case.mode), builder.torch_artifact("fp32")
+    floor = failure_floor(session, case)
     batches = eval_batches(session._states[case.recipe].eval_data, recipe.input.profile()["opt"],
                            pad=False, max_samples=max_samples)
-    loc = localize_modules(qa.module, builder.torch_artifact("fp32").module, batches,
-                           floor=failure_floor(session, case), recipe=recipe.name, mode=case.mode,
-                           calibrator=recipe.quant.torch_calibrator, quantized=str(qa.path),
-                           device=builder.device)
-    return failure_lines(loc, session.options.reports_dir)
+
+    def localize(until):
+        return localize_modules(qa.module, fp32.module, until(batches), floor=floor, recipe=recipe.name,
+                                mode=case.mode, calibrator=recipe.quant.torch_calibrator,
+                                quantized=str(qa.path), device=builder.device)
+
+    return (auto or AutoLocalization()).lines(
+        case.id, ("torch", qa.digest, fp32.digest, floor, max_samples, builder.device), localize,
+        session.options.reports_dir, localize_command(session, case, max_samples, floor, "--device", builder.device))
