@@ -69,7 +69,8 @@ def main(argv=None) -> int:
     p.add_argument("--rechecks", type=int, default=10)
     p.add_argument("--planted-runs", type=int, default=10)
     p.add_argument("--plant", action="append", default=[], metavar="CASE=FACTOR",
-                   help="e.g. digits-fp32-torch=0.10 (10%% slower); several --plant share a run")
+                   help="e.g. digits-fp32-torch=0.10 (10%% slower); CASE=runtime:2.0 slows the runner, "
+                        "its artifact byte-identical; several --plant share a run")
     p.add_argument("--busy", action="store_true", help="keep one core busy during rechecks and planted runs")
     p.add_argument("--tolerance", type=float, default=None,
                    help="latency tolerance to record with (default: the recipes')")

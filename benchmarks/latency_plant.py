@@ -11,7 +11,10 @@ Each named case becomes ``1 + factor`` times slower the way a regression would m
 - PyTorch on CUDA: a spin kernel (``torch.cuda._sleep``) after the forward, sized to ``factor`` x
   the case's own median, so it is part of the captured CUDA graph and of the CUDA-event time;
 - PyTorch on the CPU: the inference runs ``floor(factor)`` extra times (more compute: it slows down
-  with the machine, as real work does) plus a busy-wait for the fraction.
+  with the machine, as real work does) plus a busy-wait for the fraction;
+- ``CASE=runtime:FACTOR`` (any backend): that same runner-level plant on an ONNX case too - the
+  artifact stays byte-identical and the runtime got slower (the regression judges.SAME_BYTES_DRIFT
+  is about).
 Only timing is touched: accuracy and parity are unchanged. Nothing here ships with qatcheck.
 """
 from __future__ import annotations
@@ -24,12 +27,21 @@ import time
 import numpy as np
 
 
+RUNTIME = "runtime:"
+
+
+def _items() -> list[tuple[str, str]]:
+    return [(case.strip(), factor.strip()) for case, _, factor in
+            (item.partition("=") for item in filter(None, os.environ.get("QATCHECK_PLANT", "").split(",")))]
+
+
 def plants() -> dict[str, float]:
-    out = {}
-    for item in filter(None, os.environ.get("QATCHECK_PLANT", "").split(",")):
-        case, _, factor = item.partition("=")
-        out[case.strip()] = float(factor)
-    return out
+    return {case: float(factor.removeprefix(RUNTIME)) for case, factor in _items()}
+
+
+def runtime_plants() -> set[str]:
+    """Cases planted at the runner, their artifact unchanged (``CASE=runtime:FACTOR``)."""
+    return {case for case, factor in _items() if factor.startswith(RUNTIME)}
 
 
 def _median_ms(call, n: int = 30, warm_s: float = 0.0) -> float:
@@ -225,7 +237,8 @@ def pytest_configure(config) -> None:
     from qatcheck import session as qs
     from qatcheck.backends import executes
 
-    onnx_cases = {c: f for c, f in wanted.items() if executes(c.rsplit("-", 1)[1]) == "onnx"}
+    onnx_cases = {c: f for c, f in wanted.items()
+                  if executes(c.rsplit("-", 1)[1]) == "onnx" and c not in runtime_plants()}
     plant_onnx(onnx_cases)
     runner_of = qs.QatcheckSession.runner
 

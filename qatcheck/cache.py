@@ -18,7 +18,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable
 
-from qatcheck.fsutil import file_digest, locked, write_text_atomic
+from qatcheck.fsutil import file_digest, locked, remove_orphans, write_text_atomic
 
 DIGEST_LENGTH = 32
 
@@ -60,15 +60,24 @@ class ArtifactCache:
         self.reused: set[str] = set()
         #: what was wrong with entries that had to be rebuilt (shown under the table)
         self.notes: list[str] = []
+        #: file -> its manifest, for every entry this cache handed out (ArtifactCache.info)
+        self._manifests: dict[Path, Path] = {}
+        #: temp files of writers that died (kill -9) mid-write, removed on opening and by prune
+        self.orphans: list[Path] = remove_orphans(self.root)
+        if self.orphans:
+            self.notes.append(f"removed {len(self.orphans)} temp file(s) under {self.root} left by writers "
+                              "that died mid-write")
 
     def get_or_build(self, name: str, parts: dict[str, Any], suffix: str,
                      build: Callable[[Path], None]) -> Path:
         """Return the cached file for (name, parts), building it with ``build(path)`` if absent or
         damaged. ``build`` must write ``path`` atomically (qatcheck's builders do): the old entry
-        stays until the new file is complete."""
+        stays until the new file is complete. What ``build`` returns (a JSON-able dict: what was
+        kept, folded...) is kept in the manifest and read back by :meth:`info`, built or reused."""
         key = cache_key({"artifact": name, **parts})
         path = self.root / f"{name}-{key}{suffix}"
         manifest = self.root / f"{name}-{key}.json"
+        self._manifests[path] = manifest
         with self._lock(f"{name}-{key}"):
             problem = verify(path, manifest)
             if self.enabled and problem is None:
@@ -77,16 +86,26 @@ class ArtifactCache:
                 return path
             if self.enabled and problem != "absent":
                 self.notes.append(f"cache entry {path} {problem}: rebuilt")
-            build(path)
+            info = build(path)
             if not path.is_file():
                 raise RuntimeError(f"the builder of {name} wrote no {path}")
             write_text_atomic(manifest, json.dumps(
                 {"artifact": name, "file": path.name, "size": path.stat().st_size,
-                 "digest": file_digest(path, DIGEST_LENGTH), "parts": parts},
+                 "digest": file_digest(path, DIGEST_LENGTH), "parts": parts,
+                 "info": info if isinstance(info, dict) else {}},
                 sort_keys=True, indent=1, default=str))
             self.built.add(path.name)
             self.reused.discard(path.name)
         return path
+
+    def info(self, path: Path) -> dict:
+        """What the builder of ``path`` (a file :meth:`get_or_build` returned) said about it, from
+        its manifest ({} when it said nothing)."""
+        try:
+            info = json.loads(self._manifests[Path(path)].read_text(encoding="utf-8")).get("info")
+        except (KeyError, OSError, ValueError, AttributeError):
+            return {}
+        return info if isinstance(info, dict) else {}
 
     def _lock(self, key: str):
         return locked(self.root / ".locks" / f"{key}.lock")
@@ -108,7 +127,9 @@ class ArtifactCache:
         return out
 
     def prune(self, *, everything: bool = False, older_than_days: float | None = None) -> list[Entry]:
-        """Remove damaged entries, and with ``everything`` or ``older_than_days`` intact ones too."""
+        """Remove damaged entries, and with ``everything`` or ``older_than_days`` intact ones too;
+        and the temp files of writers that died (added to ``orphans``)."""
+        self.orphans += remove_orphans(self.root)
         gone = []
         for e in self.entries():
             if everything or e.problem or (older_than_days is not None and e.age_days > older_than_days):

@@ -12,6 +12,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
+from qatcheck.data.base import TargetsDigest
 from qatcheck.errors import DataError
 from qatcheck.parity import ParityAccumulator
 
@@ -30,8 +31,13 @@ class Evaluation:
     #: NaN / inf values among the outputs (a metric over them means nothing); NaN / inf inputs
     #: are an error before any model runs on them
     nonfinite_outputs: int = 0
+    #: samples with at least one NaN / inf output value
+    nonfinite_samples: int = 0
     #: each output's per-sample shape (batch dimension dropped), in output order
     output_shapes: tuple[tuple[int, ...], ...] = ()
+    #: a digest of the targets the metric read (data.base.TargetsDigest; "" when they have no
+    #: canonical bytes)
+    targets: str = ""
 
 
 def evaluate(infer: Infer, batches: Iterable[tuple[np.ndarray, Any, int]], task, *,
@@ -48,13 +54,25 @@ def evaluate(infer: Infer, batches: Iterable[tuple[np.ndarray, Any, int]], task,
     metric = task.metric()
     agreement = task.agreement() if reference is not None else None
     parities: list[ParityAccumulator] = []
-    samples = bad_out = 0
+    samples = bad_out = bad_samples = 0
+    bad_inputs: list[int] = []
     shapes: tuple[tuple[int, ...], ...] = ()
+    targets = TargetsDigest()
     t0 = time.perf_counter()
     for i, (x, y, n) in enumerate(batches):
-        _check_finite(x[:n], samples, source)
+        bad = _nonfinite_rows(x[:n]) + samples
+        if bad.size or bad_inputs:
+            # NaN / inf in an input is the data's fault: from the first such sample on no model
+            # runs, but the rest of the set is still scanned so the error counts every bad sample
+            bad_inputs += bad.tolist()
+            samples += n
+            if on_batch is not None:
+                on_batch()
+            continue
         outs = [np.asarray(o)[:n] for o in infer(x)]
-        bad_out += sum(int(o.size - np.isfinite(o).sum()) for o in outs)
+        finite = [np.isfinite(o.reshape(n, -1)) for o in outs]
+        bad_out += sum(int(f.size - f.sum()) for f in finite)
+        bad_samples += int(n - np.logical_and.reduce([f.all(axis=1) for f in finite]).sum()) if finite else 0
         if i == 0:
             shapes = tuple(tuple(int(d) for d in o.shape[1:]) for o in outs)
             if check_outputs is not None:
@@ -62,6 +80,7 @@ def evaluate(infer: Infer, batches: Iterable[tuple[np.ndarray, Any, int]], task,
             if hasattr(task, "check_model"):
                 task.check_model(outs)  # e.g. a detector's class count vs the data's, top_k vs classes
         metric.update(outs, y)
+        targets.update(y, n)
         samples += n
         if reference is not None:
             refs = ([np.asarray(o)[:n] for o in reference(x)] if callable(reference)
@@ -75,23 +94,23 @@ def evaluate(infer: Infer, batches: Iterable[tuple[np.ndarray, Any, int]], task,
             keep.append(outs)
         if on_batch is not None:
             on_batch()
+    if bad_inputs:
+        # said before any model ran on them, naming the samples (a model's non-finite outputs
+        # would otherwise blame fp16 range or a scale)
+        shown = ", ".join(str(i) for i in bad_inputs[:8]) + (", ..." if len(bad_inputs) > 8 else "")
+        raise DataError(f"{source}: {len(bad_inputs)} of {samples} input samples hold NaN/inf values (sample "
+                        f"index {shown}); no model was run on them - fix or filter the data")
     return Evaluation(metrics=metric.result(),
                       parity=tuple(p.result() for p in parities) if reference is not None else None,
                       agreement=agreement.result() if agreement is not None else None,
                       samples=samples, seconds=time.perf_counter() - t0,
-                      nonfinite_outputs=bad_out, output_shapes=shapes)
+                      nonfinite_outputs=bad_out, nonfinite_samples=bad_samples, output_shapes=shapes,
+                      targets=targets.hexdigest())
 
 
-def _check_finite(x: np.ndarray, first: int, source: str) -> None:
-    """NaN / inf in an input is the data's fault: said before any model runs on it, naming the
-    samples (a model's non-finite outputs would otherwise blame fp16 range or a scale)."""
-    finite = np.isfinite(x.reshape(len(x), -1)).all(axis=1)
-    if finite.all():
-        return
-    bad = np.flatnonzero(~finite) + first
-    shown = ", ".join(str(int(i)) for i in bad[:8]) + (", ..." if bad.size > 8 else "")
-    raise DataError(f"{source}: {bad.size} input sample(s) hold NaN/inf values (sample index {shown}); "
-                    "no model was run on them - fix or filter the data")
+def _nonfinite_rows(x: np.ndarray) -> np.ndarray:
+    """Indices (within the batch) of the samples holding a NaN / inf value."""
+    return np.flatnonzero(~np.isfinite(x.reshape(len(x), -1)).all(axis=1))
 
 
 def combined_parity(ev: Evaluation) -> dict[str, float] | None:

@@ -9,24 +9,61 @@ from pathlib import Path
 from typing import Iterator
 
 
+#: a writer's temp file is named ``.<name>.<random>.tmp`` next to its target
+TEMP_GLOB = ".*.tmp"
+#: a temp file younger than this is never taken for an orphan (its writer may not hold its lock yet)
+ORPHAN_GRACE_S = 60.0
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; on success it replaces ``path`` in one rename."""
+    """Yield a temporary path next to ``path``; on success it replaces ``path`` in one rename.
+
+    The writer holds an ``flock`` on its temp file until it is done: the kernel drops it when the
+    writer dies, so a temp file nobody holds is the orphan of a killed writer (``kill -9``), which
+    :func:`remove_orphans` may delete, while a live writer's is never touched."""
+    import fcntl
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    # mkstemp makes the file private (0600); baselines and reports are shared files, so give the
-    # result the permissions a plain open() would (0666 minus the umask)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
     try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        # mkstemp makes the file private (0600); baselines and reports are shared files, so give
+        # the result the permissions a plain open() would (0666 minus the umask)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         yield Path(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        os.close(fd)
+
+
+def remove_orphans(root: str | Path, grace_s: float = ORPHAN_GRACE_S) -> list[Path]:
+    """Delete the temp files under ``root`` whose writer died (see :func:`atomic_path`): those no
+    process holds a lock on, untouched for ``grace_s`` seconds. Returns what was removed."""
+    import fcntl
+    import time
+
+    gone = []
+    now = time.time()
+    for tmp in sorted(Path(root).rglob(TEMP_GLOB)) if Path(root).is_dir() else ():
+        try:
+            if now - tmp.stat().st_mtime < grace_s:
+                continue
+            with open(tmp, "rb") as f:
+                try:
+                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue  # a live writer's
+                tmp.unlink()
+        except OSError:
+            continue  # gone meanwhile, or not ours to remove
+        gone.append(tmp)
+    return gone
 
 
 @contextlib.contextmanager

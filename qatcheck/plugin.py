@@ -270,21 +270,28 @@ class BoundCase:
             return fn(*args)
         except QatcheckError as exc:
             message = f"{type(exc).__name__}: {exc}"
-        # one message per root cause: an error every case hits (a data factory that raises, a
-        # malformed baseline) is printed in full once; the other tests point to that one
-        first = self.session.errors.setdefault(message, self.nodeid)
-        if first != self.nodeid:
-            head = message.splitlines()[0]
-            message = f"same error as {first} (reported there in full): {head[:160]}"
         # outside the except block, so the report shows one line, not a chained traceback
-        pytest.fail(message, pytrace=False)
+        pytest.fail(self._once(message, "error"), pytrace=False)
+
+    def _once(self, message: str, what: str) -> str:
+        """One message per root cause: an error every case hits (a data factory that raises, a
+        malformed baseline) or a cause of many failures (the eval data changed) is printed in full
+        once; the other tests point to that one."""
+        first = self.session.errors.setdefault(message, self.nodeid)
+        if first == self.nodeid:
+            return message
+        head = message.splitlines()[0]
+        if what == "cause":  # its lead clause names it; the figures are in the full message
+            head = head.split(" (")[0]
+        return f"same {what} as {first} (reported there in full): {head[:160]}"
 
     def _conclude(self, verdict: Verdict, what: str) -> Verdict:
         if verdict.failures:
-            lines = list(verdict.failures)
+            lines = [self._once(f, "cause") if f in verdict.causes else f for f in verdict.failures]
             if what == "parity":
                 lines += self._localize()
-            if what in ("parity", "accuracy"):
+            # a failure the data explains: replaying the model on its inputs reproduces nothing
+            if what in ("parity", "accuracy") and not verdict.data_changed:
                 lines += self._repro(what)
             pytest.fail(f"{self.case.id} {what} check failed:\n  " + "\n  ".join(lines), pytrace=False)
         if verdict.skipped:
@@ -293,10 +300,12 @@ class BoundCase:
 
     def _localize(self) -> list[str]:
         """Where the damage enters (qatcheck.analysis.localize), for a failed parity check of a
-        quantized case at its static shape: trt_ptq / partial on their Q/DQ graph, torch_ptq / qat
-        on their PyTorch module (localize_torch; their exported graphs on other backends get a line
-        pointing to the torch case); never a second failure on top of the first. Off with
-        --qatcheck-localize off; once per distinct artifact, within --qatcheck-localize-budget."""
+        low-precision case at its static shape - which modes, and on which path, comes from the mode
+        table (qatcheck.modes.localization_paths): fp16 / trt_ptq / partial on their graph, the
+        modes with a PyTorch form on the torch backend in PyTorch (the exports of torch_ptq / qat /
+        fp8 on other backends get a line pointing to the torch case); never a second failure on top
+        of the first. Off with --qatcheck-localize off; once per distinct artifact, within
+        --qatcheck-localize-budget."""
         options = self.session.options
         if options.localize == "off":
             return []

@@ -175,7 +175,8 @@ class QuantSettings:
 
 @dataclass(frozen=True)
 class QATSettings:
-    """Quantization-aware fine-tuning: a few epochs at a low learning rate from the calibrated model."""
+    """Quantization-aware fine-tuning: a few epochs at a low learning rate from the calibrated model,
+    with ``Recipe.loss`` (what it receives is documented there)."""
 
     #: fine-tuning epochs over train_data
     epochs: int = 1
@@ -371,8 +372,11 @@ class Recipe:
     #: detection: how raw head outputs become boxes (a name in qatcheck.tasks.detection.DECODERS,
     #: or a Decoder object); the same decoder serves every backend
     decoder: object = "centernet"
-    #: QAT loss ``loss(outputs, targets) -> scalar tensor``; None = cross-entropy on int labels
-    #: (classification). Detection recipes pass their training loss.
+    #: QAT loss ``loss(outputs, targets) -> scalar tensor``: ``outputs`` is what forward() returns
+    #: (a tuple of every output, in output_names order, when there are several), ``targets`` the
+    #: train batch's (a tensor for numeric labels; a HeadTargets when given per head). None:
+    #: cross-entropy on int labels of the output the task scores (task_output, or the only one),
+    #: read from a HeadTargets at that name (classification); detection recipes pass their loss.
     loss: Callable | None = None
     #: modes also measured with their dynamic-axes build at the profile's min / opt / max
     #: (InputSpec.dynamic), e.g. ("fp16", "trt_ptq", "torch_ptq"): int8 x dynamic shape is then

@@ -150,6 +150,86 @@ def test_dataset_whose_samples_differ_from_the_spec(field):
     assert "(1, 28, 28)" in msg and "(2, 1, 4, 4)" in msg
 
 
+def test_uint8_images_are_refused_not_rescaled():
+    """Issue 21 #10: uint8 images went to the model as 0..255 floats and a 16% top-1 was recorded as
+    a fresh baseline. qatcheck does not guess the model's scale: one error names the dataset, the
+    dtype and range, and the conversion to make; float images of any width are taken as they are."""
+    pixels = np.random.default_rng(0).integers(0, 256, (4, 1, 4, 4), dtype=np.uint8)
+    with pytest.raises(DataError) as ei:
+        ArrayDataset("my-digits", pixels, np.zeros(4, np.int64))
+    msg = str(ei.value)
+    assert msg.startswith("dataset 'my-digits': images are uint8 (values 4..248)")
+    assert "does not guess their scale" in msg and "images.astype(np.float32) / 255" in msg
+    assert ArrayDataset("ok", pixels.astype(np.float64) / 255, np.zeros(4, np.int64)).images.dtype == np.float32
+
+    class Pixels:  # a dataset of the user's own that yields the raw pixels
+        name = "camera-roll"
+
+        def __len__(self):
+            return 4
+
+        def batches(self, batch_size, limit=None):
+            yield pixels[:batch_size], np.zeros(batch_size, np.int64)
+
+    with pytest.raises(DataError, match=r"Recipe\(tiny\)\.eval_data \(camera-roll\): images are uint8"):
+        RecipeState(recipe(eval_data=Pixels)).eval_data
+
+
+# eleven bad samples over eleven of the thirteen batches of 8 (and one batch with two)
+BAD = [3, 9, 10, 17, 30, 31, 55, 70, 88, 96, 99]
+
+
+def _classify(images, infer, calls=None):
+    from qatcheck.backends.torch_backend import TorchRunner
+    from qatcheck.data.batching import eval_batches
+    from qatcheck.evaluate import evaluate
+    from qatcheck.tasks.classification import ClassificationTask
+
+    ds = ArrayDataset("spread", images, np.arange(len(images)) % 3)
+    runner = TorchRunner(infer, "fp32", "cpu")
+
+    def counted(x):
+        calls.append(len(x)) if calls is not None else None
+        return runner.infer(x)
+    return evaluate(counted, eval_batches(ds, (8, 1, 4, 4)), ClassificationTask(top_k=(1,)),
+                    source="Recipe(tiny).eval_data (spread)")
+
+
+def test_every_nan_input_sample_of_the_eval_set_is_counted():
+    """Issue 21 #10: 11 NaN samples spread over the batches were reported as 1 or 3 (the first bad
+    batch's). The whole set is scanned - no model runs from the first bad sample on - and the
+    error counts all of them."""
+    images = np.random.default_rng(0).standard_normal((100, 1, 4, 4)).astype(np.float32)
+    images[BAD, 0, 1, 2] = np.nan
+    images[96, 0, 0, 0] = np.inf
+    calls: list[int] = []
+    with pytest.raises(DataError) as ei:
+        _classify(images, tiny_model(), calls)
+    assert str(ei.value) == ("Recipe(tiny).eval_data (spread): 11 of 100 input samples hold NaN/inf values "
+                             "(sample index 3, 9, 10, 17, 30, 31, 55, 70, ...); no model was run on them - "
+                             "fix or filter the data")
+    assert calls == []  # the first batch already holds one
+
+
+def test_every_sample_with_nan_outputs_is_counted():
+    """Outputs: a model that overflows on 11 samples spread over the set - the count is samples
+    (and values) over the whole eval set, and the accuracy failure says so."""
+    from qatcheck.judges import _nonfinite
+    from qatcheck.measurement import Case, Measurement
+
+    class LogOfFirstPixel(torch.nn.Module):  # NaN wherever the first pixel is negative
+        def forward(self, x):
+            return tiny_model()(x) + torch.log(x[:, :1, 0, 0])
+
+    images = np.abs(np.random.default_rng(0).standard_normal((100, 1, 4, 4))).astype(np.float32)
+    images[BAD, 0, 0, 0] = -1.0
+    ev = _classify(images, LogOfFirstPixel())
+    assert (ev.nonfinite_samples, ev.nonfinite_outputs, ev.samples) == (11, 33, 100)
+    m = Measurement(case=Case("tiny", "fp16", "onnxruntime"), eval_samples=ev.samples,
+                    nonfinite_outputs=ev.nonfinite_outputs, nonfinite_samples=ev.nonfinite_samples)
+    assert _nonfinite(m).startswith("the outputs of 11 of 100 eval samples hold NaN/inf (33 values), from finite inputs")
+
+
 def test_empty_dataset_from_a_factory_names_the_field():
     class Empty:
         name = "nothing"

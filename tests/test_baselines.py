@@ -21,7 +21,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from qatcheck import baselines, fingerprint as fpr
+from qatcheck import baselines, fingerprint as fpr, judges
 from qatcheck.artifacts import RecipeState
 from qatcheck.backends.base import Runner, TimedCall
 from qatcheck.baselines import BaselineStore, Update, dumps, load, merge
@@ -226,6 +226,12 @@ def test_malformed_json_names_the_file_and_line(tmp_path):
      "cases['fp32-torch'].latency.abc.median_ms.value"),
     (lambda d: d["cases"]["fp32-torch"].update(speed={}), "cases['fp32-torch'].speed"),
     (lambda d: d["cases"].update(x=[]), "cases['x']"),
+    (lambda d: d["cases"]["fp32-torch"].update(settings=["minmax"]), "cases['fp32-torch'].settings"),
+    (lambda d: d["cases"]["fp32-torch"].update(settings={"qat": {"epochs": {"n": 2}}}),
+     "cases['fp32-torch'].settings.qat"),
+    (lambda d: d["cases"]["fp32-torch"].update(settings={"percentile": float("inf")}),
+     "cases['fp32-torch'].settings.percentile"),
+    (lambda d: d.update(eval_data={"fingerprint": "ab", "samples": 4, "targets": 7}), "'eval_data'.targets"),
 ])
 def test_invalid_documents_raise_one_error_naming_the_field(tmp_path, mutate, where):
     doc = _good()
@@ -234,6 +240,23 @@ def test_invalid_documents_raise_one_error_naming_the_field(tmp_path, mutate, wh
     with pytest.raises(BaselineError) as ei:
         load(p, "r")
     assert str(p) in str(ei.value) and where in str(ei.value)
+
+
+def test_settings_and_eval_parts_are_optional_and_merge_replaces_a_cases_settings(tmp_path):
+    """A file recorded before settings and the eval data's parts loads as it is; a case's settings
+    are stored readable, replaced whole, and a setting that moved is listed old -> new."""
+    old = _good()
+    load(_write(tmp_path, old), "r")
+    settings = {"calibrator": "percentile", "keep_precision": ["stem.conv"], "qdq_rules": None,
+                "qat": {"epochs": 2, "lr": 0.0001, "max_batches_per_epoch": None}}
+    first, changes = merge(old, [], {"fp32-torch": settings})
+    assert first["cases"]["fp32-torch"]["settings"] == settings and not changes  # new, not a change
+    assert first["cases"]["fp32-torch"]["metrics"] == old["cases"]["fp32-torch"]["metrics"]
+    moved = {**settings, "calibrator": "minmax"}
+    second, changes = merge(first, [], {"fp32-torch": moved})
+    assert [c.describe() for c in changes] == ["  ~ fp32-torch settings.calibrator: percentile -> minmax"]
+    doc = {**second, "eval_data": {"fingerprint": "ab", "samples": 4, "inputs": "cd", "targets": "ef"}}
+    assert load(_write(tmp_path, dumps(doc)), "r") == doc
 
 
 def test_non_finite_value_is_rejected(tmp_path):
@@ -518,6 +541,98 @@ def test_latency_on_another_device_is_a_skip_not_a_failure(tmp_path):
     assert any("fake-quant" in n for n in res.notes) is False  # fp32 is not an int8 mode
 
 
+def test_a_changed_setting_leads_a_failure_and_an_old_baseline_is_judged_without_settings(tmp_path):
+    """Issue 21.6 at the judge: the settings a case was recorded with (its entry's ``settings``) vs
+    this run's; a moved one leads the failure, old -> new, and fails nothing alone. A baseline
+    recorded before settings were kept is judged as before."""
+    now = {"calibrator": "minmax", "percentile": 99.99, "qat": {"epochs": 3, "lr": 0.0001}}
+    was = {"calibrator": "percentile", "percentile": 99.99, "qat": {"epochs": 2, "lr": 0.0001}}
+    top1 = {"metrics": {"top1": {"value": 0.9, "tolerance": 0.5}}}
+    for measured, stored, expect in [
+            (0.8, {**top1, "settings": was}, "fail"), (0.9, {**top1, "settings": was}, "pass"), (0.8, top1, "fail")]:
+        session, case = make_session(tmp_path)
+        session.measurements[case] = evaluated(case, metrics={"top1": measured}, settings=now)
+        write_baseline(tmp_path, {case.key: stored})
+        res = session.check_accuracy(case)
+        assert res.status == expect, res.failures
+        if expect == "fail" and "settings" in stored:
+            assert res.failures[0] == res.causes[0] == (
+                "the recipe's settings changed since this baseline was recorded: calibrator (percentile → minmax), "
+                "qat.epochs (2 → 3): re-record with --update-baselines if intended")
+            assert res.failures[1].startswith("top1 80.00% is below the baseline 90.00%")
+        else:
+            assert not res.causes and not any("settings" in f for f in res.failures)
+    one = {**was, "calibrator": "minmax"}
+    assert judges.settings_changed(was, one) == ("the recipe's calibrator changed since this baseline was recorded "
+                                                 "(percentile → minmax): re-record with --update-baselines if intended")
+    assert judges.settings_changed(was, {**one, "onnx_quantizer": "qatcheck"}) == judges.settings_changed(was, one)
+
+
+@pytest.mark.parametrize("stored, lead, parity_cause", [
+    ({"fingerprint": "f0", "samples": 4},  # recorded before inputs and targets were kept apart
+     "the eval data changed since the baseline was recorded (fingerprint f0, 4 samples -> f1, 4 samples)", False),
+    ({"fingerprint": "f0", "samples": 4, "inputs": "i1", "targets": "t0"},
+     "the eval data changed since the baseline was recorded: its targets changed, its inputs did not "
+     "(targets t0 -> t1; 4 samples): metric moves are the data's", False),
+    ({"fingerprint": "f0", "samples": 4, "inputs": "i0", "targets": "t1"},
+     "the eval data changed since the baseline was recorded: its inputs changed, its targets did not "
+     "(inputs i0, 4 samples -> i1, 4 samples): metric moves may be the data's", True),
+    # the dataset's fingerprint covers annotations the task reads elsewhere (COCO areas, crowd flags)
+    ({"fingerprint": "f0", "samples": 4, "inputs": "i1", "targets": "t1"},
+     "the eval data changed since the baseline was recorded: its targets changed, its inputs did not "
+     "(fingerprint f0 -> f1; 4 samples)", False),
+], ids=["fingerprint-only", "targets", "inputs", "annotations"])
+def test_a_changed_eval_set_names_the_part_that_changed(tmp_path, stored, lead, parity_cause):
+    """Issue 21.5 at the judge: the accuracy failure leads with which part of the eval data changed
+    (and fails on it alone); a parity failure only with changed inputs (targets move no output)."""
+    session, case = make_session(tmp_path)
+    session.measurements[case] = evaluated(
+        case, metrics={"top1": 0.9}, eval_fingerprint="f1", eval_inputs="i1", eval_targets="t1", eval_samples=4,
+        parity_reference="torch fp32 (export)",
+        parity={"cosine": 0.5, "max_abs": 0.0, "mean_abs": 0.0, "top1_agreement": 1.0})
+    entries = {"metrics": {"top1": {"value": 0.9, "tolerance": 0.5}},
+               "parity": {"cosine": {"value": 1.0, "tolerance": 0.0}, "top1_agreement": {"value": 1.0, "tolerance": 0.0}}}
+    (tmp_path / "baselines").mkdir()
+    (tmp_path / "baselines" / "r.json").write_text(dumps(
+        {"qatcheck_baseline": 1, "recipe": "r", "eval_data": stored, "cases": {case.key: entries}}))
+    acc = session.check_accuracy(case)
+    assert acc.status == "fail" and acc.failures[0].startswith(lead) and acc.causes == acc.failures[:1]
+    assert acc.data_changed
+    par = session.check_parity(case)
+    assert par.status == "fail" and par.data_changed == parity_cause
+    assert par.failures[0].startswith(lead) if parity_cause else par.failures[0].startswith("cosine")
+
+
+def test_the_targets_digest_is_per_sample_and_covers_every_annotation():
+    """What an eval pass reads of the targets, digested sample by sample: the batch size (a dynamic
+    case's min / max batch) does not move it, one label or one box does; targets without canonical
+    bytes give no digest (not judged), never a digest that changes from run to run."""
+    from qatcheck.data.base import TargetsDigest
+
+    def digest(ds: ArrayDataset, batch: int) -> str:
+        d = TargetsDigest()
+        for _, y in ds.batches(batch):
+            d.update(y, len(y))
+        return d.hexdigest()
+
+    images = np.zeros((10, 1, 2, 2), np.float32)
+    labels = ArrayDataset("a", images, np.arange(10) % 3)
+    assert digest(labels, 1) == digest(labels, 4) == digest(labels, 32) != ""
+    moved = labels.targets.copy()
+    moved[7] += 1
+    assert digest(ArrayDataset("a", images, moved), 4) != digest(labels, 4)
+    assert ArrayDataset("a", images, moved).inputs_fingerprint() == labels.inputs_fingerprint()
+    assert ArrayDataset("a", images, moved).fingerprint() != labels.fingerprint()
+
+    boxes = [{"boxes": np.full((1, 4), float(i), np.float32), "labels": np.array([i % 3]), "scale": (1.0, 1.0)}
+             for i in range(10)]
+    nudged = [dict(t) for t in boxes]
+    nudged[3] = {**nudged[3], "boxes": nudged[3]["boxes"] + 0.5}
+    assert digest(ArrayDataset("d", images, boxes), 3) == digest(ArrayDataset("d", images, boxes), 10) != ""
+    assert digest(ArrayDataset("d", images, nudged), 3) != digest(ArrayDataset("d", images, boxes), 3)
+    assert digest(ArrayDataset("o", images, [object() for _ in range(10)]), 4) == ""
+
+
 def test_missing_baseline_is_a_failure_naming_the_file(tmp_path):
     session, case = make_session(tmp_path)
     session.measurements[case] = evaluated(case, metrics={"top1": 0.5})
@@ -594,8 +709,9 @@ def test_later_parts_extend_the_record_without_losing_earlier_ones(tmp_path):
 
 
 def test_update_records_only_passing_checks_and_says_what_it_refused(tmp_path):
-    """A case that fails a floor under --update-baselines is not recorded (the other checks are);
-    --qatcheck-force-update records it anyway."""
+    """A case that fails a floor under --update-baselines is not recorded (the other checks are,
+    but not the new settings: the entry keeps values of the old ones); --qatcheck-force-update
+    records it anyway."""
     from qatcheck.report import finish
 
     floors = Tolerances(export_parity={"fp32": ParityThresholds(min_cosine=0.999, min_top1_agreement=0.99)})
@@ -605,7 +721,7 @@ def test_update_records_only_passing_checks_and_says_what_it_refused(tmp_path):
         session.options.force_update = force
         session.options.reports_dir = root / "reports"
         session.measurements[case] = evaluated(
-            case, metrics={"top1": 0.75}, parity_reference="torch fp32 (export)",
+            case, metrics={"top1": 0.75}, parity_reference="torch fp32 (export)", settings={"calibrator": "minmax"},
             parity={"cosine": 0.5, "max_abs": 1.0, "mean_abs": 0.1, "top1_agreement": 0.4})
         assert session.check_accuracy(case).ok
         assert not session.check_parity(case).ok
@@ -614,8 +730,10 @@ def test_update_records_only_passing_checks_and_says_what_it_refused(tmp_path):
         assert stored["metrics"]["top1"]["value"] == 0.75
         if force:
             assert stored["parity"]["cosine"]["value"] == 0.5 and not session.refused
+            assert stored["settings"] == {"calibrator": "minmax"}
         else:
             assert "parity" not in stored and [v.check for v in session.refused] == ["parity"]
+            assert "settings" not in stored
             assert "NOT recorded for 1 failing check" in summary.text
             assert "fp32-onnxruntime parity: cosine 0.500000" in summary.text
 

@@ -7,6 +7,7 @@ from here: unit tests never assert wall-clock time.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from pathlib import Path
 
@@ -122,6 +123,29 @@ def test_a_slowdown_measured_while_other_processes_compete_is_inconclusive():
     assert judge_latency(measured(quiet), None, tolerance_rel=0.15).updates
 
 
+def test_a_recording_too_noisy_for_its_tolerance_is_refused_saying_so():
+    """Issue 21 #10: fp32-torch was recorded at 3.51 ms, CV 31%, while quiet reruns take 1.6-2.2 ms,
+    so a real x1.38 slowdown later read as "improved x0.63". A loop slowed for much of its time
+    (here 6 of 10 blocks, by another process the load measurement did not catch) gives a median
+    whose interval is wider than half the tolerance: not recorded, with the figure and what to do.
+    The same machine's quiet loop is recorded."""
+    rng = np.random.default_rng(0)
+    slowed = np.repeat([1, 1, 0, 1, 0, 1, 1, 0, 1, 0], 20).astype(bool)
+    noisy = timing.stats_from_samples(1.9 * (1 + 0.05 * rng.standard_normal(200)) * np.where(slowed, 2.0, 1.0),
+                                      1, "wall")
+    assert 3.4 < noisy.median_ms < 3.9 and 0.28 < noisy.cv < 0.34
+    v = judge_latency(measured(noisy), None, tolerance_rel=0.15)
+    assert v.ok and v.updates == ()
+    assert ("latency not recorded: the median 3.6549 ms is known only to ±19.4% (95% interval; CV 31%), "
+            "wider than half its tolerance (±7.5% of 15%)") in v.notes[0]
+    assert "--qatcheck-duration" in v.notes[0] and "Tolerances.latency_rel" in v.notes[0]
+    # what recording it would have done: a later x1.38 slowdown of the quiet 1.9 ms is hidden
+    kept = base(noisy.median_ms, ci=noisy.ci_rel)
+    assert judge_latency(measured(stats(1.9 * 1.38, ci=0.01)), kept, tolerance_rel=0.15).status in ("pass", "improved")
+    quiet = timing.stats_from_samples(1.9 * (1 + 0.05 * rng.standard_normal(200)), 1, "wall")
+    assert judge_latency(measured(quiet), None, tolerance_rel=0.15).updates
+
+
 def test_a_faster_run_is_reported_as_improved():
     v = judge_latency(measured(stats(0.5, ci=0.02)), base(1.0, ci=0.02), tolerance_rel=0.15)
     assert v.status == "improved" and v.ok and v.notes[0].startswith("improved:")
@@ -191,7 +215,10 @@ def session_with(tmp_path: Path, runner: Runner, update: bool = False) -> Qatche
     return session
 
 
-def test_a_transient_slowdown_is_re_measured_and_passes(tmp_path):
+def test_a_transient_slowdown_is_re_measured_and_passes(tmp_path, monkeypatch):
+    # the scripted runner's times are device-side, untouched by other processes: the machine's
+    # load (other sessions share CI machines) must not keep its baseline from being recorded
+    monkeypatch.setattr(timing, "_busy_seconds", lambda: None)
     s = session_with(tmp_path, ScriptedRunner([1.0]), update=True)
     s.check_latency(CASE)
     s.store.commit()
@@ -236,15 +263,103 @@ def test_paired_interval_and_extension():
     assert math.isinf(paired([1.2]).half_width)  # one round says nothing about the noise
 
 
-def test_an_unchanged_artifact_is_never_red_for_the_machine_being_slower():
-    b = CaseBaseline("b.json", {"latency": {FID: {"median_ms": {"value": 1.0, "tolerance": 0.15},
-                                                  "spread": {"ci_rel": 0.01}, "artifact": "same"}}})
-    m = dataclasses.replace(measured(stats(2.0, ci=0.01)), latency_artifact="same")
+def same_bytes_base(tol: float = 0.15, median: float = 1.0, ci: float = 0.01) -> CaseBaseline:
+    return CaseBaseline("b.json", {"latency": {FID: {"median_ms": {"value": median, "tolerance": tol},
+                                                     "spread": {"ci_rel": ci}, "artifact": "same"}}})
+
+
+def test_a_slower_runtime_on_byte_identical_bytes_is_red_beyond_its_between_process_variation():
+    """Issue 21 #10: a 5 ms sleep per inference in the ONNX Runtime runner left every ORT case
+    inconclusive (x1.3..x98.7) because the artifact was byte-identical. The runtime, its options
+    or the runner's code can regress with the bytes unchanged: on quiet CPUs a slowdown whose
+    whole interval lies beyond (1 + tolerance) x SAME_BYTES_DRIFT is red, naming that cause."""
+    b = same_bytes_base()
+    m = dataclasses.replace(measured(stats(5.0, ci=0.02)), latency_artifact="same")
     v = judge_latency(m, b, tolerance_rel=0.15)
-    assert v.status == "inconclusive" and "byte-identical" in v.notes[-1]
-    assert judge_latency(m, b, tolerance_rel=0.15, strict=True).status == "fail"
-    # another artifact, nothing kept to time beside it: the stored number decides
-    assert judge_latency(dataclasses.replace(m, latency_artifact="other"), b, tolerance_rel=0.15).status == "fail"
+    assert v.status == "fail", v
+    assert "byte-identical" in v.failures[0] and "red beyond x1.95" in v.failures[0]
+    assert "the runtime, its session options, threads or the runner's code got slower" in v.failures[0]
+    # within what the same bytes move between processes: inconclusive, saying where red begins
+    v = judge_latency(dataclasses.replace(m, latency=stats(1.3, ci=0.02)), b, tolerance_rel=0.15)
+    assert v.status == "inconclusive" and "move up to x1.7 between processes" in v.notes[0]
+    assert judge_latency(dataclasses.replace(m, latency=stats(1.3, ci=0.02)), b, tolerance_rel=0.15,
+                         strict=True).status == "fail"
+    # still re-measured first (in fresh sessions) while retries are left
+    assert judge_latency(m, b, tolerance_rel=0.15, retries_left=1).status == "retry"
+    # an interval reaching below the red line is not red
+    assert judge_latency(dataclasses.replace(m, latency=stats(2.2, ci=0.2)), b, tolerance_rel=0.15).status == "inconclusive"
+
+
+def test_the_machine_being_slower_never_makes_the_same_bytes_red():
+    """'The machine is slower' (other processes measured busy, a slower machine-speed probe, or
+    the host's launch rate timed) stays inconclusive for the same bytes, however large the ratio."""
+    b = same_bytes_base()
+    busy = dataclasses.replace(stats(5.0, ci=0.02), foreign_load=1.0, cpus=2)
+    v = judge_latency(dataclasses.replace(measured(busy), latency_artifact="same"), b, tolerance_rel=0.15)
+    assert v.status == "inconclusive" and "other processes kept 1.0 CPU cores busy" in v.notes[0]
+    pb = CaseBaseline("b.json", {"latency": {FID: {"median_ms": {"value": 1.0, "tolerance": 0.15}, "artifact": "same",
+                                                   "spread": {"ci_rel": 0.01, "probe_ms": 1.0, "probe_ci_rel": 0.0}}}})
+    slow_probe = dataclasses.replace(measured(stats(6.0, ci=0.02, probe=2.0)), latency_artifact="same")
+    v = judge_latency(slow_probe, pb, tolerance_rel=0.15)
+    assert v.status == "inconclusive" and "machine-speed probe is x2.00 slower" in v.notes[0]
+    from qatcheck.backends.cuda_timing import HOST_BOUND
+
+    host = dataclasses.replace(measured(stats(5.0, ci=0.02)), latency_artifact="same", latency_host_bound=HOST_BOUND)
+    assert judge_latency(host, b, tolerance_rel=0.15).status == "inconclusive"
+    # another artifact, nothing kept to time beside it: the stored number decides, at the tolerance
+    other = dataclasses.replace(measured(stats(1.3, ci=0.01)), latency_artifact="other")
+    assert judge_latency(other, b, tolerance_rel=0.15).status == "fail"
+
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "h200-2026-12-01"
+
+
+def _clean_reruns():
+    """(baseline median, its ci, rerun median, rerun ci) for every ONNX Runtime case of the H200
+    gate's clean reruns (each a fresh process against the recorded bytes), and every pair of the
+    8 fresh processes of ort_stability.py: ONNX Runtime's measured between-process variation."""
+    import json
+    import re
+
+    out = []
+    record = json.loads((BENCH / "latency-gate-paired-record.json").read_text())
+    for name, rec in (("latency-gate-paired.json", record), ("latency-gate-final.json", None)):
+        runs = [r for r in json.loads((BENCH / name).read_text())["runs"] if r["kind"] == "clean"]
+        for r in runs:
+            for case, v in r["verdicts"].items():
+                if "onnxruntime" not in case or not v.get("median_ms"):
+                    continue
+                if rec is not None:
+                    b, bci = rec[case]["median_ms"], rec[case]["ci_rel"]
+                else:  # the final session's record: read back from the messages that quote it
+                    said = re.search(r"baseline ([0-9.]+) ms", v["message"] or "")
+                    if said is None:
+                        continue  # a pass quotes nothing: within the 5% tolerance anyway
+                    b, bci = float(said.group(1)), 0.0
+                out.append((b, bci, v["median_ms"], v["ci_rel"]))
+    stab = json.loads((BENCH / "ort-stability.json").read_text())["runs"]
+    for cfg in stab[0]:
+        for i in stab:
+            for j in stab:
+                if i is not j:
+                    out.append((i[cfg]["median"], i[cfg]["ci_rel"], j[cfg]["median"], j[cfg]["ci_rel"]))
+    return out
+
+
+def test_known_between_process_noise_of_the_same_bytes_stays_green():
+    """The gate is adopted only if a clean rerun stays green: every measured between-process move
+    of a byte-identical ONNX artifact on the H200 machine - 17 clean gate reruns and all 448 pairs
+    of ort_stability.py's 8 processes (up to x1.68) - judged as a byte-identical rerun at the
+    gate's 5% tolerance: none is red."""
+    pairs = _clean_reruns()
+    assert len(pairs) > 700 and max(r / b for b, _, r, _ in pairs) > 1.6
+    worst = []
+    for b, bci, r, rci in pairs:
+        m = dataclasses.replace(measured(stats(r, ci=rci)), latency_artifact="same")
+        v = judge_latency(m, same_bytes_base(tol=0.05, median=b, ci=bci), tolerance_rel=0.05)
+        worst.append((v.status, r / b))
+    assert not [w for w in worst if w[0] == "fail"]
+    assert any(w[0] == "inconclusive" for w in worst)
 
 
 def test_an_unchanged_artifact_that_runs_faster_is_not_offered_as_an_improvement():
@@ -323,3 +438,70 @@ def test_a_slowdown_timed_as_the_hosts_launch_rate_is_inconclusive_never_red():
     assert v.status == "fail" and "inconclusive (--qatcheck-latency-strict)" in v.failures[0]
     v = judge_latency(measured(stats(1.4, ci=0.02)), base(1.0, ci=0.02), tolerance_rel=0.15)
     assert v.status == "fail"
+
+
+# ---- end to end: the real ONNX Runtime runner with a sleep planted in it ---------------------
+RUNTIME_SUITE = '''
+import pytest
+from qatcheck.recipe import Tolerances
+from qatcheck.standard import test_latency  # noqa: F401
+from qatcheck.zoo.recipes import digits_recipe
+
+pytestmark = pytest.mark.qatcheck_recipe(digits_recipe(
+    name="lat", modes=("fp32",), backends=("onnxruntime",), dynamic_modes=(),
+    tolerances=Tolerances(metric_points=0.5, latency_rel=0.5)))
+'''
+
+RUNTIME_PLANT = '''
+import os, time
+import qatcheck.timing
+import qatcheck.backends.onnxruntime_backend as ob
+
+_timed_call, _busy = ob.OrtRunner.timed_call, qatcheck.timing._busy_seconds
+if os.environ.get("PLANT_MS"):  # the runtime regresses: every inference sleeps, the bytes do not change
+    def timed_call(self, x):
+        call = _timed_call(self, x)
+        inner, pause = call.run, float(os.environ["PLANT_MS"]) / 1e3
+        def run():
+            time.sleep(pause)
+            inner()
+        call.run = run
+        return call
+    ob.OrtRunner.timed_call = timed_call
+if os.environ.get("NO_LOAD"):  # the other processes' load not measured (as without /proc/stat)
+    qatcheck.timing._busy_seconds = lambda: None
+
+def pytest_unconfigure(config):  # in-process runs share the modules: leave them as found
+    ob.OrtRunner.timed_call, qatcheck.timing._busy_seconds = _timed_call, _busy
+'''
+
+
+def test_a_sleep_in_the_onnxruntime_runner_is_red_end_to_end(pytester, monkeypatch, tmp_path):
+    """Issue 21 #10 end to end: record ONNX Runtime fp32 latency, then plant a 20 ms sleep per
+    inference in the real ORT runner (the artifact stays byte-identical): red, naming the runtime.
+    The verdict must not depend on a quiet machine (CI machines are shared): the recording and the
+    planted run do not measure other processes' load (a machine without /proc/stat), and the plant
+    is x20+ on a sub-millisecond model, beyond anything contention does to it; the clean rerun does
+    measure the load, so it passes or is inconclusive under contention - never red."""
+    pytester.makepyfile(test_lat=RUNTIME_SUITE)
+    pytester.makeconftest(RUNTIME_PLANT)
+    args = ("-p", "no:cacheprovider", f"--rootdir={pytester.path}", "--qatcheck-cache", str(tmp_path / "cache"),
+            "--qatcheck-no-progress", "--qatcheck-iterations", "200", "--qatcheck-duration", "1",
+            "--qatcheck-warmup", "0.05", "--qatcheck-threads", "1", "--qatcheck-latency-reference", str(tmp_path / "refs"), "-p", "conftest")
+    monkeypatch.setenv("NO_LOAD", "1")
+    rec = pytester.runpytest_inprocess(*args, "--update-baselines")
+    rec.assert_outcomes(passed=1)
+    stored = pytester.path / "baselines" / "lat.json"
+    if not stored.is_file() or "latency" not in json.loads(stored.read_text())["cases"]["fp32-onnxruntime"]:
+        # refused as too noisy even for a 50% tolerance: no latency can be gated on this machine now
+        pytest.skip(next(line for line in rec.outlines if "not recorded" in line))
+    monkeypatch.setenv("PLANT_MS", "20")
+    planted = pytester.runpytest_inprocess(*args)
+    planted.assert_outcomes(failed=1)
+    planted.stdout.fnmatch_lines(["*lat-fp32-onnxruntime latency check failed:*",
+                                  "*slower beyond the tolerance*byte-identical*red beyond x2.55*"
+                                  "the runtime, its session options, threads or the runner's code got slower*"])
+    monkeypatch.delenv("PLANT_MS")
+    monkeypatch.delenv("NO_LOAD")
+    clean = pytester.runpytest_inprocess(*args)
+    assert "failed" not in clean.parseoutcomes(), clean.stdout.str()

@@ -118,11 +118,13 @@ def test_bad_mode_and_floor(digits):
     from qatcheck.errors import ConfigError
 
     recipe, cache, qpath = digits
-    with pytest.raises(ConfigError, match="not a quantized mode"):
-        L.localize(recipe, "fp16", cache_dir=cache)
+    with pytest.raises(ConfigError, match="not a low-precision mode"):
+        L.localize(recipe, "fp32", cache_dir=cache)
     # torch_ptq / qat are localized in PyTorch (tests/test_localize_torch.py), not on a graph
     with pytest.raises(ConfigError, match="--onnx"):
         L.localize(recipe, "torch_ptq", quantized_onnx=qpath, cache_dir=cache)
+    with pytest.raises(ConfigError, match="cannot be localized on the onnx path; it can on torch"):
+        L.localize(recipe, "torch_ptq", cache_dir=cache, path="onnx")
     with pytest.raises(ConfigError, match="floor"):
         L.localize(recipe, "trt_ptq", cache_dir=cache, floor=1.5)
 

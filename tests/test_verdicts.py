@@ -56,6 +56,19 @@ def eval_data():
     raise RuntimeError("disk gone")
 '''
 
+RELABELED_VAL = '''
+def eval_data():  # every 10th label of the val split moved to the next class: same images
+    ds = digits_split("val")
+    targets = ds.targets.copy()
+    targets[::10] = (targets[::10] + 1) % 10
+    return ArrayDataset(ds.name, ds.images, targets, source=ds.source)
+'''
+
+MINMAX = '''
+import dataclasses
+QUANT = dataclasses.replace(recipes.digits_recipe().quant, calibrator="minmax")
+'''
+
 # digitdet's own entropy calibrator costs ~10 s per trt_ptq build on 2 cores; the structure
 # check does not care which calibrator set the scales
 PERCENTILE = '''
@@ -276,7 +289,7 @@ def test_nan_inputs_fail_and_update_baselines_writes_nothing(pytester, shared_ca
     assert result.ret != 0 and outcomes(result) == {"failed": 1}
     assert path.read_bytes() == before
     result.stdout.fnmatch_lines([
-        "*DataError: Recipe(digits).eval_data (*): 4 input sample(s) hold NaN/inf values (sample index "
+        "*DataError: Recipe(digits).eval_data (*): 4 of 540 input samples hold NaN/inf values (sample index "
         "0, 1, 2, 3); no model was run on them - fix or filter the data*"])
     result.stdout.no_fnmatch_line("*baselines updated*")
 
@@ -291,8 +304,60 @@ def test_changed_eval_data_is_named_first(pytester, shared_cache):
     assert outcomes(result) == {"failed": 1}
     [text] = failures(result).values()
     first = text.splitlines()[1].strip()
-    assert first.startswith("the eval data changed since the baseline was recorded (fingerprint "), text
+    assert first.startswith("the eval data changed since the baseline was recorded: its inputs and targets "
+                            "changed ("), text
     assert "540 samples -> " in first and ", 530 samples)" in first
+
+
+def test_changed_eval_labels_are_named_once_and_reproduce_nothing(pytester, shared_cache):
+    """Plant: 10% of the eval labels changed, the images not (issue 21.5). Every case's top-1 drops
+    10 points; the failures must say first that the eval data's targets changed (in full once per
+    session, the other failure pointing to it) and print no Polygraphy reproduction, which can
+    only replay the model on its (unchanged) inputs."""
+    write_suite(pytester, backends=("torch", "onnxruntime"))
+    assert outcomes(run(pytester, shared_cache, *ACCURACY, "--update-baselines")) == {"passed": 2}
+
+    write_suite(pytester, backends=("torch", "onnxruntime"), overrides='{"eval_data": eval_data}',
+                prelude=RELABELED_VAL)
+    result = run(pytester, shared_cache, *ACCURACY)
+    assert outcomes(result) == {"failed": 2}
+    texts = failures(result)
+    cause = "the eval data changed since the baseline was recorded: its targets changed, its inputs did not ("
+    [first] = [node for node, text in texts.items() if text.splitlines()[1].strip().startswith(cause)]
+    stored = json.loads(baseline_path(pytester).read_text())["eval_data"]
+    assert f"(targets {stored['targets']} -> " in texts[first]
+    [other] = [text for node, text in texts.items() if node != first]
+    assert other.splitlines()[1].strip() == (f"same cause as {first} (reported there in full): the eval data "
+                                             "changed since the baseline was recorded: its targets changed, its "
+                                             "inputs did not"), other
+    assert "points (tolerance" in other  # the metric lines still follow
+    assert "Polygraphy" not in result.stdout.str() and "reproduce outside pytest" not in result.stdout.str()
+
+    write_suite(pytester, backends=("torch", "onnxruntime"))
+    assert outcomes(run(pytester, shared_cache, *ACCURACY)) == {"passed": 2}
+
+
+def test_a_changed_calibrator_leads_the_failure(pytester, shared_cache, tmp_path):
+    """Plant: the recipe's trt_ptq calibrator switched from percentile to minmax since the baseline
+    (issue 21.6). Five input scales move; the structure failure must lead with the setting that
+    moved them, old -> new, before the scale lines."""
+    write_suite(pytester, modes=("trt_ptq",))
+    select = ("-k", "structure", "--benchmark-disable")
+    assert outcomes(run(pytester, shared_cache, *select, "--update-baselines")) == {"passed": 1}
+
+    write_suite(pytester, modes=("trt_ptq",), overrides='{"quant": QUANT}', prelude=MINMAX)
+    result = run(pytester, tmp_path / "minmax-cache", *select)
+    assert outcomes(result) == {"failed": 1}
+    [text] = failures(result).values()
+    lines = [line.strip() for line in text.splitlines()]
+    assert lines[1] == ("the recipe's calibrator changed since this baseline was recorded (percentile → minmax): "
+                        "re-record with --update-baselines if intended"), text
+    assert lines[2].startswith("quantizer 'layer1.conv1:input' scale "), text
+    settings = json.loads(baseline_path(pytester).read_text())["cases"]["trt_ptq-onnxruntime"]["settings"]
+    assert settings["calibrator"] == "percentile" and settings["onnx_quantizer"] == "qatcheck"
+
+    write_suite(pytester, modes=("trt_ptq",))
+    assert outcomes(run(pytester, shared_cache, *select)) == {"passed": 1}
 
 
 def test_one_message_per_root_cause(pytester, shared_cache):

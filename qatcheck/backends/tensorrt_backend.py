@@ -21,7 +21,6 @@ Written from the Polygraphy 0.53 and TensorRT 10.x / 11.x API documentation; its
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
@@ -33,6 +32,7 @@ from qatcheck.backends.base import Backend, BuildContext, Runner, TimedCall
 from qatcheck.backends.polygraphy_runner import PolygraphyRunner, quiet_polygraphy
 from qatcheck.backends.trt_audit import PrecisionAudit, parse_engine_info
 from qatcheck.errors import ArtifactError, ConfigError
+from qatcheck.fsutil import atomic_path
 
 
 def _trt():
@@ -48,10 +48,8 @@ def gpu_capability() -> tuple[int, int]:
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:  # a killed writer's temp file is one cache prune removes
+        tmp.write_bytes(data)
 
 
 def calibration_feed(cal: trt_plan.CalibrationPlan, batches: Iterable[np.ndarray]) -> Iterator[dict]:
