@@ -33,7 +33,8 @@ from qatcheck.errors import ConfigError, DataError
 from qatcheck.evaluate import combined_parity, evaluate
 from qatcheck.fsutil import file_digest
 from qatcheck.measurement import PARTS, Case, Measurement, Verdict
-from qatcheck.modes import PROFILE_POINTS, calibrator_of, parity_reference, resolve, spec as mode_spec, unsupported_reason
+from qatcheck.modes import (MODE_SPECS, PROFILE_POINTS, calibrator_of, parity_reference, resolve, spec as mode_spec,
+                            unsupported_reason)
 from qatcheck.options import Options
 from qatcheck.recipe import ParityThresholds, Recipe
 from qatcheck.reference_store import ReferenceStore
@@ -393,12 +394,28 @@ class QatcheckSession:
         self.verdicts[(verdict.case, verdict.check)] = verdict
         return self.record(verdict)
 
+    def budget_reference(self, case: Case) -> Case:
+        """The fp32 case a case's accuracy budget is judged against, on the same backend: fp32 for a
+        static build. A dynamic build at a profile point: the fp32 dynamic build (the mode table's
+        variant of fp32, ``dynamic``) at the same point when the recipe measures it; else static
+        fp32 when the point's input differs only in the batch (the same samples, computed the same
+        way); else the fp32 dynamic build at that point, measured for the purpose (another H / W
+        changes what the model computes)."""
+        if not case.dynamic:
+            return case.with_mode("fp32")
+        recipe = self.recipes[case.recipe]
+        variant = next((m for m, s in MODE_SPECS.items() if s.variant_of == "fp32"), None)
+        same_input = tuple(self.shape(case)[1:]) == tuple(recipe.input.shape[1:])
+        if variant is None or (same_input and variant not in recipe.modes):
+            return case.with_mode("fp32")
+        return case.with_mode(variant, keep_shape=True)
+
     def check_accuracy(self, case: Case) -> Verdict:
         recipe = self.recipes[case.recipe]
         task = self.task(case.recipe)
         m = self.measure(case, ("eval",))
-        budget = recipe.tolerances.fp32_budget_points.get(case.mode)
-        fp32 = self.measure(case.with_mode("fp32"), ("eval",)) if budget is not None and not case.dynamic else None
+        budget = recipe.tolerances.fp32_budget(case.mode)
+        fp32 = self.measure(self.budget_reference(case), ("eval",)) if budget is not None else None
         return self._conclude(judges.judge_accuracy(
             m, self.baseline(case), metric_names=task.metric_names, primary=task.primary_metric,
             tolerance_points=recipe.tolerances.metric_points, fp32=fp32, budget_points=budget,
@@ -421,7 +438,7 @@ class QatcheckSession:
             m, self.baseline(case), thresholds=self.parity_thresholds(case),
             agreement_name=self.task(case.recipe).agreement_name,
             cosine_tolerance=tol.parity_cosine, agreement_tolerance=tol.parity_agreement,
-            strict=self.options.strict, output_floors=tol.output_min_cosine))
+            strict=self.options.strict, output_floors=tol.output_floors(case.mode)))
 
     def check_latency(self, case: Case, benchmark=None) -> Verdict:
         """Judge the case's latency; a case that looks slower but whose interval reaches below the

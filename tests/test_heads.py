@@ -154,7 +154,7 @@ RECIPE = Recipe(
     task_output="prob", heads={{"landmarks": "landmark_l2"}}, top_k=(1,),
     modes=("fp32", "trt_ptq"), backends=("torch", "onnxruntime"),
     quant=QuantSettings(calibrator="percentile", calib_batches=4),
-    tolerances=Tolerances(output_min_cosine={{"landmarks": 0.999}}))
+    tolerances=Tolerances(output_min_cosine={{"*": {{"landmarks": 0.999}}}}))
 
 pytestmark = pytest.mark.qatcheck_recipe(RECIPE)
 '''
@@ -205,9 +205,11 @@ def test_a_multi_output_classification_recipe_must_name_its_output():
         digits_recipe(output_names=("boxes", "logits"), task_output="nope")
     with pytest.raises(ConfigError, match="task 'nope', which is unknown"):
         digits_recipe(output_names=("boxes", "logits"), task_output="logits", heads={"boxes": "nope"})
-    with pytest.raises(ConfigError, match="output_min_cosine names output 'x'"):
-        from qatcheck.recipe import Tolerances
-        digits_recipe(tolerances=Tolerances(output_min_cosine={"x": 0.9}))
+    from qatcheck.recipe import Tolerances
+    with pytest.raises(ConfigError, match=r"output_min_cosine\['fp8'\] names output 'x'"):
+        digits_recipe(tolerances=Tolerances(output_min_cosine={"fp8": {"x": 0.9}}))
+    with pytest.raises(ConfigError, match=r"output_min_cosine\['logits'\] is 0.9; the floors are per mode"):
+        digits_recipe(tolerances=Tolerances(output_min_cosine={"logits": 0.9}))  # the old flat form
 
 
 def test_top_k_at_or_above_the_class_count_is_an_error_naming_the_output():

@@ -100,7 +100,7 @@ def test_bad_calibration_range_fails_accuracy(pytester, shared_cache):
     result = run(pytester, shared_cache, "-k", "accuracy and torch_ptq", "--update-baselines")
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(["*digits-torch_ptq-onnxruntime accuracy check failed:*",
-                                 "*top1 *% is *points below fp32 99.26% on onnxruntime (budget 1 points)*"])
+                                 "*top1 *% is *points below fp32 99.26% on onnxruntime (budget 1 points; *"])
 
 
 def test_perturbed_qdq_scale_fails_parity(pytester, shared_cache):
@@ -213,7 +213,7 @@ def test_partial_budget_fails_when_the_kept_layer_is_dropped(pytester, shared_ca
             assert outcomes == {"passed": 1, "failed": 1}, result.stdout.str()
             result.stdout.fnmatch_lines(["*digits-partial-onnxruntime accuracy check failed:*",
                                          "*top1 8?.??% is 1?.?? points below fp32 99.26% on onnxruntime "
-                                         "(budget 0.5 points)*"])
+                                         "(budget 0.5 points; Tolerances.fp32_budget_points sets a mode's own)*"])
 
 
 def test_standard_checks_imported_into_a_suite_are_parametrized(pytester, shared_cache):

@@ -65,3 +65,14 @@ def test_latency_placement(monkeypatch, device, gpus, count, expected):
     else:
         assert placed is None and f"{count} workers and {expected}" in reason
     assert latency_placement(Worker(0, 1), device) == (None, "")  # one worker: timed where asked
+
+
+def test_a_worker_that_could_not_write_its_baselines_fails_the_run(pytester, tmp_path):
+    """--update-baselines into a path that cannot be a directory, under xdist: the worker's tests
+    pass, but it recorded nothing - the controller's exit status says so (issue 21, item 8c)."""
+    pytester.makepyfile(test_one=SUITE.format(name="one"))
+    (tmp_path / "blocker").write_text("a file where the baselines directory was asked for")
+    result = run(pytester, tmp_path / "cache", tmp_path / "r", "-n", "1", "-k", "accuracy and fp32-onnxruntime",
+                 "--update-baselines", "--qatcheck-baselines", str(tmp_path / "blocker" / "b"))
+    assert result.parseoutcomes()["passed"] == 1 and result.ret == 1, result.stdout.str()
+    result.stdout.fnmatch_lines(["*baselines NOT updated: cannot write *blocker*nothing was recorded, so the run fails*"])

@@ -66,13 +66,13 @@ import onnx.utils
 from onnx import helper, shape_inference
 
 from qatcheck.errors import ConfigError, DataError
-from qatcheck.fsutil import write_text_atomic
+from qatcheck.fsutil import file_digest, write_text_atomic
 from qatcheck.modes import MODE_SPECS, localization_paths, spec as mode_spec
 from qatcheck.quantize.onnx_ptq import module_name_of
 from qatcheck.report import markdown_table
 
 __all__ = ["LayerRow", "Localization", "localize", "localize_graphs", "write_reports",
-           "table_rows", "verdict", "expose_tensors", "conclude", "for_failed_case", "RULE",
+           "table_rows", "verdict", "expose_tensors", "conclude", "for_failed_case", "AutoLocalization", "RULE",
            "onnx_modes", "torch_modes", "modes", "PATHS"]
 
 #: where a mode is localized: its ONNX graph on ONNX Runtime, or its PyTorch module
@@ -484,7 +484,68 @@ def localize(recipe, mode: str = "trt_ptq", *, quantized_onnx: str | Path | None
                            recipe=recipe.name, mode=mode, calibrator=calibrator_of(recipe, mode))
 
 
-def for_failed_case(session, case, max_samples: int = 32) -> list[str]:
+class AutoLocalization:
+    """The automatic localizations of one test session (one process; each pytest-xdist worker has
+    its own): each distinct artifact is localized once - a failed case whose artifact is
+    byte-identical to one already localized (``partial`` keeping nothing is ``trt_ptq``) gets the
+    first one's lines, saying so - and together they take at most ``budget_s`` seconds
+    (``--qatcheck-localize-budget``; None: no limit). A localization stops reading eval batches
+    when the budget runs out (the batch under way finishes); once it is spent, a failure gets the
+    command that localizes its case instead."""
+
+    def __init__(self, budget_s: float | None = None) -> None:
+        self.budget_s = budget_s
+        self.spent = 0.0
+        #: key (what the localization compared: the artifacts' digests, floor, samples) -> (the
+        #: case it was made for, its lines)
+        self.done: dict[tuple, tuple[str, list[str]]] = {}
+
+    def lines(self, case_id: str, key: tuple, localize, reports_dir: str | Path, command: str) -> list[str]:
+        """The failure message's lines for ``case_id``: ``localize(until)`` runs the localization
+        over ``until(batches)`` (the budget's cut), unless ``key`` was localized already or the
+        budget is spent; ``command`` localizes the case outside pytest."""
+        if key in self.done:
+            first, lines = self.done[key]
+            return [f"(the localization of {first}: this case's artifact is byte-identical, so it was "
+                    "not localized again)", *lines]
+        left = None if self.budget_s is None else self.budget_s - self.spent
+        if left is not None and left <= 0:
+            return [f"(not localized: this run's --qatcheck-localize-budget of {self.budget_s:g} s is spent; "
+                    f"localize it with: {command})"]
+        t0 = time.monotonic()
+        cut: list[int] = []
+
+        def until(batches):
+            for i, batch in enumerate(batches):
+                if i and left is not None and time.monotonic() - t0 > left:
+                    cut.append(i)
+                    return
+                yield batch
+
+        try:
+            loc = localize(until)
+            lines = failure_lines(loc, reports_dir)
+        finally:
+            self.spent += time.monotonic() - t0
+        if cut:
+            lines.append(f"(localized on its first {loc.samples} samples only: the "
+                         f"--qatcheck-localize-budget of {self.budget_s:g} s ran out; all of them: {command})")
+        self.done[key] = (case_id, lines)
+        return lines
+
+
+def localize_command(session, case, max_samples: int, floor: float, *extra: str) -> str:
+    """``python -m qatcheck localize ...`` for a failed case, where pytest did not localize it."""
+    import shlex
+
+    o = session.options
+    args = ["python", "-m", "qatcheck", "localize", "--recipe", f"<module:function returning Recipe({case.recipe})>",
+            "--mode", case.mode, *extra, "--max-samples", str(max_samples), "--floor-cosine", f"{floor:g}",
+            "--cache", str(o.cache_dir), "--reports", str(o.reports_dir)]
+    return " ".join(shlex.quote(a) for a in args)
+
+
+def for_failed_case(session, case, max_samples: int = 32, auto: AutoLocalization | None = None) -> list[str]:
     """Localization run automatically when ``case``'s parity fails (the plugin calls it): the
     case's own low-precision model vs the recipe's fp32 model on its first ``max_samples`` eval
     samples, the case's parity floor as the per-layer floor; reports written next to the recipe's.
@@ -492,15 +553,17 @@ def for_failed_case(session, case, max_samples: int = 32) -> list[str]:
     cases. A mode with a PyTorch form on the torch backend (fp16, torch_ptq, qat, fp8), or without
     a graph made from the fp32 export: in PyTorch
     (:func:`qatcheck.analysis.localize_torch.for_failed_case`); a graph made from the fp32 export
-    on a graph backend (fp16, trt_ptq, partial): the case's own graph on ONNX Runtime."""
+    on a graph backend (fp16, trt_ptq, partial): the case's own graph on ONNX Runtime. ``auto``: the
+    session's budget and the localizations already made (None: no limit, no reuse)."""
     from qatcheck.backends import executes
 
+    auto = auto or AutoLocalization()
     if case.shape:
         return []
     if case.mode in torch_modes() and (executes(case.backend) == "torch" or case.mode not in onnx_modes()):
         from qatcheck.analysis import localize_torch
 
-        return localize_torch.for_failed_case(session, case, max_samples)
+        return localize_torch.for_failed_case(session, case, max_samples, auto)
     if case.mode not in onnx_modes():
         return []
     runner = session.runner(case)
@@ -517,13 +580,22 @@ def for_failed_case(session, case, max_samples: int = 32) -> list[str]:
     debug = getattr(session.backend(case.backend), "debug_tensors", None)
     if debug is not None:  # TensorRT: the engine's own intermediate values (debug tensors)
         qpath = builder.onnx_artifact(case.mode).path  # own SQNR: the mode's graph's nodes
-        kwargs = dict(quantized_tensors=debug(session.context(case)), path=f"{case.backend} debug tensors")
+        path = f"{case.backend} debug tensors"
+        # the engine: its plan key holds the graph's digest and everything else that built it
+        quantized = getattr(getattr(runner, "plan", None), "cache_key", "") or builder.onnx_artifact(case.mode).digest
     else:
-        kwargs = {}
-    loc = localize_graphs(qpath, builder.onnx_artifact("fp32").path, batches, input_name=recipe.input.name,
-                          floor=floor, recipe=recipe.name, mode=case.mode,
-                          calibrator=calibrator_of(recipe, case.mode), **kwargs)
-    return failure_lines(loc, session.options.reports_dir)
+        path, quantized = "onnxruntime", file_digest(qpath)
+    fp32 = builder.onnx_artifact("fp32")
+
+    def localize(until):
+        kwargs = dict(quantized_tensors=debug(session.context(case)), path=path) if debug is not None else {}
+        return localize_graphs(qpath, fp32.path, until(batches), input_name=recipe.input.name,
+                               floor=floor, recipe=recipe.name, mode=case.mode,
+                               calibrator=calibrator_of(recipe, case.mode), **kwargs)
+
+    return auto.lines(case.id, (path, quantized, fp32.digest, floor, max_samples), localize,
+                      session.options.reports_dir,
+                      localize_command(session, case, max_samples, floor, "--path", "onnx", "--onnx", str(qpath)))
 
 
 def failure_floor(session, case) -> float:

@@ -64,9 +64,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from qatcheck.analysis.localize import (_CAP_DB, LayerRow, Localization, _Acc, _nsr, calibrator_of,
-                                        check_floor, conclude, failure_floor, failure_lines, torch_modes,
-                                        with_mode_calibrator)
+from qatcheck.analysis.localize import (_CAP_DB, AutoLocalization, LayerRow, Localization, _Acc, _nsr,
+                                        calibrator_of, check_floor, conclude, failure_floor, localize_command,
+                                        torch_modes, with_mode_calibrator)
 from qatcheck.errors import ConfigError, DataError
 
 __all__ = ["localize_modules", "localize_torch", "for_failed_case", "leaf_modules", "RULE"]
@@ -645,14 +645,15 @@ def localize_torch(recipe, mode: str = "torch_ptq", *, max_samples: int | None =
                             device=device)
 
 
-def for_failed_case(session, case, max_samples: int = 32) -> list[str]:
+def for_failed_case(session, case, max_samples: int = 32, auto=None) -> list[str]:
     """The automatic localization of a failed parity case of a mode with a low-precision PyTorch
     module (fp16, torch_ptq, qat, fp8; static shape): the mode's module vs the recipe's fp32 model,
     where the session builds and runs them. A case
     judged against its own PyTorch model (an exported graph on another backend: export parity)
-    gets one line saying why there is none - its quantization is the PyTorch case's."""
+    gets one line saying why there is none - its quantization is the PyTorch case's. ``auto``: the
+    session's :class:`~qatcheck.analysis.localize.AutoLocalization` (budget, reuse)."""
     from qatcheck.data.batching import eval_batches
-    from qatcheck.modes import parity_reference
+    from qatcheck.modes import parity_reference, spec as mode_spec
 
     if case.mode not in torch_modes() or case.shape:
         return []
@@ -665,11 +666,18 @@ def for_failed_case(session, case, max_samples: int = 32) -> list[str]:
                 f"{case.recipe}-{case.mode}-torch case)"]
     recipe = session.recipes[case.recipe]
     builder = session.builder(case.recipe)
-    qa = builder.torch_artifact(case.mode)
+    qa, fp32 = builder.torch_artifact(case.mode), builder.torch_artifact("fp32")
+    floor = failure_floor(session, case)
     batches = eval_batches(session._states[case.recipe].eval_data, recipe.input.profile()["opt"],
                            pad=False, max_samples=max_samples)
-    loc = localize_modules(low_precision_module(qa), builder.torch_artifact("fp32").module, batches,
-                           floor=failure_floor(session, case), recipe=recipe.name, mode=case.mode,
-                           calibrator=calibrator_of(recipe, case.mode), quantized=_described(qa, case.mode),
-                           device=builder.device)
-    return failure_lines(loc, session.options.reports_dir)
+
+    def localize(until):
+        return localize_modules(low_precision_module(qa), fp32.module, until(batches), floor=floor,
+                                recipe=recipe.name, mode=case.mode, calibrator=calibrator_of(recipe, case.mode),
+                                quantized=_described(qa, case.mode), device=builder.device)
+
+    # fp16's module is fp32's weights run in half: the precision is part of what was localized
+    key = ("torch", mode_spec(case.mode).precision, qa.digest, fp32.digest, floor, max_samples, builder.device)
+    return (auto or AutoLocalization()).lines(
+        case.id, key, localize, session.options.reports_dir,
+        localize_command(session, case, max_samples, floor, "--path", "torch", "--device", builder.device))
