@@ -8,6 +8,7 @@ Backends only run the result.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import fcntl
@@ -214,6 +215,36 @@ def onnx_quantizer_for(options: Any) -> str:
     return "modelopt" if getattr(options, "trt_ptq", "auto") == "modelopt" else "qatcheck"
 
 
+#: PyTorch CPU threads while an artifact is built (calibration, QAT fine-tuning, export)
+BUILD_THREADS = 1
+
+
+def fixed_threads(build):
+    """``build`` run at ``BUILD_THREADS``, whatever this process's thread count is. Why: PyTorch's
+    CPU reductions and conv backward sum in an order that depends on the thread count (4513 of 4608
+    conv weight-grad values differ between 1 and 2 threads), so QAT fine-tuning in an xdist worker
+    (``--qatcheck-threads auto`` gives it 1/N of the cores) made other weights than under ``-n 0``,
+    and an artifact is cached and shared by every later run. Why one: a fixed count that depends on
+    no machine and oversubscribes nothing - two workers building at once at 2 threads each took
+    93-193 s instead of 18-26 s on the 2-core CI machine, and one build alone 22-75 s at 2 threads,
+    6-13 s at 1 (the digits torch_ptq + qat build). Inference does not depend on it: every figure
+    of digits and digitdet was bit-identical at 1 and 2 threads."""
+    def run(path: Path) -> Any:
+        with torch_threads(BUILD_THREADS):
+            return build(path)  # what the builder says about its file (ArtifactCache.info)
+    return run
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    saved = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
 class ArtifactBuilder:
     """Builds (or finds in the cache) each mode's artifacts for one recipe, as its row says."""
 
@@ -380,9 +411,9 @@ class ArtifactBuilder:
                 return resolve(spec.onnx_builder)(self, spec, path, dynamic) or {}
             name = f"{self.recipe.name}-{spec.name}" + ("-dyn" if dynamic else "")
             if self._content_keyed(spec):
-                path = self._build_content_keyed(name, spec, dynamic, build)
+                path = self._build_content_keyed(name, spec, dynamic, fixed_threads(build))
             else:
-                path = self.cache.get_or_build(name, self.key_parts(spec, dynamic), ".onnx", build)
+                path = self.cache.get_or_build(name, self.key_parts(spec, dynamic), ".onnx", fixed_threads(build))
             info = dict(self.cache.info(path))  # the builder's, kept with the file when reused
             if spec.calibrator_field:
                 info.setdefault("calibrator", getattr(self.recipe.quant, spec.calibrator_field))
@@ -399,7 +430,7 @@ class ArtifactBuilder:
 
     def _cached_state(self, spec: ModeSpec, build) -> Path:
         return self.cache.get_or_build(f"{self.recipe.name}-{spec.name}-state", self.key_parts(spec),
-                                       ".pt", build)
+                                       ".pt", fixed_threads(build))
 
     def _loss_id(self) -> str:
         """Recipe.loss's code; the default loss is keyed on the output it trains (task_output)."""

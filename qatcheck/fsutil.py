@@ -4,13 +4,14 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Iterator
 
 
-#: a writer's temp file is named ``.<name>.<random>.tmp`` next to its target
-TEMP_GLOB = ".*.tmp"
+#: a writer's temp file next to its target: ``.<name>.<8 random characters of mkstemp>.tmp``
+TEMP_NAME = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")
 #: a temp file younger than this is never taken for an orphan (its writer may not hold its lock yet)
 ORPHAN_GRACE_S = 60.0
 
@@ -50,7 +51,9 @@ def remove_orphans(root: str | Path, grace_s: float = ORPHAN_GRACE_S) -> list[Pa
 
     gone = []
     now = time.time()
-    for tmp in sorted(Path(root).rglob(TEMP_GLOB)) if Path(root).is_dir() else ():
+    for tmp in sorted(Path(root).rglob(".*.tmp")) if Path(root).is_dir() else ():
+        if not TEMP_NAME.fullmatch(tmp.name):
+            continue  # not a name atomic_path gives: not ours
         try:
             if now - tmp.stat().st_mtime < grace_s:
                 continue

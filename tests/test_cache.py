@@ -307,6 +307,9 @@ def test_temp_files_of_killed_writers_are_removed_never_a_live_writers(tmp_path,
         assert len(temps) == 3 and live_tmp in temps
         assert ArtifactCache(root).orphans == []  # all three written just now: a writer may still start
         age(temps)
+        foreign = root / ".notes.tmp"  # another program's: not a name atomic_path gives
+        foreign.write_text("mine")
+        age([foreign])
         cache = ArtifactCache(root)  # opening the cache (every session does) removes the orphans
         assert sorted(cache.orphans) == sorted(t for t in temps if t != live_tmp)
         assert "removed 2 temp file(s)" in cache.notes[0] and "left by writers that died" in cache.notes[0]
@@ -316,7 +319,7 @@ def test_temp_files_of_killed_writers_are_removed_never_a_live_writers(tmp_path,
         assert cli(["cache", "prune", "--cache", str(root)]) == 0
         out = capsys.readouterr().out
         assert "removed .r-fp16-0123.onnx." in out and ".tmp (temp file of a writer that died mid-write)" in out
-        assert sorted(root.rglob(".*.tmp")) == [live_tmp] and good.exists()
+        assert sorted(root.rglob(".*.tmp")) == sorted([live_tmp, foreign]) and good.exists()
         assert live.poll() is None  # the live writer never noticed
     finally:
         live.kill()
