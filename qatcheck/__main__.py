@@ -11,9 +11,9 @@
 
     python -m qatcheck reference [--write docs/reference.md]
 
-    python -m qatcheck localize --recipe MODULE:CALLABLE --mode trt_ptq|partial|torch_ptq|qat \\
-        [--onnx FILE] [--calibrator C] [--max-samples 64] [--floor-cosine 0.99] [--device cpu] \\
-        [--reports DIR] [--cache DIR]
+    python -m qatcheck localize --recipe MODULE:CALLABLE --mode trt_ptq|partial|torch_ptq|qat|fp16|fp8 \\
+        [--path onnx|torch] [--onnx FILE] [--calibrator C] [--max-samples 64] [--floor-cosine 0.99] \\
+        [--device cpu] [--reports DIR] [--cache DIR]
 
     python -m qatcheck crosscheck --recipe MODULE:CALLABLE [--calibrator minmax|entropy|both] \\
         [--mode trt_ptq|partial] [--max-samples N] [--reports reports/crosscheck] [--cache DIR]
@@ -129,18 +129,20 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
 
 
 def cmd_localize(args: argparse.Namespace) -> int:
-    """Where quantization damage enters the quantized model (per-layer SQNR / cosine vs fp32):
-    trt_ptq / partial on their Q/DQ graph (ONNX Runtime), torch_ptq / qat in PyTorch."""
+    """Where low precision departs from fp32 (per-layer SQNR / cosine vs fp32): fp16 / trt_ptq /
+    partial on their graph (ONNX Runtime), torch_ptq / qat / fp8 (and fp16 with --path torch) in
+    PyTorch."""
     from qatcheck.analysis import localize as L
 
     recipe = load_recipe(args.recipe)
     t0 = time.perf_counter()
     loc = L.localize(recipe, args.mode, quantized_onnx=args.onnx, max_samples=args.max_samples,
                      floor=args.floor_cosine, cache_dir=args.cache, calibrator=args.calibrator,
-                     device=args.device)
+                     device=args.device, path=args.path)
     seconds = time.perf_counter() - t0
     header, rows = L.table_rows(loc)
-    title = (f"{loc.recipe}: {loc.mode} vs fp32 per layer (calibrator {loc.calibrator}, "
+    calib = f"calibrator {loc.calibrator}, " if loc.calibrator else ""
+    title = (f"{loc.recipe}: {loc.mode} vs fp32 per layer ({calib}"
              f"{loc.samples} samples, {loc.order} order, {loc.path})")
     print(_render(header, rows, title), end="")
     print(L.verdict(loc))
@@ -252,24 +254,27 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-cache", action="store_true", help="recompute everything")
     s.add_argument("--no-progress", action="store_true", help="no progress bars")
     s.set_defaults(func=cmd_sensitivity)
-    loc = sub.add_parser("localize", help="per-layer SQNR / cosine of a quantized model vs fp32 "
-                         "(Q/DQ graphs on ONNX Runtime, torch_ptq / qat in PyTorch); names the "
-                         "layer where damage enters (writes reports/<recipe>-localize-<mode>."
+    loc = sub.add_parser("localize", help="per-layer SQNR / cosine of a low-precision model vs fp32 "
+                         "(fp16 / Q/DQ graphs on ONNX Runtime, torch_ptq / qat / fp8 in PyTorch); names "
+                         "the layer where damage enters (writes reports/<recipe>-localize-<mode>."
                          "{json,md,png})")
     loc.add_argument("--recipe", required=True, help="'module:callable' returning a Recipe")
-    loc.add_argument("--mode", default="trt_ptq", choices=("trt_ptq", "partial", "torch_ptq", "qat"),
-                     help="the quantized model (default trt_ptq): trt_ptq / partial are localized on "
-                          "their Q/DQ ONNX on ONNX Runtime, torch_ptq / qat on their "
-                          "pytorch-quantization module in PyTorch, module by module")
+    loc.add_argument("--mode", default="trt_ptq",
+                     help="the low-precision model (default trt_ptq): fp16 / trt_ptq / partial are "
+                          "localized on their ONNX on ONNX Runtime, tensor by tensor; torch_ptq / qat / "
+                          "fp8 on their fake-quant module in PyTorch, module by module")
+    loc.add_argument("--path", choices=("onnx", "torch"), default=None,
+                     help="where to localize a mode that has both (fp16: its graph by default; "
+                          "torch: the model in half in PyTorch)")
     loc.add_argument("--onnx", default=None, metavar="FILE",
-                     help="trt_ptq / partial: localize this Q/DQ ONNX instead of the mode's artifact")
+                     help="onnx path: localize this ONNX (fp16 or Q/DQ) instead of the mode's artifact")
     loc.add_argument("--calibrator", default=None, help="override the mode's calibrator")
     loc.add_argument("--max-samples", type=int, default=64,
                      help="eval samples (default 64; 0 = all)")
     loc.add_argument("--floor-cosine", type=float, default=0.99,
                      help="a layer whose cosine vs fp32 is below this is damaged (default 0.99)")
     loc.add_argument("--device", default="cpu",
-                     help="torch_ptq / qat: where the models run (and are built when not cached; "
+                     help="torch path: where the models run (and are built when not cached; "
                           "default cpu)")
     _outputs(loc)
     loc.set_defaults(func=cmd_localize)

@@ -3,9 +3,12 @@
 Layout (stable key order, so a baseline update is a small, reviewable diff)::
 
     {"qatcheck_baseline": 1, "recipe": "digits",
-     "eval_data": {"fingerprint": "3f2a...", "samples": 540},              # what the metrics were measured on
+     "eval_data": {"fingerprint": "3f2a...", "samples": 540,               # what the metrics were measured on:
+                   "inputs": "9c1d...", "targets": "07be..."},             #   its inputs, its targets apart
      "outputs": {"logits": [10]},                                          # each output's per-sample shape
      "cases": {"torch_ptq-onnxruntime": {
+        "settings": {"torch_calibrator": "mse", "calib_batches": 8,         # what shaped the artifact
+                     "qat": {"epochs": 2, ...}, "calib_data": "5e5a...", ...},
         "metrics": {"top1": {"value": 0.9815, "tolerance": 0.5}},          # tolerance in points
         "values": {"landmarks.l2": {"value": 0.031, "tolerance": 0.05}},   # not a fraction: relative
         "parity":  {"cosine": {"value": 0.99993, "tolerance": 0.0005}, ...},
@@ -17,7 +20,8 @@ Layout (stable key order, so a baseline update is a small, reviewable diff)::
 
 Updates are staged during the session and written at its end, atomically per file, merged into
 what is there: entries the run did not measure are kept, a hand-set tolerance is kept. A file that
-does not parse or validate is reported by name and field and never rewritten.
+does not parse or validate is reported by name and field and never rewritten. ``inputs``,
+``targets`` and ``settings`` are optional: a file recorded before them is judged without them.
 """
 from __future__ import annotations
 
@@ -61,14 +65,20 @@ class Change:
     case: str
     section: str
     name: str
-    old: float | None
-    new: float
+    old: Any
+    new: Any  # a number; a setting's JSON value for ``settings``
 
     def describe(self) -> str:
         where = f"{self.case} {self.section}.{self.name}"
-        if self.old is None:
-            return f"  + {where} = {self.new:.6g}"
-        return f"  ~ {where}: {self.old:.6g} -> {self.new:.6g}"
+        if self.old is None and self.section != "settings":  # a setting may have been null
+            return f"  + {where} = {_shown(self.new)}"
+        return f"  ~ {where}: {_shown(self.old)} -> {_shown(self.new)}"
+
+
+def _shown(v: Any) -> str:
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return f"{v:.6g}"
+    return v if isinstance(v, str) else json.dumps(v)
 
 
 def empty(recipe: str) -> dict[str, Any]:
@@ -111,6 +121,22 @@ def _check_spread(path: Path, where: str, spread: Any) -> None:
             raise _fail(path, f"{where}.{key}", f"must be a finite number >= 0, got {v!r}")
 
 
+def _scalar(v: Any) -> bool:
+    return v is None or isinstance(v, (bool, int, str)) or (isinstance(v, float) and math.isfinite(v))
+
+
+def _check_settings(path: Path, where: str, settings: Any) -> None:
+    """A case's ``settings``: name -> a string, number, true / false, null, a list of those, or an
+    object of those (a settings dataclass, field by field)."""
+    if not isinstance(settings, dict):
+        raise _fail(path, where, f"must be an object of setting names to values, got {settings!r}")
+    for name, value in settings.items():
+        items = value.values() if isinstance(value, dict) else [value]
+        if not all(_scalar(v) or (isinstance(v, list) and all(map(_scalar, v))) for v in items):
+            raise _fail(path, f"{where}.{name}", "must be a string, a finite number, true / false, null, a list "
+                        f"of those or an object of those, got {value!r}")
+
+
 def validate(data: Any, path: Path, recipe: str) -> dict[str, Any]:
     """Check a parsed baseline document; raise one BaselineError naming the first bad field."""
     if not isinstance(data, dict):
@@ -123,6 +149,9 @@ def validate(data: Any, path: Path, recipe: str) -> dict[str, Any]:
         ev = data["eval_data"]
         if not isinstance(ev, dict) or not isinstance(ev.get("fingerprint"), str):
             raise _fail(path, "'eval_data'", f"must be an object with a 'fingerprint' string, got {ev!r}")
+        for key in ("inputs", "targets"):
+            if key in ev and not isinstance(ev[key], str):
+                raise _fail(path, f"'eval_data'.{key}", f"must be a string (a digest), got {ev[key]!r}")
     if "outputs" in data:
         outs = data["outputs"]
         if not isinstance(outs, dict) or not all(
@@ -137,6 +166,9 @@ def validate(data: Any, path: Path, recipe: str) -> dict[str, Any]:
             raise _fail(path, f"cases[{case!r}]", "must be an object")
         for section, entries in sections.items():
             where = f"cases[{case!r}].{section}"
+            if section == "settings":
+                _check_settings(path, where, entries)
+                continue
             if section not in SECTIONS:
                 raise _fail(path, where, f"is not one of {', '.join(SECTIONS)}")
             if not isinstance(entries, dict):
@@ -181,12 +213,19 @@ def lookup(data: dict[str, Any], case: str, section: str, name: str,
     return entries.get(fingerprint, {}).get(name)
 
 
-def merge(data: dict[str, Any], updates: list[Update]) -> tuple[dict[str, Any], list[Change]]:
-    """Apply ``updates`` to a copy of ``data``. Untouched entries stay; an existing tolerance wins
-    over the recipe default (it may have been tuned by hand). Returns the new document and what
-    changed (values equal to the stored ones are not reported)."""
+def merge(data: dict[str, Any], updates: list[Update],
+          settings: dict[str, dict[str, Any]] | None = None) -> tuple[dict[str, Any], list[Change]]:
+    """Apply ``updates`` to a copy of ``data``, and replace the ``settings`` of each case given
+    (``case -> settings``). Untouched entries stay; an existing tolerance wins over the recipe
+    default (it may have been tuned by hand). Returns the new document and what changed (values
+    equal to the stored ones, and settings a case did not have before, are not reported)."""
     out = copy.deepcopy(data)
     changes: list[Change] = []
+    for case, new in sorted((settings or {}).items()):
+        entry = out["cases"].setdefault(case, {})
+        old = entry.get("settings") or {}
+        entry["settings"] = copy.deepcopy(new)
+        changes += [Change(case, "settings", k, old[k], v) for k, v in new.items() if k in old and old[k] != v]
     # a structure is recorded whole: a quantizer that is gone must not linger in the baseline
     for case in {u.case for u in updates if u.section == "structure"}:
         out["cases"].setdefault(case, {})["structure"] = {}
@@ -233,6 +272,7 @@ class BaselineStore:
         self._data: dict[str, dict[str, Any]] = {}
         self._pending: dict[str, list[Update]] = {}
         self._meta: dict[str, dict[str, Any]] = {}
+        self._settings: dict[str, dict[str, dict[str, Any]]] = {}
 
     def path(self, recipe: str) -> Path:
         return self.root / f"{recipe}.json"
@@ -254,6 +294,14 @@ class BaselineStore:
         """A top-level field written with the recipe's staged values (``eval_data``)."""
         self.data(recipe)
         self._meta.setdefault(recipe, {})[key] = value
+
+    def stage_settings(self, recipe: str, case: str, settings: dict[str, Any] | None) -> None:
+        """The settings a case's staged values were measured with (None: keep the stored ones)."""
+        staged = self._settings.setdefault(recipe, {})
+        if settings is None:
+            staged.pop(case, None)
+        else:
+            staged[case] = settings
 
     def commit(self) -> dict[Path, list[Change]]:
         """Write every recipe with staged updates; returns the changes per file. Read, merge and
@@ -278,7 +326,7 @@ class BaselineStore:
         for recipe, updates in sorted(self._pending.items()):
             path = self.path(recipe)
             current = load(path, recipe)  # re-read: another process may have updated it meanwhile
-            new, changes = merge(current, updates)
+            new, changes = merge(current, updates, self._settings.get(recipe))
             new.update(self._meta.get(recipe, {}))
             # what we write must load again: a NaN measurement is refused here, not stored
             try:
@@ -292,4 +340,5 @@ class BaselineStore:
             written[path] = changes
         self._pending.clear()
         self._meta.clear()
+        self._settings.clear()
         return written

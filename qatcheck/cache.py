@@ -60,6 +60,8 @@ class ArtifactCache:
         self.reused: set[str] = set()
         #: what was wrong with entries that had to be rebuilt (shown under the table)
         self.notes: list[str] = []
+        #: file -> its manifest, for every entry this cache handed out (ArtifactCache.info)
+        self._manifests: dict[Path, Path] = {}
         #: temp files of writers that died (kill -9) mid-write, removed on opening and by prune
         self.orphans: list[Path] = remove_orphans(self.root)
         if self.orphans:
@@ -70,10 +72,12 @@ class ArtifactCache:
                      build: Callable[[Path], None]) -> Path:
         """Return the cached file for (name, parts), building it with ``build(path)`` if absent or
         damaged. ``build`` must write ``path`` atomically (qatcheck's builders do): the old entry
-        stays until the new file is complete."""
+        stays until the new file is complete. What ``build`` returns (a JSON-able dict: what was
+        kept, folded...) is kept in the manifest and read back by :meth:`info`, built or reused."""
         key = cache_key({"artifact": name, **parts})
         path = self.root / f"{name}-{key}{suffix}"
         manifest = self.root / f"{name}-{key}.json"
+        self._manifests[path] = manifest
         with self._lock(f"{name}-{key}"):
             problem = verify(path, manifest)
             if self.enabled and problem is None:
@@ -82,16 +86,26 @@ class ArtifactCache:
                 return path
             if self.enabled and problem != "absent":
                 self.notes.append(f"cache entry {path} {problem}: rebuilt")
-            build(path)
+            info = build(path)
             if not path.is_file():
                 raise RuntimeError(f"the builder of {name} wrote no {path}")
             write_text_atomic(manifest, json.dumps(
                 {"artifact": name, "file": path.name, "size": path.stat().st_size,
-                 "digest": file_digest(path, DIGEST_LENGTH), "parts": parts},
+                 "digest": file_digest(path, DIGEST_LENGTH), "parts": parts,
+                 "info": info if isinstance(info, dict) else {}},
                 sort_keys=True, indent=1, default=str))
             self.built.add(path.name)
             self.reused.discard(path.name)
         return path
+
+    def info(self, path: Path) -> dict:
+        """What the builder of ``path`` (a file :meth:`get_or_build` returned) said about it, from
+        its manifest ({} when it said nothing)."""
+        try:
+            info = json.loads(self._manifests[Path(path)].read_text(encoding="utf-8")).get("info")
+        except (KeyError, OSError, ValueError, AttributeError):
+            return {}
+        return info if isinstance(info, dict) else {}
 
     def _lock(self, key: str):
         return locked(self.root / ".locks" / f"{key}.lock")

@@ -12,6 +12,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
+from qatcheck.data.base import TargetsDigest
 from qatcheck.errors import DataError
 from qatcheck.parity import ParityAccumulator
 
@@ -34,6 +35,9 @@ class Evaluation:
     nonfinite_samples: int = 0
     #: each output's per-sample shape (batch dimension dropped), in output order
     output_shapes: tuple[tuple[int, ...], ...] = ()
+    #: a digest of the targets the metric read (data.base.TargetsDigest; "" when they have no
+    #: canonical bytes)
+    targets: str = ""
 
 
 def evaluate(infer: Infer, batches: Iterable[tuple[np.ndarray, Any, int]], task, *,
@@ -53,6 +57,7 @@ def evaluate(infer: Infer, batches: Iterable[tuple[np.ndarray, Any, int]], task,
     samples = bad_out = bad_samples = 0
     bad_inputs: list[int] = []
     shapes: tuple[tuple[int, ...], ...] = ()
+    targets = TargetsDigest()
     t0 = time.perf_counter()
     for i, (x, y, n) in enumerate(batches):
         bad = _nonfinite_rows(x[:n]) + samples
@@ -75,6 +80,7 @@ def evaluate(infer: Infer, batches: Iterable[tuple[np.ndarray, Any, int]], task,
             if hasattr(task, "check_model"):
                 task.check_model(outs)  # e.g. a detector's class count vs the data's, top_k vs classes
         metric.update(outs, y)
+        targets.update(y, n)
         samples += n
         if reference is not None:
             refs = ([np.asarray(o)[:n] for o in reference(x)] if callable(reference)
@@ -98,7 +104,8 @@ def evaluate(infer: Infer, batches: Iterable[tuple[np.ndarray, Any, int]], task,
                       parity=tuple(p.result() for p in parities) if reference is not None else None,
                       agreement=agreement.result() if agreement is not None else None,
                       samples=samples, seconds=time.perf_counter() - t0,
-                      nonfinite_outputs=bad_out, nonfinite_samples=bad_samples, output_shapes=shapes)
+                      nonfinite_outputs=bad_out, nonfinite_samples=bad_samples, output_shapes=shapes,
+                      targets=targets.hexdigest())
 
 
 def _nonfinite_rows(x: np.ndarray) -> np.ndarray:

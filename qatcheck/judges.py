@@ -8,6 +8,7 @@ nothing is compared with the stored values, but floors and fp32 budgets still ap
 """
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -17,6 +18,8 @@ from qatcheck.measurement import Measurement, Verdict
 
 #: comparisons of floats read back from JSON
 EPS = 1e-9
+#: backend -> the runtime's name in messages (an ONNX-only recipe's reference is ONNX Runtime's)
+_RUNTIME = {"torch": "PyTorch", "onnxruntime": "ONNX Runtime", "tensorrt": "TensorRT"}
 
 
 @dataclass(frozen=True)
@@ -30,6 +33,8 @@ class CaseBaseline:
     eval_data: Mapping[str, Any] | None = None
     #: each output's per-sample shape when the baseline was recorded (``outputs`` in the file)
     outputs: Mapping[str, Any] | None = None
+    #: the settings that shaped the case's artifact when it was recorded (the case's ``settings``)
+    settings: Mapping[str, Any] | None = None
 
     def get(self, section: str, name: str, fingerprint: str | None = None) -> dict | None:
         entries = self.entries.get(section, {})
@@ -37,24 +42,56 @@ class CaseBaseline:
             entries = entries.get(fingerprint, {})
         return entries.get(name)
 
-    def missing(self, key: str, what: str) -> str:
-        return f"no baseline for {key} {what} in {self.path}; record it with --update-baselines"
+    def missing(self, key: str, what: str, hint: str = "") -> str:
+        return f"no baseline for {key} {what} in {self.path}; {hint or record_hint([])}"
+
+
+def record_hint(blockers: list[str] | tuple[str, ...], what: str = "it") -> str:
+    """How to record a value: ``record it with --update-baselines`` - unless the check also fails
+    on what holds while recording too (``blockers``: its floor, its fp32 budget, NaN outputs).
+    --update-baselines refuses a failing check, so that hint would go in a circle: this one says
+    the value will not be recorded, and the verdict adds :data:`REFUSED` once, saying what to do."""
+    if not blockers:
+        return f"record {what} with --update-baselines"
+    return f"{_NOT_RECORDED} {what} while this check fails {' and '.join(blockers)}"
+
+
+def _rerecord_hint(blockers: list[str] | tuple[str, ...], intended: str) -> str:
+    """``re-record with --update-baselines if <intended>``, under :func:`record_hint`'s rule."""
+    if not blockers:
+        return f"re-record with --update-baselines {intended}"
+    return f"{intended}, {record_hint(blockers, 'the new values')}"
+
+
+_NOT_RECORDED = "--update-baselines will not record"
+REFUSED = ("a failing check is never recorded: fix the case, or give the mode its own tolerance in the "
+           "recipe's Tolerances if it is knowingly worse (--qatcheck-force-update records it anyway)")
 
 
 def _verdict(check: str, m: Measurement, failures: list[str], updates: list[Update],
              notes: list[str] | tuple[str, ...] = (), improved: list[str] | None = None,
-             strict: bool = False) -> Verdict:
+             strict: bool = False, causes: tuple[str | None, ...] = (), data_changed: bool = False,
+             blockers: list[str] | None = None) -> Verdict:
     """pass / fail, or ``improved`` when values beat their baseline beyond the tolerance (a
-    failure under ``strict``: the baseline is stale)."""
+    failure under ``strict``: the baseline is stale). ``causes`` (what changed since the baseline:
+    the eval data, a recipe setting) lead the failures they explain; alone they fail nothing.
+    ``blockers``: the check's failures that hold under --update-baselines too (see
+    :func:`record_hint`)."""
     notes = list(notes)
     if improved:
         if strict:
-            failures = failures + [f"{x} (--qatcheck-strict: record it with --update-baselines)"
-                                   for x in improved]
+            failures = failures + [f"{x} (--qatcheck-strict: {record_hint(blockers or [])})" for x in improved]
+        elif blockers:
+            notes += [f"improved: {x}" for x in improved]
         else:
             notes += [f"improved: {x}; --update-baselines keeps it" for x in improved]
+    causes = tuple(c for c in causes if c) if failures else ()
+    failures = [*causes, *(f for f in failures if f not in causes)]
+    if any(_NOT_RECORDED in f for f in failures):
+        failures.append(REFUSED)
     status = "fail" if failures else "improved" if improved else "pass"
-    return Verdict(check, m.case, status, tuple(failures), notes=tuple(notes), updates=tuple(updates))
+    return Verdict(check, m.case, status, tuple(failures), notes=tuple(notes), updates=tuple(updates),
+                   causes=causes, data_changed=data_changed and bool(failures))
 
 
 def _nonfinite(m: Measurement) -> str | None:
@@ -67,16 +104,79 @@ def _nonfinite(m: Measurement) -> str | None:
             "NaN scale?)")
 
 
-def _data_changed(m: Measurement, base: CaseBaseline) -> str | None:
+def _data_changed(m: Measurement, base: CaseBaseline,
+                  blockers: tuple[str, ...] = ()) -> tuple[str | None, tuple[str, ...]]:
     """The eval set the baseline was recorded on differs from this run's: metric moves are then
-    the data's as much as the model's, and the message must say so first."""
+    the data's as much as the model's, and the message must say so first, and which part changed
+    (``inputs``, ``targets``; none named when the baseline predates keeping them apart)."""
     stored = base.eval_data
-    if not stored or not m.eval_fingerprint or stored.get("fingerprint") == m.eval_fingerprint:
+    if not stored or not m.eval_fingerprint:
+        return None, ()
+    was = f"{stored.get('samples', '?')} samples"
+    now = f"{m.eval_samples} samples"
+    if "inputs" not in stored:  # recorded by an older qatcheck: one fingerprint for both parts
+        if stored.get("fingerprint") == m.eval_fingerprint:
+            return None, ()
+        return (f"the eval data changed since the baseline was recorded (fingerprint "
+                f"{stored.get('fingerprint')}, {was} -> {m.eval_fingerprint}, {now}): metric moves may be "
+                f"the data's, not the model's; {_rerecord_hint(blockers, 'if the new data is intended')}"), ()
+    inputs = stored["inputs"] != m.eval_inputs or was != now
+    digests = bool(stored.get("targets")) and bool(m.eval_targets) and stored["targets"] != m.eval_targets
+    # the dataset's fingerprint covers inputs and targets (COCO: every annotation, crowd flags and
+    # areas too): moved with the inputs unchanged, it is the targets that changed
+    targets = digests or (not inputs and stored.get("fingerprint") != m.eval_fingerprint)
+    if not (inputs or targets):
+        return None, ()
+    what = ("its inputs and targets changed" if inputs and targets else
+            "its inputs changed, its targets did not" if inputs else
+            "its targets changed, its inputs did not")
+    details = [f"targets {stored['targets']} -> {m.eval_targets}" if digests else
+               f"fingerprint {stored.get('fingerprint')} -> {m.eval_fingerprint}" if targets else ""]
+    details.append(f"inputs {stored['inputs']}, {was} -> {m.eval_inputs}, {now}" if inputs else now)
+    whose = "may be the data's" if inputs else "are the data's"
+    parts = tuple(part for part, moved in (("inputs", inputs), ("targets", targets)) if moved)
+    return (f"the eval data changed since the baseline was recorded: {what} "
+            f"({'; '.join(d for d in details if d)}): metric moves {whose}, not the model's; "
+            f"{_rerecord_hint(blockers, 'if the new data is intended')}"), parts
+
+
+#: who a setting belongs to, when not to the recipe (ArtifactBuilder.settings names)
+_SETTING_SUBJECTS = {"device": "the calibration / training device",
+                     "onnx_quantizer": "the ONNX PTQ quantizer (--qatcheck-trt-ptq)",
+                     "modelopt": "the installed nvidia-modelopt"}
+
+
+def _show(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def settings_changed(stored: Mapping[str, Any] | None, now: Mapping[str, Any] | None,
+                     blockers: tuple[str, ...] = ()) -> str | None:
+    """Which of the settings that shaped a case's artifact (ArtifactBuilder.settings) differ from
+    those its baseline was recorded with, old -> new. A setting only one side has (a baseline
+    from before it was kept) is not judged."""
+    if not stored or not now:
         return None
-    return (f"the eval data changed since the baseline was recorded (fingerprint "
-            f"{stored.get('fingerprint')}, {stored.get('samples', '?')} samples -> {m.eval_fingerprint}, "
-            f"{m.eval_samples} samples): metric moves may be the data's, not the model's; "
-            "re-record with --update-baselines if the new data is intended")
+    moved = []
+    for name in (k for k in now if k in stored):
+        old, new = stored[name], now[name]
+        if isinstance(old, Mapping) and isinstance(new, Mapping):  # a settings object, field by field
+            moved += [(f"{name}.{k}", old.get(k), new.get(k)) for k in {**old, **new} if old.get(k) != new.get(k)]
+        elif old != new:
+            moved.append((name, old, new))
+    if not moved:
+        return None
+    hint = _rerecord_hint(blockers, "if intended")
+    if len(moved) == 1:
+        name, old, new = moved[0]
+        subject = _SETTING_SUBJECTS.get(name, f"the recipe's {name}")
+        return f"{subject} changed since this baseline was recorded ({_show(old)} → {_show(new)}): {hint}"
+    listed = ", ".join(f"{name} ({_show(old)} → {_show(new)})" for name, old, new in moved)
+    return f"the recipe's settings changed since this baseline was recorded: {listed}: {hint}"
+
+
+def _settings_changed(m: Measurement, base: CaseBaseline | None, blockers: tuple[str, ...] = ()) -> str | None:
+    return settings_changed(base.settings, m.settings, blockers) if base is not None else None
 
 
 def outputs_changed(shapes: Mapping[str, Any] | None, stored: Mapping[str, Any] | None) -> list[str]:
@@ -100,17 +200,29 @@ def judge_accuracy(m: Measurement, base: CaseBaseline | None, *, metric_names: t
                    specs: Mapping[str, Any] | None = None, value_rel: float = 0.05) -> Verdict:
     """Each metric vs its baseline, in its direction (``specs``: name -> tasks.base.MetricSpec;
     fractions: tolerance in points, section ``metrics``; plain values: tolerance relative to the
-    baseline, section ``values``); and, with ``budget_points``, the primary metric vs fp32 on the
-    same backend. Better than the baseline beyond the tolerance: improved."""
+    baseline, section ``values``); and, with ``budget_points``, the primary metric vs ``fp32`` (the
+    fp32 case on the same backend the session chose: see QatcheckSession.budget_reference).
+    Better than the baseline beyond the tolerance: improved."""
     from qatcheck.tasks.base import MetricSpec
 
     failures: list[str] = []
     improved: list[str] = []
     updates = []
     key = m.case.key
-    problems = [_nonfinite(m)]
+    nonfinite = _nonfinite(m)
+    budget = (_budget_failure(m, fp32, primary, (specs or {}).get(primary) or MetricSpec(), budget_points)
+              if budget_points is not None and fp32 is not None else None)
+    # what fails while recording too: a hint to record the value would go in a circle
+    blockers = tuple(b for b, failed in (
+        ("on NaN/inf outputs", nonfinite),
+        ("a non-finite metric", any(not math.isfinite(m.metrics[n]) for n in metric_names)),
+        ("its fp32 budget", budget)) if failed)
+    problems = [nonfinite]
+    data = None
     if base is not None:
-        problems += [_data_changed(m, base), *outputs_changed(m.output_shapes, base.outputs)]
+        data, _ = _data_changed(m, base, blockers)
+        # alone it fails: the stored metrics were measured on other data
+        problems += [data, *outputs_changed(m.output_shapes, base.outputs)]
     failures += [p for p in problems if p]
     for name in metric_names:
         spec = (specs or {}).get(name) or MetricSpec()
@@ -125,7 +237,7 @@ def judge_accuracy(m: Measurement, base: CaseBaseline | None, *, metric_names: t
             continue
         b = base.get(section, name)
         if b is None:
-            failures.append(base.missing(key, f"{section}.{name}"))
+            failures.append(base.missing(key, f"{section}.{name}", record_hint(blockers)))
             continue
         sign = 1.0 if spec.higher_is_better else -1.0
         # how far the value moved in the bad direction, and the tolerance, in the same unit
@@ -140,18 +252,27 @@ def judge_accuracy(m: Measurement, base: CaseBaseline | None, *, metric_names: t
         elif -worse > margin + EPS:
             improved.append(f"{name} {_fmt(spec, value)} is {good} the baseline {_fmt(spec, b['value'])} by "
                             f"{_amount(spec, -worse, b['value'])}")
-    if budget_points is not None and fp32 is not None:
-        spec = (specs or {}).get(primary) or MetricSpec()
-        sign = 1.0 if spec.higher_is_better else -1.0
-        worse = sign * (fp32.metrics[primary] - m.metrics[primary])
-        # a fraction's budget is in points; a plain value's in percent of fp32's value
-        drop = worse * 100 if spec.fraction else 100 * worse / max(abs(fp32.metrics[primary]), 1e-12)
-        if not drop <= budget_points + EPS:
-            bad = "below" if spec.higher_is_better else "above"
-            moved, unit = (f"{drop:.2f} points", "points") if spec.fraction else (f"{drop:.1f}%", "%")
-            failures.append(f"{primary} {_fmt(spec, m.metrics[primary])} is {moved} {bad} fp32 "
-                            f"{_fmt(spec, fp32.metrics[primary])} on {m.case.backend} (budget {budget_points:g} {unit})")
-    return _verdict("accuracy", m, failures, updates, improved=improved, strict=strict)
+    if budget:
+        failures.append(budget)
+    return _verdict("accuracy", m, failures, updates, improved=improved, strict=strict,
+                    causes=(data, _settings_changed(m, base, blockers)), data_changed=bool(data),
+                    blockers=list(blockers))
+
+
+def _budget_failure(m: Measurement, fp32: Measurement, primary: str, spec, budget_points: float) -> str | None:
+    """The primary metric further below fp32's than the budget allows (None: within it). A
+    fraction's budget is in points; a plain value's in percent of fp32's value."""
+    sign = 1.0 if spec.higher_is_better else -1.0
+    worse = sign * (fp32.metrics[primary] - m.metrics[primary])
+    drop = worse * 100 if spec.fraction else 100 * worse / max(abs(fp32.metrics[primary]), 1e-12)
+    if drop <= budget_points + EPS:
+        return None
+    bad = "below" if spec.higher_is_better else "above"
+    moved, unit = (f"{drop:.2f} points", "points") if spec.fraction else (f"{drop:.1f}%", "%")
+    ref = "fp32" if not fp32.case.shape else f"fp32 ({fp32.case.mode} build at {fp32.case.shape})"
+    return (f"{primary} {_fmt(spec, m.metrics[primary])} is {moved} {bad} {ref} "
+            f"{_fmt(spec, fp32.metrics[primary])} on {m.case.backend} (budget {budget_points:g} {unit}; "
+            f"Tolerances.fp32_budget_points sets a mode's own)")
 
 
 def _mode(m: Measurement):
@@ -186,9 +307,10 @@ def judge_parity(m: Measurement, base: CaseBaseline | None, *, thresholds, agree
     """Outputs vs the case's reference: absolute floors (``thresholds``, a ParityThresholds; with
     several outputs each output is held to the floor, or to its own in ``output_floors``, and named
     when below) and the stored values minus their tolerance."""
-    if m.parity is None or thresholds is None:
-        return Verdict("parity", m.case, "skip", reason=f"{m.case.id} is the parity reference "
-                                                          "(PyTorch fp32) itself")
+    if m.parity is None or thresholds is None:  # a case without a reference is the reference
+        runtime = _RUNTIME.get(m.case.backend, m.case.backend)
+        return Verdict("parity", m.case, "skip",
+                       reason=f"{m.case.id} is the parity reference ({runtime} {m.case.mode}) itself")
     p, agree = m.parity, agreement_name
     vs = f"vs {m.parity_reference}"
     bad = [k for k in ("cosine", agree, "max_abs") if not math.isfinite(p.get(k, 0.0))]
@@ -214,6 +336,8 @@ def judge_parity(m: Measurement, base: CaseBaseline | None, *, thresholds, agree
             failures.append(f"max_abs {p['max_abs']:.3g} {vs} is above the ceiling {thresholds.max_abs:g}")
     if p[agree] < thresholds.min_top1_agreement - EPS:
         failures.append(f"{agree} {p[agree]:.2%} {vs} is below the floor {thresholds.min_top1_agreement:.2%}")
+    # floors hold while recording too: a hint to record a missing baseline would go in a circle
+    blockers = ("its parity floor",) if failures else ()
     updates = []
     improved: list[str] = []
     key = m.case.key
@@ -223,14 +347,19 @@ def judge_parity(m: Measurement, base: CaseBaseline | None, *, thresholds, agree
             continue
         b = base.get("parity", name)
         if b is None:
-            failures.append(base.missing(key, f"parity.{name}"))
+            failures.append(base.missing(key, f"parity.{name}", record_hint(blockers)))
         elif p[name] < b["value"] - b["tolerance"] - EPS:
             failures.append(f"{name} {p[name]:.6f} {vs} fell below the baseline "
                             f"{b['value']:.6f} - tolerance {b['tolerance']:g}")
         elif p[name] > b["value"] + b["tolerance"] + EPS:
             improved.append(f"{name} {p[name]:.6f} {vs} is above the baseline {b['value']:.6f} "
                             f"+ tolerance {b['tolerance']:g}")
-    return _verdict("parity", m, failures, updates, improved=improved, strict=strict)
+    # new targets move no output: only new inputs explain a parity move
+    data, parts = _data_changed(m, base, blockers) if base is not None else (None, ())
+    data = data if "inputs" in parts else None
+    return _verdict("parity", m, failures, updates, improved=improved, strict=strict,
+                    causes=(data, _settings_changed(m, base, blockers)), data_changed=bool(data),
+                    blockers=list(blockers))
 
 
 def _spread(stats) -> tuple[tuple[str, float], ...]:
@@ -370,9 +499,12 @@ def judge_latency(m: Measurement, base: CaseBaseline | None, *, tolerance_rel: f
         failures += _judge_speedup(m, *speedup)
     b = base.get("latency", "median_ms", fid) if base is not None else None
     if base is not None and b is None and not failures and speedup is None:
+        # the hint holds only where recording would take this figure
+        refused = _unrecordable(stats, tolerance_rel)
         return Verdict("latency", m.case, "skip", updates=tuple(updates),
                        reason=(f"no latency baseline for {m.case.key} on this device (fingerprint "
-                               f"{fid}: {device}); record one with --update-baselines"))
+                               f"{fid}: {device}); record one with --update-baselines" +
+                               (f" - not this figure, which would not be recorded: {refused}" if refused else "")))
     unchanged = False  # the timed artifact is byte-identical to the one the baseline was timed from
     if b is not None and m.latency_paired is not None:
         # the artifact changed since the baseline: its recorded artifact was timed beside it, in this
@@ -523,7 +655,10 @@ def judge_structure(m: Measurement, base: CaseBaseline | None, *, scale_rel: flo
         tol = {k.rpartition(".")[0]: v["tolerance"] for k, v in base.entries["structure"].items()
                if ".scale" in k}
         failures += compare_structure(m.structure, stored, scale_rel=tol or scale_rel)
-    return _verdict("structure", m, failures, updates)
+    # an artifact without Q/DQ fails while recording too: never "re-record it"
+    blockers = ("quantization vanished",) if vanished(m.structure) else ()
+    return _verdict("structure", m, failures, updates, causes=(_settings_changed(m, base, blockers),),
+                    blockers=list(blockers))
 
 
 def judge_precision(case, audit, expect: Mapping[str, Any], kept: tuple[str, ...] = ()) -> Verdict:

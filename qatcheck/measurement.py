@@ -77,6 +77,13 @@ class Measurement:
     eval_seconds: float = 0.0
     #: the eval data's fingerprint (a baseline recorded on other data says so)
     eval_fingerprint: str = ""
+    #: ... of its inputs alone (data.base.inputs_fingerprint), and the digest of the targets the
+    #: metric read (data.base.TargetsDigest): the baseline's message says which of them changed
+    eval_inputs: str = ""
+    eval_targets: str = ""
+    #: what shaped the case's artifact (ArtifactBuilder.settings: its mode row's key_fields,
+    #: readable); a baseline keeps them so a failure names the setting that changed
+    settings: dict[str, Any] | None = None
     #: NaN / inf values among this case's outputs (inputs are checked before any model runs)
     nonfinite_outputs: int = 0
     #: eval samples with at least one NaN / inf output value
@@ -132,6 +139,13 @@ class Verdict:
     reason: str = ""  # why skipped
     notes: tuple[str, ...] = ()
     updates: "tuple[Update, ...]" = ()
+    #: what changed since the baseline was recorded that explains the failures (the eval data, a
+    #: recipe setting): the first lines of ``failures``, which the plugin prints in full once per
+    #: session (the other failures they explain point to that one)
+    causes: tuple[str, ...] = ()
+    #: the eval data changed since the baseline: the failure is the data's as much as the model's,
+    #: and replaying the model on its inputs (a reproduction bundle) would show nothing
+    data_changed: bool = False
 
     @property
     def ok(self) -> bool:

@@ -56,9 +56,13 @@ class ModeSpec:
     ``train_data`` (data fingerprints), ``device`` (where calibration / training run), ``loss``
     (the QAT loss's code), ``fp32_onnx`` (the digest of the fp32 export the mode is built from),
     ``torch_quantizer`` (``QuantSettings.torch_quantizer``, with ModelOpt's version when it is
-    ``modelopt``) and ``modelopt`` (the installed nvidia-modelopt version).
+    ``modelopt``), ``modelopt`` (the installed nvidia-modelopt version), ``modules`` (each
+    submodule's name, class and settings: what places a torch quantizer, which the graph does not
+    show) and ``train_graph`` (the model traced in training mode: what QAT runs).
     Only those enter the mode's cache key: changing the ONNX calibrator rebuilds trt_ptq, not
-    torch_ptq. Every key also holds the weights, the model's code and qatcheck's build code.
+    torch_ptq. Every key also holds the weights, the model's traced graph (the digest of its static
+    fp32 export, so an edit to any code ``forward()`` runs, in any module, rebuilds) and
+    qatcheck's build code.
     """
 
     name: str
@@ -82,6 +86,9 @@ class ModeSpec:
     trt_native_ptq: bool = False
     #: the mode keeps QuantSettings.keep_precision layers in higher precision
     keeps_layers: bool = False
+    #: the ONNX builder is cheap and deterministic: it runs every session and its file is keyed on
+    #: its own digest (the fp32 export is the model's traced behaviour, whatever code computes it)
+    content_keyed: bool = False
     description: str = ""
     #: a note the report shows once for the mode's cases (what its figures are)
     note: str = ""
@@ -118,6 +125,13 @@ class ModeSpec:
     def profile_only(self) -> bool:
         return self.variant_of is not None
 
+    @property
+    def from_fp32_onnx(self) -> bool:
+        """Its ONNX is made from the fp32 export (``fp32_onnx`` in its key: the fp16 conversion,
+        ONNX-level PTQ), so its compute tensors keep their fp32 names and can be compared with the
+        fp32 graph's tensor by tensor (localization's ONNX path)."""
+        return "fp32_onnx" in self.key_fields
+
 
 def resolve(builder: Any) -> Callable[..., Any]:
     """A builder given as ``"module:function"`` -> the function (callables pass through)."""
@@ -129,8 +143,8 @@ def resolve(builder: Any) -> Callable[..., Any]:
 
 _A = "qatcheck.artifacts"
 _PTQ_KEYS = ("quant.percentile", "quant.per_channel", "quant.calib_batches", "calib_data")
-#: which library quantizes torch_ptq / qat, and the ModelOpt config it is given
-_TORCH_Q_KEYS = ("torch_quantizer", "quant.modelopt_config")
+#: which library quantizes torch_ptq / qat, the ModelOpt config it is given, the modules it quantizes
+_TORCH_Q_KEYS = ("torch_quantizer", "quant.modelopt_config", "modules")
 MODE_SPECS: dict[str, ModeSpec] = {}
 
 
@@ -148,7 +162,7 @@ def unregister_mode(name: str) -> None:
 
 
 for _spec in (
-    ModeSpec("fp32", "float", "fp32", f"{_A}:export_fp32", f"{_A}:plain_module",
+    ModeSpec("fp32", "float", "fp32", f"{_A}:export_fp32", f"{_A}:plain_module", content_keyed=True,
              description="plain export, fp32 execution"),
     ModeSpec("fp16", "float", "fp16", f"{_A}:convert_fp16", f"{_A}:plain_module", key_fields=("fp32_onnx",),
              description="fp16 execution (torch .half(); fp16 ONNX with fp32 I/O)"),
@@ -170,7 +184,7 @@ for _spec in (
     ModeSpec("qat", "int8_torch", "int8", f"{_A}:torch_qdq_onnx", f"{_A}:qat_module",
              calibrator_field="torch_calibrator", calibrated=True, trained=True,
              key_fields=("quant.torch_calibrator", *_PTQ_KEYS, "quant.qdq_rules", "device", "qat",
-                         "train_data", "loss", *_TORCH_Q_KEYS),
+                         "train_data", "loss", "train_graph", *_TORCH_Q_KEYS),
              requires=("train_data",),
              description="torch_ptq, then fine-tuned, exported as Q/DQ ONNX"),
     ModeSpec("dynamic", "float", "fp32", f"{_A}:export_fp32", f"{_A}:plain_module", variant_of="fp32",
@@ -195,7 +209,7 @@ register_mode(ModeSpec(
     backends=("torch", "onnxruntime", "tensorrt"),
     calibrator_field="fp8_calibrator", calibrated=True,
     key_fields=("quant.fp8_calibrator", "quant.percentile", "quant.calib_batches", "calib_data", "device",
-                "modelopt"),
+                "modelopt", "modules"),
     note=("fp8 is simulated here: E4M3 fake-quant in PyTorch and FP8 Q/DQ in ONNX Runtime compute in "
           "fp32 with E4M3 rounding; the accuracy and parity are FP8's, the speed is not"),
     latency_skip="qatcheck.quantize.modelopt_quant:fp8_latency_skip",
@@ -248,6 +262,16 @@ def parity_reference(mode: str, backend: str) -> tuple[str, str] | None:
     if not s.has_torch:
         return ("fp32", "quantization")
     return (mode, "export")
+
+
+def localization_paths(mode: str) -> tuple[str, ...]:
+    """Where a low-precision mode can be localized against fp32 (qatcheck.analysis.localize):
+    ``onnx`` when its graph is made from the fp32 export (tensor names kept), ``torch`` when it
+    has a PyTorch form; the preferred one first. fp32 and profile-only modes: none."""
+    s = spec(mode)
+    if s.precision == "fp32" or s.profile_only:
+        return ()
+    return tuple(p for p, ok in (("onnx", s.from_fp32_onnx), ("torch", s.has_torch)) if ok)
 
 
 def calibrator_of(mode: str, quant: Any, options: Any = None) -> str:

@@ -92,7 +92,11 @@ def pin_shapes(src: Path, dst: Path, input_name: str, shape: Sequence[int], outp
     one error naming both lists."""
     import onnx
 
-    model = onnx.load(str(src))
+    try:
+        model = onnx.load(str(src))
+    except Exception as exc:  # protobuf's DecodeError, a truncated file: the path is what to fix
+        raise ArtifactError(f"ONNX model {src} cannot be read as ONNX ({type(exc).__name__}: {exc}): "
+                            "Recipe.model=onnx_file(...) must name an ONNX model file") from exc
     graph = model.graph
     inits = {i.name for i in graph.initializer}
     inputs = [i for i in graph.input if i.name not in inits]

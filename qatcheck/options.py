@@ -12,6 +12,7 @@ from pathlib import Path
 
 CUDA_GRAPH_CHOICES = ("auto", "on", "off")
 TRT_PTQ_CHOICES = ("auto", "native", "qdq", "modelopt")
+LOCALIZE_CHOICES = ("auto", "off")
 
 
 @dataclass
@@ -53,6 +54,10 @@ class Options:
     strict: bool = False
     #: print pytest-benchmark's own table after qatcheck's
     benchmark_table: bool = False
+    #: a failed parity check of a quantized case is localized (auto) or not (off)
+    localize: str = "auto"
+    #: seconds the automatic localizations of this process may take together (None: no limit)
+    localize_budget_s: float | None = 60.0
 
 
 def physical_cores() -> int:

@@ -27,11 +27,14 @@ from qatcheck.backends import backend_names
 from qatcheck.errors import QatcheckError
 from qatcheck.measurement import Case, Verdict
 from qatcheck.modes import modes
-from qatcheck.options import CUDA_GRAPH_CHOICES, TRT_PTQ_CHOICES, Options, activate, deactivate, physical_cores
+from qatcheck.options import (CUDA_GRAPH_CHOICES, LOCALIZE_CHOICES, TRT_PTQ_CHOICES, Options, activate, deactivate,
+                              physical_cores)
 
 OPTIONS_KEY = pytest.StashKey[Options]()
 SESSION_KEY = pytest.StashKey["object"]()
 MISSING_KEY = pytest.StashKey[list]()
+#: the session's automatic localizations (qatcheck.analysis.localize.AutoLocalization)
+LOCALIZE_KEY = pytest.StashKey["object"]()
 
 
 def requirable() -> tuple[str, ...]:
@@ -105,6 +108,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                      "ModelOpt's ONNX PTQ writes the trt_ptq/partial Q/DQ ONNX (for ONNX Runtime "
                      "too) and TensorRT builds it like qdq (minmax/entropy; pip install -e "
                      "'.[modelopt]')")
+    g.addoption("--qatcheck-localize", default="auto", choices=LOCALIZE_CHOICES,
+                help="a failed parity check of a quantized case names the layer where the damage "
+                     "enters (auto, the default), or not (off)")
+    g.addoption("--qatcheck-localize-budget", type=float, default=60.0, metavar="SECONDS",
+                help="seconds the automatic localizations of a run (of each xdist worker) may take "
+                     "together (default 60; each distinct artifact is localized once); past it a "
+                     "failure prints the `python -m qatcheck localize` command instead")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -132,6 +142,9 @@ def pytest_configure(config: pytest.Config) -> None:
     threads = config.getoption("--qatcheck-threads")
     if threads != "auto" and not (threads.isdigit() and int(threads) > 0):
         raise pytest.UsageError(f"--qatcheck-threads: expected auto or a positive number, got {threads!r}")
+    localize_budget = config.getoption("--qatcheck-localize-budget")
+    if not localize_budget >= 0:
+        raise pytest.UsageError(f"--qatcheck-localize-budget: expected seconds >= 0, got {localize_budget!r}")
     options = Options(
         baselines_dir=opt_path("--qatcheck-baselines", "baselines"),
         reports_dir=opt_path("--qatcheck-reports", "reports"),
@@ -156,6 +169,8 @@ def pytest_configure(config: pytest.Config) -> None:
         latency_strict=config.getoption("--qatcheck-latency-strict"),
         strict=config.getoption("--qatcheck-strict"),
         benchmark_table=config.getoption("--qatcheck-benchmark-table"),
+        localize=config.getoption("--qatcheck-localize"),
+        localize_budget_s=localize_budget,
     )
     w = parallel.worker(config)
     if w is not None:
@@ -233,10 +248,11 @@ class BoundCase:
     """What a test receives as ``qcase``: the case plus the checks, which fail the test with one
     readable message (no traceback through qatcheck)."""
 
-    def __init__(self, case: Case, session, nodeid: str = "") -> None:
+    def __init__(self, case: Case, session, nodeid: str = "", stash: pytest.Stash | None = None) -> None:
         self.case = case
         self.session = session
         self.nodeid = nodeid or case.id
+        self.stash = stash if stash is not None else pytest.Stash()  # the run's (config.stash)
 
     @property
     def id(self) -> str:
@@ -254,21 +270,28 @@ class BoundCase:
             return fn(*args)
         except QatcheckError as exc:
             message = f"{type(exc).__name__}: {exc}"
-        # one message per root cause: an error every case hits (a data factory that raises, a
-        # malformed baseline) is printed in full once; the other tests point to that one
-        first = self.session.errors.setdefault(message, self.nodeid)
-        if first != self.nodeid:
-            head = message.splitlines()[0]
-            message = f"same error as {first} (reported there in full): {head[:160]}"
         # outside the except block, so the report shows one line, not a chained traceback
-        pytest.fail(message, pytrace=False)
+        pytest.fail(self._once(message, "error"), pytrace=False)
+
+    def _once(self, message: str, what: str) -> str:
+        """One message per root cause: an error every case hits (a data factory that raises, a
+        malformed baseline) or a cause of many failures (the eval data changed) is printed in full
+        once; the other tests point to that one."""
+        first = self.session.errors.setdefault(message, self.nodeid)
+        if first == self.nodeid:
+            return message
+        head = message.splitlines()[0]
+        if what == "cause":  # its lead clause names it; the figures are in the full message
+            head = head.split(" (")[0]
+        return f"same {what} as {first} (reported there in full): {head[:160]}"
 
     def _conclude(self, verdict: Verdict, what: str) -> Verdict:
         if verdict.failures:
-            lines = list(verdict.failures)
+            lines = [self._once(f, "cause") if f in verdict.causes else f for f in verdict.failures]
             if what == "parity":
                 lines += self._localize()
-            if what in ("parity", "accuracy"):
+            # a failure the data explains: replaying the model on its inputs reproduces nothing
+            if what in ("parity", "accuracy") and not verdict.data_changed:
                 lines += self._repro(what)
             pytest.fail(f"{self.case.id} {what} check failed:\n  " + "\n  ".join(lines), pytrace=False)
         if verdict.skipped:
@@ -277,13 +300,21 @@ class BoundCase:
 
     def _localize(self) -> list[str]:
         """Where the damage enters (qatcheck.analysis.localize), for a failed parity check of a
-        quantized case at its static shape: trt_ptq / partial on their Q/DQ graph, torch_ptq / qat
-        on their PyTorch module (localize_torch; their exported graphs on other backends get a line
-        pointing to the torch case); never a second failure on top of the first."""
+        low-precision case at its static shape - which modes, and on which path, comes from the mode
+        table (qatcheck.modes.localization_paths): fp16 / trt_ptq / partial on their graph, the
+        modes with a PyTorch form on the torch backend in PyTorch (the exports of torch_ptq / qat /
+        fp8 on other backends get a line pointing to the torch case); never a second failure on top
+        of the first. Off with --qatcheck-localize off; once per distinct artifact, within
+        --qatcheck-localize-budget."""
+        options = self.session.options
+        if options.localize == "off":
+            return []
         try:
-            from qatcheck.analysis.localize import for_failed_case
+            from qatcheck.analysis.localize import AutoLocalization, for_failed_case
 
-            return for_failed_case(self.session, self.case)
+            if LOCALIZE_KEY not in self.stash:
+                self.stash[LOCALIZE_KEY] = AutoLocalization(options.localize_budget_s)
+            return for_failed_case(self.session, self.case, auto=self.stash[LOCALIZE_KEY])
         except Exception as exc:
             return [f"(no localization: {type(exc).__name__}: {exc})"]
 
@@ -338,7 +369,7 @@ def qcase(request: pytest.FixtureRequest) -> BoundCase:
 
         if not torch.cuda.is_available():
             pytest.fail("cuda is required (--qatcheck-require cuda) but torch sees no GPU", pytrace=False)
-    return BoundCase(case, session, request.node.nodeid)
+    return BoundCase(case, session, request.node.nodeid, request.config.stash)
 
 
 @pytest.hookimpl(wrapper=True)
@@ -368,11 +399,15 @@ class _Controller:
 
     def __init__(self) -> None:
         self.texts: list[str] = []
+        #: a worker's --update-baselines wrote nothing (report.Summary.baselines_not_written)
+        self.baselines_not_written = False
 
     def pytest_testnodedown(self, node, error) -> None:
-        text = getattr(node, "workeroutput", {}).get("qatcheck_summary")
+        output = getattr(node, "workeroutput", {})
+        text = output.get("qatcheck_summary")
         if text:
             self.texts.append(text)
+        self.baselines_not_written |= bool(output.get("qatcheck_baselines_not_written"))
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
@@ -384,7 +419,13 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         qs.summary = report.finish(qs)
         if hasattr(config, "workeroutput"):
             config.workeroutput["qatcheck_summary"] = qs.summary.text
-    if config.stash.get(MISSING_KEY, []) and session.exitstatus == 0:
+            config.workeroutput["qatcheck_baselines_not_written"] = qs.summary.baselines_not_written
+    controller = config.pluginmanager.get_plugin("qatcheck-xdist-controller")
+    # a required backend missing, or baselines asked for and not written: the run fails, even
+    # with every test green (the summary says why)
+    failed = (config.stash.get(MISSING_KEY, []) or (qs is not None and qs.summary.baselines_not_written)
+              or (controller is not None and controller.baselines_not_written))
+    if failed and session.exitstatus == 0:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 

@@ -7,13 +7,14 @@ collected; the plugin calls the factories the first time a case needs them, so `
 from __future__ import annotations
 
 import re
+from collections import abc
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from qatcheck.errors import ConfigError
 from qatcheck.backends import BACKENDS, check_backend
-from qatcheck.modes import (FP8_CALIBRATORS, MODE_SPECS, MODES, MODELOPT_CALIBRATORS, ONNX_CALIBRATORS,
-                            TORCH_CALIBRATORS, TORCH_QUANTIZERS, check_mode, spec as mode_spec)
+from qatcheck.modes import (FAMILIES, FP8_CALIBRATORS, MODE_SPECS, MODES, MODELOPT_CALIBRATORS,
+                            ONNX_CALIBRATORS, TORCH_CALIBRATORS, TORCH_QUANTIZERS, check_mode, spec as mode_spec)
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -174,7 +175,8 @@ class QuantSettings:
 
 @dataclass(frozen=True)
 class QATSettings:
-    """Quantization-aware fine-tuning: a few epochs at a low learning rate from the calibrated model."""
+    """Quantization-aware fine-tuning: a few epochs at a low learning rate from the calibrated model,
+    with ``Recipe.loss`` (what it receives is documented there)."""
 
     #: fine-tuning epochs over train_data
     epochs: int = 1
@@ -223,9 +225,14 @@ class Tolerances:
 
     #: how far (points) a fraction metric may fall below its baseline
     metric_points: float = 0.5
-    #: mode -> how far (points) its primary metric may fall below fp32 on the same backend
-    fp32_budget_points: Mapping[str, float] = field(
-        default_factory=lambda: {"torch_ptq": 1.0, "qat": 1.0})
+    #: mode -> how far (points) its primary metric may fall below fp32 on the same backend (a metric
+    #: that is not a fraction: percent of fp32's value); None: no budget for that mode. A mode not
+    #: named here gets fp32_budget_default
+    fp32_budget_points: Mapping[str, float | None] = field(default_factory=dict)
+    #: the fp32 budget (points) of every mode that is not the fp32 reference (the mode table's
+    #: ModeSpec.is_reference): fp16, trt_ptq, partial, torch_ptq, qat, fp8, a registered mode, and
+    #: their dynamic builds; None: only the modes named in fp32_budget_points have one
+    fp32_budget_default: float | None = 1.0
     #: how much slower (relative) than its baseline a case may be (see the README's latency verdicts)
     latency_rel: float = 0.15
     #: how far the cosine may fall below its parity baseline
@@ -241,9 +248,11 @@ class Tolerances:
     #: a metric that is not a fraction (a regression error in pixels: MetricSpec(fraction=False))
     #: may move this much relative to its baseline
     value_metric_rel: float = 0.05
-    #: per-output cosine floors (output name -> min cosine) replacing the parity floor of the mode
-    #: for that output, e.g. {"landmarks": 0.995}; every output is held to a floor and named when below
-    output_min_cosine: Mapping[str, float] = field(default_factory=dict)
+    #: per-output cosine floors replacing the parity floor for that output, per mode: a mode, a mode
+    #: family (float, int8_graph, int8_torch) or "*" (every mode) -> {output name: min cosine}, e.g.
+    #: {"fp8": {"boxes": 0.975}}; the most specific key wins (mode, then family, then "*"). Every
+    #: output is held to a floor and named when below
+    output_min_cosine: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
     #: latency gates that hold on any machine: a mode at least this many times faster than a
     #: reference mode on the same backend in the same session, e.g. {"trt_ptq": 1.5} (vs fp32) or
     #: {"trt_ptq": (1.2, "fp16")}
@@ -255,29 +264,61 @@ class Tolerances:
             return None
         return (float(floor), "fp32") if isinstance(floor, (int, float)) else (float(floor[0]), str(floor[1]))
 
+    def fp32_budget(self, mode: str) -> float | None:
+        """The mode's accuracy budget against fp32 (points), or None: its own entry in
+        fp32_budget_points, else fp32_budget_default for every mode but the fp32 reference."""
+        if mode in self.fp32_budget_points:
+            return self.fp32_budget_points[mode]
+        return None if mode_spec(mode).is_reference else self.fp32_budget_default
+
+    def output_floors(self, mode: str) -> dict[str, float]:
+        """The per-output cosine floors that hold for ``mode``: "*", then the mode's family, then
+        the mode itself (a later key overrides an earlier one, output by output)."""
+        floors: dict[str, float] = {}
+        for key in ("*", mode_spec(mode).family, mode):
+            floors.update(self.output_min_cosine.get(key, {}))
+        return floors
+
     def validate(self) -> None:
         for field_name in ("fp32_budget_points", "export_parity"):
             for mode in getattr(self, field_name):
                 if mode not in MODE_SPECS:
                     raise ConfigError(f"Tolerances.{field_name} names unknown mode {mode!r}; "
                                       f"choose from {', '.join(MODE_SPECS)}")
-        for mode, points in self.fp32_budget_points.items():
-            if not points >= 0:
-                raise ConfigError(f"Tolerances.fp32_budget_points[{mode!r}] must be >= 0; got {points!r}")
+        for where, points in [*((f"fp32_budget_points[{m!r}]", p) for m, p in self.fp32_budget_points.items()),
+                              ("fp32_budget_default", self.fp32_budget_default)]:
+            if points is not None and not points >= 0:
+                raise ConfigError(f"Tolerances.{where} must be >= 0 (or None: no budget); got {points!r}")
         for mode in self.speedup_floor:
             check_mode(mode)
             floor, ref = self.speedup_for(mode)
             check_mode(ref)
             if not floor > 0:
                 raise ConfigError(f"Tolerances.speedup_floor[{mode!r}] must be > 0; got {floor!r}")
-        for out, floor in self.output_min_cosine.items():
-            if not -1.0 <= floor <= 1.0:
-                raise ConfigError(f"Tolerances.output_min_cosine[{out!r}] must be a cosine in [-1, 1]; got {floor!r}")
+        self._validate_output_floors()
         for field_name in ("metric_points", "latency_rel", "parity_cosine", "parity_agreement", "scale_rel",
                            "value_metric_rel"):
             value = getattr(self, field_name)
             if not value >= 0:  # also rejects NaN
                 raise ConfigError(f"Tolerances.{field_name} must be >= 0; got {value!r}")
+
+    def _validate_output_floors(self) -> None:
+        keys = ("*", *FAMILIES, *MODE_SPECS)
+        for key, floors in self.output_min_cosine.items():
+            if not isinstance(floors, abc.Mapping):
+                # the flat {output: floor} form held every mode to the floor, fp32 included: the
+                # mode it was meant for must be said
+                raise ConfigError(f"Tolerances.output_min_cosine[{key!r}] is {floors!r}; the floors are per "
+                                  f"mode: {{mode, family or '*': {{output: floor}}}}, e.g. "
+                                  f"{{'fp8': {{{key!r}: {floors!r}}}}} for one mode or "
+                                  f"{{'*': {{{key!r}: {floors!r}}}}} for every mode")
+            if key not in keys:
+                raise ConfigError(f"Tolerances.output_min_cosine names {key!r}, which is not a mode, a mode "
+                                  f"family or '*'; choose from {', '.join(keys)}")
+            for out, floor in floors.items():
+                if isinstance(floor, bool) or not isinstance(floor, (int, float)) or not -1.0 <= floor <= 1.0:
+                    raise ConfigError(f"Tolerances.output_min_cosine[{key!r}][{out!r}] must be a cosine in "
+                                      f"[-1, 1]; got {floor!r}")
 
 
 @dataclass(frozen=True)
@@ -331,8 +372,11 @@ class Recipe:
     #: detection: how raw head outputs become boxes (a name in qatcheck.tasks.detection.DECODERS,
     #: or a Decoder object); the same decoder serves every backend
     decoder: object = "centernet"
-    #: QAT loss ``loss(outputs, targets) -> scalar tensor``; None = cross-entropy on int labels
-    #: (classification). Detection recipes pass their training loss.
+    #: QAT loss ``loss(outputs, targets) -> scalar tensor``: ``outputs`` is what forward() returns
+    #: (a tuple of every output, in output_names order, when there are several), ``targets`` the
+    #: train batch's (a tensor for numeric labels; a HeadTargets when given per head). None:
+    #: cross-entropy on int labels of the output the task scores (task_output, or the only one),
+    #: read from a HeadTargets at that name (classification); detection recipes pass their loss.
     loss: Callable | None = None
     #: modes also measured with their dynamic-axes build at the profile's min / opt / max
     #: (InputSpec.dynamic), e.g. ("fp16", "trt_ptq", "torch_ptq"): int8 x dynamic shape is then
@@ -377,11 +421,11 @@ class Recipe:
                               "no Recipe.loss (the training loss QAT fine-tunes with)")
         if not self.output_names:
             raise ConfigError(f"Recipe({self.name}).output_names must name the model outputs")
+        self.tolerances.validate()  # before the outputs: their check reads its per-mode floors
         self._validate_outputs(task_names())
         self.input.validate()
         self.quant.validate()
         self.qat.validate()
-        self.tolerances.validate()
 
     def _validate_outputs(self, known_tasks) -> None:
         names = self.output_names
@@ -408,10 +452,11 @@ class Recipe:
             if out == self.task_output:
                 raise ConfigError(f"Recipe({self.name}).heads[{out!r}]: that output is task_output, "
                                   "scored by the recipe's task already")
-        for out in self.tolerances.output_min_cosine:
-            if out not in names:
-                raise ConfigError(f"Recipe({self.name}).tolerances.output_min_cosine names output {out!r}, "
-                                  f"which is not in output_names {names}")
+        for key, floors in self.tolerances.output_min_cosine.items():
+            for out in floors:
+                if out not in names:
+                    raise ConfigError(f"Recipe({self.name}).tolerances.output_min_cosine[{key!r}] names output "
+                                      f"{out!r}, which is not in output_names {names}")
         if not self.top_k or any(not isinstance(k, int) or k < 1 for k in self.top_k):
             raise ConfigError(f"Recipe({self.name}).top_k must be positive integers; got {self.top_k}")
 

@@ -22,6 +22,9 @@ class Summary:
     text: str = ""
     files: list[Path] = field(default_factory=list)
     baseline_changes: dict = field(default_factory=dict)
+    #: why --update-baselines wrote nothing ("" when it wrote, or was not asked): the run must not
+    #: pass then - a CI job that records baselines would be green with nothing recorded
+    baselines_not_written: str = ""
 
 
 #: column titles as the sample repos' tables write them (values are in percent / points)
@@ -260,7 +263,8 @@ def finish(session) -> Summary:
                 out.write(f"note: created the baselines directory {session.store.root} (it did not exist)\n")
         except BaselineError as exc:
             written = {}
-            out.write(f"baselines NOT updated: {exc}\n")
+            summary.baselines_not_written = str(exc)
+            out.write(f"baselines NOT updated: {exc} - nothing was recorded, so the run fails\n")
         summary.baseline_changes = written
         for path, changes in written.items():
             out.write(f"baselines updated: {path} ({len(changes)} changed)\n")

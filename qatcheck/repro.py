@@ -52,7 +52,7 @@ class Bundle:
 
 def cosine_thresholds(floor: float, output_floors: dict[str, float], names: list[str]) -> dict[str, float]:
     """Polygraphy's per-output cosine thresholds (``""``: the default) from the case's floor and the
-    recipe's per-output floors (``Tolerances.output_min_cosine``)."""
+    recipe's per-output floors for the case's mode (``Tolerances.output_floors``)."""
     return {"": float(floor), **{n: float(output_floors[n]) for n in names if n in output_floors}}
 
 
@@ -117,7 +117,7 @@ def write(session, case, check: str) -> Bundle | None:
     floor = session.parity_thresholds(case)
     names = list(recipe.output_names)
     thresholds = cosine_thresholds(floor.min_cosine if floor is not None else 0.999,
-                                   dict(recipe.tolerances.output_min_cosine or {}), names)
+                                   recipe.tolerances.output_floors(case.mode), names)
     passed, verdict = polygraphy_compare(names, [t[3] for t in worst], [t[4] for t in worst], thresholds)
     out = Path(session.options.reports_dir) / "repro" / case.id
     if out.exists():

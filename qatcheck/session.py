@@ -27,12 +27,14 @@ from qatcheck.backends import create_backend, executes
 from qatcheck.backends.base import Backend, BuildContext, Runner
 from qatcheck.baselines import BaselineStore
 from qatcheck.cache import ArtifactCache
+from qatcheck.data.base import inputs_fingerprint
 from qatcheck.data.batching import eval_batches, pad_batch, resize
 from qatcheck.errors import ConfigError, DataError
 from qatcheck.evaluate import combined_parity, evaluate
 from qatcheck.fsutil import file_digest
 from qatcheck.measurement import PARTS, Case, Measurement, Verdict
-from qatcheck.modes import PROFILE_POINTS, calibrator_of, parity_reference, resolve, spec as mode_spec, unsupported_reason
+from qatcheck.modes import (MODE_SPECS, PROFILE_POINTS, calibrator_of, parity_reference, resolve, spec as mode_spec,
+                            unsupported_reason)
 from qatcheck.options import Options
 from qatcheck.recipe import ParityThresholds, Recipe
 from qatcheck.reference_store import ReferenceStore
@@ -186,6 +188,9 @@ class QatcheckSession:
         for part in PARTS:
             if part in parts and part not in m.parts:
                 m = self._extend(m, part, measure[part](case))
+        if m.settings is None:  # read once its artifact exists (a missing library has skipped by then)
+            m = dataclasses.replace(m, settings=self.builder(case.recipe).settings(case.mode))
+            self.measurements[case] = m
         return m
 
     def _extend(self, m: Measurement, part: str, new: dict) -> Measurement:
@@ -232,13 +237,16 @@ class QatcheckSession:
                 raise DataError(f"{case.id}: " + "; ".join(changed))
 
         with self._progress(-(-len(data) // shape[0]), case.id) as bar:
-            ev = evaluate(runner.infer, eval_batches(data, shape), task,
+            batches = eval_batches(data, shape, resize_targets=getattr(task, "resize_targets", None))
+            ev = evaluate(runner.infer, batches, task,
                           reference=ref_runner.infer if ref_runner else None, on_batch=bar.update,
                           source=f"Recipe({case.recipe}).eval_data ({data.name})", check_outputs=check_outputs)
         names = named(len(ev.output_shapes))
         out = dict(device=runner.device, metrics=ev.metrics, artifact=self._artifact_digest(case, runner),
                    eval_samples=ev.samples, eval_seconds=ev.seconds, eval_fingerprint=data.fingerprint(),
+                   eval_inputs=inputs_fingerprint(data), eval_targets=ev.targets,
                    nonfinite_outputs=ev.nonfinite_outputs, nonfinite_samples=ev.nonfinite_samples,
+                   notes=self._artifact_notes(case, runner),
                    output_shapes={n: list(sh) for n, sh in zip(names, ev.output_shapes)} if at_opt else None)
         if ref_runner is not None:
             if onnx_model.is_onnx_only(recipe):  # vs the fp32 graph: same precision is an export check
@@ -257,6 +265,13 @@ class QatcheckSession:
         if plan is not None and getattr(plan, "cache_key", None):
             return plan.cache_key
         return self.builder(case.recipe).onnx_artifact(case.mode, case.dynamic).digest
+
+    def _artifact_notes(self, case: Case, runner: Runner) -> tuple[str, ...]:
+        """What the builder of the ONNX file the case ran says about it (the fp16 conversion's
+        folded nodes and those it kept in fp32); nothing where the runner built from another file."""
+        path = getattr(runner, "artifact_path", None)
+        art = self.builder(case.recipe).built_onnx(path) if path is not None else None
+        return tuple(art.info.get("notes", ())) if art is not None else ()
 
     def _measure_latency(self, case: Case, benchmark=None) -> dict:
         if self.options.latency_off:
@@ -371,19 +386,36 @@ class QatcheckSession:
         where = str(self.store.path(case.recipe))
         if not self.store.root.is_dir():
             where += f" (the directory {self.store.root} does not exist: a mistyped --qatcheck-baselines?)"
-        return judges.CaseBaseline(where, data["cases"].get(case.key, {}), eval_data=data.get("eval_data"),
-                                   outputs=data.get("outputs"))
+        entries = data["cases"].get(case.key, {})
+        return judges.CaseBaseline(where, entries, eval_data=data.get("eval_data"),
+                                   outputs=data.get("outputs"), settings=entries.get("settings"))
 
     def _conclude(self, verdict: Verdict) -> Verdict:
         self.verdicts[(verdict.case, verdict.check)] = verdict
         return self.record(verdict)
 
+    def budget_reference(self, case: Case) -> Case:
+        """The fp32 case a case's accuracy budget is judged against, on the same backend: fp32 for a
+        static build. A dynamic build at a profile point: the fp32 dynamic build (the mode table's
+        variant of fp32, ``dynamic``) at the same point when the recipe measures it; else static
+        fp32 when the point's input differs only in the batch (the same samples, computed the same
+        way); else the fp32 dynamic build at that point, measured for the purpose (another H / W
+        changes what the model computes)."""
+        if not case.dynamic:
+            return case.with_mode("fp32")
+        recipe = self.recipes[case.recipe]
+        variant = next((m for m, s in MODE_SPECS.items() if s.variant_of == "fp32"), None)
+        same_input = tuple(self.shape(case)[1:]) == tuple(recipe.input.shape[1:])
+        if variant is None or (same_input and variant not in recipe.modes):
+            return case.with_mode("fp32")
+        return case.with_mode(variant, keep_shape=True)
+
     def check_accuracy(self, case: Case) -> Verdict:
         recipe = self.recipes[case.recipe]
         task = self.task(case.recipe)
         m = self.measure(case, ("eval",))
-        budget = recipe.tolerances.fp32_budget_points.get(case.mode)
-        fp32 = self.measure(case.with_mode("fp32"), ("eval",)) if budget is not None and not case.dynamic else None
+        budget = recipe.tolerances.fp32_budget(case.mode)
+        fp32 = self.measure(self.budget_reference(case), ("eval",)) if budget is not None else None
         return self._conclude(judges.judge_accuracy(
             m, self.baseline(case), metric_names=task.metric_names, primary=task.primary_metric,
             tolerance_points=recipe.tolerances.metric_points, fp32=fp32, budget_points=budget,
@@ -406,7 +438,7 @@ class QatcheckSession:
             m, self.baseline(case), thresholds=self.parity_thresholds(case),
             agreement_name=self.task(case.recipe).agreement_name,
             cosine_tolerance=tol.parity_cosine, agreement_tolerance=tol.parity_agreement,
-            strict=self.options.strict, output_floors=tol.output_min_cosine))
+            strict=self.options.strict, output_floors=tol.output_floors(case.mode)))
 
     def check_latency(self, case: Case, benchmark=None) -> Verdict:
         """Judge the case's latency; a case that looks slower but whose interval reaches below the
@@ -453,17 +485,24 @@ class QatcheckSession:
         baseline. --qatcheck-force-update records it anyway. Written at the session's end."""
         if not self.options.update_baselines or not verdict.updates:
             return verdict
+        case = verdict.case
         if verdict.status == "fail" and not self.options.force_update:
             self.refused.append(verdict)
+            # the case's entry keeps values of its old settings: it must keep those settings too
+            self.store.stage_settings(case.recipe, case.key, None)
             return verdict
         for update in verdict.updates:
             self.store.stage(verdict.case.recipe, update)
             if update.artifact:  # kept, so a later run can time it beside a changed artifact
                 self.references.put(self.runner(verdict.case).artifact_path, update.artifact)
+        m = self.measurements.get(case)
+        if m is not None and m.settings and not any(v.case == case for v in self.refused):
+            self.store.stage_settings(case.recipe, case.key, m.settings)
         if verdict.check == "accuracy":  # metrics are only comparable on the same eval data
-            m = self.measurements[verdict.case]
-            self.store.stage_meta(verdict.case.recipe, "eval_data",
-                                  {"fingerprint": m.eval_fingerprint, "samples": m.eval_samples})
+            eval_data = {"fingerprint": m.eval_fingerprint, "samples": m.eval_samples, "inputs": m.eval_inputs}
+            if m.eval_targets:
+                eval_data["targets"] = m.eval_targets
+            self.store.stage_meta(verdict.case.recipe, "eval_data", eval_data)
             if m.output_shapes:  # a later run whose outputs swapped places is told so by name
                 self.store.stage_meta(verdict.case.recipe, "outputs", m.output_shapes)
         return verdict

@@ -1,19 +1,25 @@
-"""The standard checks, for suites to import instead of writing them again::
+"""The standard checks, for suites to import instead of writing them again - all of them, so a
+check added here reaches every suite::
 
     import pytest
-    from qatcheck.standard import test_accuracy, test_latency, test_parity, test_structure  # noqa: F401
+    from qatcheck.standard import *  # noqa: F401,F403 - test_accuracy, _parity, _latency, _structure, _precision
 
     pytestmark = pytest.mark.qatcheck_recipe(my_recipe())
 
 pytest collects imported test functions as the importing module's own, so the module's
 ``qatcheck_recipe`` marker parametrizes them and their ids read ``test_accuracy[digits-fp32-torch]``.
-A suite that needs something else writes its own functions with the ``qcase`` fixture.
+Checks that do not apply skip, saying why (structure and precision for float modes, precision off
+TensorRT). A suite that wants fewer imports them by name; one that needs something else writes its
+own functions with the ``qcase`` fixture.
 """
 from __future__ import annotations
 
 import pytest
 
 from qatcheck.modes import spec
+
+#: every standard check: what ``from qatcheck.standard import *`` brings into a suite
+__all__ = ["test_accuracy", "test_parity", "test_latency", "test_structure", "test_precision"]
 
 
 def test_accuracy(qcase):

@@ -7,7 +7,7 @@ The data (COCO JSON + PNGs) are generated once, deterministically, under
 """
 import pytest
 
-from qatcheck.standard import test_accuracy, test_latency, test_parity, test_structure  # noqa: F401
+from qatcheck.standard import *  # noqa: F401,F403
 from qatcheck.zoo.recipes import detection_recipe
 
 pytestmark = pytest.mark.qatcheck_recipe(detection_recipe())

@@ -12,7 +12,7 @@ Baselines: baselines/digitdet_pruned_structural.json, baselines/digitdet_pruned_
 """
 import pytest
 
-from qatcheck.standard import test_accuracy, test_latency, test_parity, test_structure  # noqa: F401
+from qatcheck.standard import *  # noqa: F401,F403
 from qatcheck.zoo.recipes import detection_pruned_recipe
 
 pytestmark = pytest.mark.qatcheck_recipe(detection_pruned_recipe("structural"),

@@ -4,7 +4,7 @@ Run:  pytest suites/            (add --update-baselines to record new baselines)
 """
 import pytest
 
-from qatcheck.standard import test_accuracy, test_latency, test_parity, test_precision, test_structure  # noqa: F401
+from qatcheck.standard import *  # noqa: F401,F403
 from qatcheck.zoo.recipes import digits_recipe
 
 pytestmark = pytest.mark.qatcheck_recipe(digits_recipe())

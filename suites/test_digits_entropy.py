@@ -5,7 +5,7 @@ points of top-1. ``partial`` keeps the layers the sensitivity command chose
 """
 import pytest
 
-from qatcheck.standard import test_accuracy, test_latency, test_parity, test_structure  # noqa: F401
+from qatcheck.standard import *  # noqa: F401,F403
 from qatcheck.zoo.recipes import digits_entropy_recipe
 
 pytestmark = pytest.mark.qatcheck_recipe(digits_entropy_recipe())

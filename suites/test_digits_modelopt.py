@@ -6,7 +6,7 @@ otherwise. Baselines: baselines/digits_modelopt.json.
 import pytest
 
 from qatcheck.quantize.modelopt_quant import missing_reason
-from qatcheck.standard import test_accuracy, test_latency, test_parity, test_structure  # noqa: F401
+from qatcheck.standard import *  # noqa: F401,F403
 
 _missing = missing_reason("the ModelOpt suite")
 if _missing:

@@ -7,7 +7,7 @@ import importlib.util
 
 import pytest
 
-from qatcheck.standard import test_accuracy, test_latency, test_parity, test_structure  # noqa: F401
+from qatcheck.standard import *  # noqa: F401,F403
 
 if importlib.util.find_spec("ultralytics") is None:
     pytest.skip("the YOLO suite needs ultralytics: pip install -e '.[yolo]'", allow_module_level=True)

@@ -2,7 +2,7 @@
 import pytest
 
 from qatcheck.data.fashion_mnist import fashion_mnist_available
-from qatcheck.standard import test_accuracy, test_latency, test_parity, test_structure  # noqa: F401
+from qatcheck.standard import *  # noqa: F401,F403
 from qatcheck.zoo.recipes import fashion_recipe
 
 _missing = fashion_mnist_available()

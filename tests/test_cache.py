@@ -66,14 +66,67 @@ def test_each_setting_rebuilds_only_the_modes_that_use_it(tmp_path):
         == {"partial"}
 
 
+class SameConv(torch.nn.Conv2d):
+    """Computes what Conv2d computes, but pytorch-quantization quantizes only an exact Conv2d."""
+
+
+def _same_conv_stem() -> DigitsNet:
+    m = load_digits_net(DIGITS_CHECKPOINT)
+    m.stem.conv.__class__ = SameConv
+    return m
+
+
+def _halved_in_training() -> DigitsNet:
+    m = load_digits_net(DIGITS_CHECKPOINT)
+    m.register_forward_hook(lambda mod, args, out: out * 0.5 if mod.training else out)
+    return m
+
+
+def test_what_the_eval_graph_does_not_show_rebuilds_the_torch_modes_that_read_it(tmp_path):
+    before = keys(digits_recipe(), tmp_path)
+    # the same graph from another class: torch quantizers are placed by class
+    assert changed(before, keys(digits_recipe(model=_same_conv_stem), tmp_path)) == {"torch_ptq", "qat"}
+    # code only training runs: only QAT runs it
+    assert changed(before, keys(digits_recipe(model=_halved_in_training), tmp_path)) == {"qat"}
+
+
+def relabeled(split: str):
+    """The digits split with every 10th label moved to the next class: the same images."""
+    from qatcheck.data.base import ArrayDataset
+    from qatcheck.data.digits import digits_split
+
+    def factory() -> ArrayDataset:
+        ds = digits_split(split)
+        targets = ds.targets.copy()
+        targets[::10] = (targets[::10] + 1) % 10
+        return ArrayDataset(ds.name, ds.images, targets, source=ds.source)
+    return factory
+
+
+def test_new_calibration_labels_rebuild_nothing_new_training_labels_rebuild_qat(tmp_path):
+    """Issue 21.11e: calibration reads only the inputs, so calibration data with new targets and
+    the same images reuses every calibrated artifact (0 built); QAT trains on the targets, so new
+    training labels rebuild it - and only it."""
+    cache = ArtifactCache(tmp_path)
+    built = ArtifactBuilder(RecipeState(digits_recipe()), cache).onnx_artifact("trt_ptq")
+    again = ArtifactCache(tmp_path)
+    reused = ArtifactBuilder(RecipeState(digits_recipe(calib_data=relabeled("calib"))), again).onnx_artifact("trt_ptq")
+    assert not again.built and reused.digest == built.digest
+
+    before = keys(digits_recipe(), tmp_path)
+    assert changed(before, keys(digits_recipe(calib_data=relabeled("calib")), tmp_path)) == set()
+    assert changed(before, keys(digits_recipe(train_data=relabeled("train")), tmp_path)) == {"qat"}
+
+
 def test_qatchecks_own_build_code_is_in_every_key(tmp_path, monkeypatch):
     import qatcheck.artifacts as artifacts
 
     before = keys(digits_recipe(), tmp_path)
     monkeypatch.setattr(artifacts, "build_code_digest", lambda spec: "edited")
-    assert changed(before, keys(digits_recipe(), tmp_path)) == set(BUILT_MODES)
+    # the fp32 export is keyed on its own bytes: an edit of the export code changes it through them
+    assert changed(before, keys(digits_recipe(), tmp_path)) == set(BUILT_MODES) - {"fp32"}
     assert "qatcheck" not in json.dumps(ArtifactBuilder(RecipeState(digits_recipe()), ArtifactCache(tmp_path))
-                                        .key_parts(spec("fp32"))["versions"])
+                                        .key_parts(spec("fp16"))["versions"])
 
 
 def _writer(text: str):
@@ -157,13 +210,15 @@ def test_cache_cli_lists_and_prunes_damaged_entries(tmp_path, capsys):
     assert "no artifact cache at" in capsys.readouterr().err
 
 
-def test_every_built_in_mode_keys_on_the_model_code(tmp_path):
+def test_every_built_in_mode_keys_on_the_models_traced_graph(tmp_path):
     b = ArtifactBuilder(RecipeState(digits_recipe()), ArtifactCache(tmp_path))
+    graph = b.onnx_artifact("fp32").digest
+    assert b.key_parts(spec("fp32")) == {"recipe": "digits", "mode": "fp32", "content": graph}
     for name, s in MODE_SPECS.items():
-        if s.variant_of:
+        if s.variant_of or s.content_keyed:
             continue
         parts = b.key_parts(s)
-        assert parts["model_code"] and parts["build_code"] and parts["weights"], name
+        assert parts["model"] == graph and parts["build_code"] and parts["weights"], name
 
 
 KILLED_BUILD = r'''
@@ -327,6 +382,199 @@ def test_a_sensitivity_profile_keys_on_the_model_and_analysis_code(tmp_path, mon
 
     runner = SensitivityRunner(digits_recipe(), "onnx", tmp_path, True, False)
     parts = runner.profile_key_parts(256, False)
-    assert parts["model_code"] == RecipeState(digits_recipe()).model_code and parts["code"]
+    assert parts["model"] == runner.builder.onnx_artifact("fp32").digest and parts["code"]
     monkeypatch.setattr(artifacts, "source_digest", lambda items: "edited")
     assert runner.profile_key_parts(256, False)["code"] == "edited"
+
+
+# ---- edits to the code forward() runs, in the user's own modules (issue 21.1) ----------------------
+USERPKG = {
+    "userpkg/__init__.py": "",
+    "userpkg/helpers.py": "def finish(y):\n    return y\n",
+    "userpkg/blocks.py": '''import torch
+from torch import nn
+
+
+class Block(nn.Module):
+    def __init__(self, ch):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+
+    def forward(self, x):
+        return torch.relu(self.conv(x))
+''',
+    "userpkg/usernet.py": '''from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from qatcheck.data.base import ArrayDataset
+from qatcheck.recipe import InputSpec, QuantSettings, Recipe
+from userpkg.blocks import Block
+from userpkg.helpers import finish
+
+
+def postprocess(y):
+    return y
+
+
+class UserNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 4, 3, padding=1)
+        self.block = Block(4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return postprocess(finish(self.head(self.block(torch.relu(self.stem(x))).mean((2, 3)))))
+
+
+def build():
+    torch.manual_seed(0)
+    return UserNet()
+
+
+def data(name, n, seed):
+    x = np.random.default_rng(seed).standard_normal((n, 1, 8, 8)).astype(np.float32)
+    labels = Path(__file__).with_name(f"{name}-labels.npy")
+    if not labels.exists():  # labelled once, by the model as first recorded: its top-1 is 100%
+        with torch.no_grad():
+            np.save(labels, build()(torch.from_numpy(x)).argmax(1).numpy())
+    return ArrayDataset(name, x, np.load(labels))
+
+
+RECIPE = Recipe(name="usernet", task="classification", model=build, eval_data=lambda: data("eval", 32, 1),
+                calib_data=lambda: data("calib", 32, 2), input=InputSpec(name="input", shape=(16, 1, 8, 8)),
+                top_k=(1,), quant=QuantSettings(calibrator="minmax", torch_calibrator="max", calib_batches=2),
+                modes=("fp32", "trt_ptq", "torch_ptq"), backends=("torch", "onnxruntime"))
+''',
+}
+
+#: builds the fp32, trt_ptq and torch_ptq artifacts in a fresh process; says what it built and how
+#: close each ONNX artifact is to the torch model it must match
+BUILD_USERNET = r"""
+import json, sys
+import numpy as np, torch
+from qatcheck.artifacts import ArtifactBuilder, RecipeState
+from qatcheck.backends.onnxruntime_backend import OrtRunner
+from qatcheck.cache import ArtifactCache
+from userpkg.usernet import RECIPE, data
+
+def cosine(a, b):
+    a, b = a.ravel().astype(np.float64), b.ravel().astype(np.float64)
+    return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+
+cache = ArtifactCache(sys.argv[1])
+b = ArtifactBuilder(RecipeState(RECIPE), cache)
+x = data("probe", 16, 3).images
+ort = {m: OrtRunner(b.onnx_artifact(m).path, provider="CPUExecutionProvider", input_name="input").infer(x)[0]
+       for m in ("fp32", "trt_ptq", "torch_ptq")}
+with torch.no_grad():
+    ref = {m: b.torch_artifact(m).module(torch.from_numpy(x)).numpy() for m in ("fp32", "torch_ptq")}
+print(json.dumps({"built": sorted(n.rsplit("-", 1)[0] for n in cache.built), "fp32": ref["fp32"].tolist(),
+                  "cosine": {"fp32": cosine(ort["fp32"], ref["fp32"]), "trt_ptq": cosine(ort["trt_ptq"], ref["fp32"]),
+                             "torch_ptq": cosine(ort["torch_ptq"], ref["torch_ptq"])}}))
+"""
+
+EVERY_ARTIFACT = ["usernet-fp32", "usernet-torch_ptq", "usernet-torch_ptq-state", "usernet-trt_ptq"]
+
+
+def _build_usernet(root: Path) -> dict:
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(root), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    proc = subprocess.run([sys.executable, "-c", BUILD_USERNET, str(root / "cache")], cwd=root, env=env,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _write_userpkg(root: Path) -> None:
+    for rel, text in USERPKG.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+
+
+def _edit(root: Path, rel: str, old: str, new: str) -> None:
+    path = root / rel
+    text = path.read_text()
+    assert text.count(old) == 1, (rel, old)
+    path.write_text(text.replace(old, new))
+
+
+@pytest.fixture(scope="module")
+def recorded_usernet(tmp_path_factory) -> tuple[Path, dict]:
+    """The user's package and an artifact cache its model's artifacts were built into."""
+    root = tmp_path_factory.mktemp("usernet")
+    _write_userpkg(root)
+    first = _build_usernet(root)
+    assert first["built"] == EVERY_ARTIFACT
+    return root, first
+
+
+def _copy(recorded: tuple[Path, dict], tmp_path: Path) -> Path:
+    import shutil
+
+    shutil.copytree(recorded[0], tmp_path / "u")
+    return tmp_path / "u"
+
+
+#: each kind of edit to code forward() runs that is not forward()'s own source, and what it does
+EDITS = {
+    "module_level_helper": ("userpkg/usernet.py", "def postprocess(y):\n    return y\n",
+                            "def postprocess(y):\n    return y * 2\n", lambda y: 2 * y),
+    "function_in_another_module": ("userpkg/helpers.py", "    return y\n", "    return y - 1\n", lambda y: y - 1),
+    "submodule_method_in_another_module": ("userpkg/blocks.py", "torch.relu(self.conv(x))",
+                                           "torch.sigmoid(self.conv(x))", None),
+}
+
+
+@pytest.mark.parametrize("kind", list(EDITS))
+def test_an_edit_to_code_forward_calls_rebuilds_the_onnx_and_torch_artifacts(recorded_usernet, tmp_path, kind):
+    """Keys held forward()'s source, not what it calls: the rerun reused stale graphs (issue 21.1)."""
+    import numpy as np
+
+    root = _copy(recorded_usernet, tmp_path)  # in another folder too: the keys do not hold paths
+    rel, old, new, effect = EDITS[kind]
+    _edit(root, rel, old, new)
+    after = _build_usernet(root)
+    assert after["built"] == EVERY_ARTIFACT
+    # every ONNX artifact computes the edited model: its cosine to the torch side it must match
+    assert after["cosine"]["fp32"] > 0.99999 and after["cosine"]["torch_ptq"] > 0.99999, after["cosine"]
+    assert after["cosine"]["trt_ptq"] > 0.999, after["cosine"]
+    before, now = np.array(recorded_usernet[1]["fp32"]), np.array(after["fp32"])
+    assert np.allclose(now, effect(before), atol=1e-5) if effect else not np.allclose(now, before, atol=1e-3)
+
+
+def test_a_comment_in_the_models_code_rebuilds_nothing(recorded_usernet, tmp_path):
+    root = _copy(recorded_usernet, tmp_path)
+    _edit(root, "userpkg/usernet.py", "    def forward(self, x):\n",
+          "    def forward(self, x):\n        # the head reads the pooled block\n")
+    _edit(root, "userpkg/helpers.py", "def finish(y):\n", "def finish(y):\n    # nothing to finish yet\n")
+    assert _build_usernet(root)["built"] == []
+
+
+def test_a_regression_in_a_helper_forward_calls_fails_on_every_backend_not_only_torch(pytester, tmp_path):
+    """The issue's run end to end: the stale graphs passed the ONNX cases on the old behaviour."""
+    _write_userpkg(pytester.path)
+    pytester.makepyfile(test_usernet="""
+import pytest
+from qatcheck.standard import test_accuracy, test_parity  # noqa: F401
+from userpkg.usernet import RECIPE
+
+pytestmark = pytest.mark.qatcheck_recipe(RECIPE)
+""")
+    args = ("-p", "no:cacheprovider", "--qatcheck-cache", str(tmp_path / "cache"), "--qatcheck-baselines",
+            str(tmp_path / "b"), "--qatcheck-reports", str(tmp_path / "r"), "--qatcheck-no-progress")
+    rec = pytester.runpytest_subprocess(*args, "--update-baselines")
+    assert rec.ret == 0, rec.stdout.str()
+    _edit(pytester.path, "userpkg/usernet.py", "    return y\n", "    return -y\n")  # the scores reversed
+    run = pytester.runpytest_subprocess(*args)
+    run.stdout.fnmatch_lines(["artifact cache *: 4 built, 0 reused"])
+    failed = {line.split("::")[1].split(" ")[0] for line in run.stdout.lines if line.startswith("FAILED")}
+    assert failed == {f"test_accuracy[usernet-{case}]" for case in (
+        "fp32-torch", "fp32-onnxruntime", "trt_ptq-onnxruntime", "torch_ptq-torch", "torch_ptq-onnxruntime")}

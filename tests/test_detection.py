@@ -13,7 +13,7 @@ from PIL import Image
 from qatcheck.data import digit_detection as dd
 from qatcheck.data.coco import CocoDataset
 from qatcheck.errors import ArtifactError, DataError
-from qatcheck.tasks.detection import (BoxAgreement, CenterNetDecoder, DetectionTask, coco_evaluate,
+from qatcheck.tasks.detection import (BoxAgreement, CenterNetDecoder, DetectionTask, Detections, coco_evaluate,
                                       to_original)
 
 
@@ -98,6 +98,18 @@ def test_coco_loader_letterbox_and_targets(tmp_path: Path) -> None:
     assert stretched.num_classes == 1 and next(stretched.batches(1))[1][0]["labels"].size == 0
     assert stretched.fingerprint() != ds.fingerprint()
     assert ds.coco.getAnnIds(imgIds=[7]) == [1] and ds.coco.anns[2]["area"] == 450  # area filled in
+
+
+def test_coco_inputs_fingerprint_leaves_out_the_annotations(tmp_path: Path) -> None:
+    """A moved box changes the set's fingerprint (QAT and the eval baseline key on it) but not its
+    inputs' (calibrated artifacts key on that: calibration never reads a box); a new input size does."""
+    images, annotations = _fixture(tmp_path)
+    ds = CocoDataset(images, annotations, input_size=(32, 32))
+    (tmp_path / "moved").mkdir()
+    _, moved = _fixture(tmp_path / "moved", box=lambda data: data["annotations"][0].update(bbox=[11, 5, 20, 10]))
+    moved_ds = CocoDataset(images, moved, input_size=(32, 32))
+    assert moved_ds.fingerprint() != ds.fingerprint() and moved_ds.inputs_fingerprint() == ds.inputs_fingerprint()
+    assert CocoDataset(images, annotations, input_size=(48, 48)).inputs_fingerprint() != ds.inputs_fingerprint()
 
 
 @pytest.mark.parametrize("case, edit, words", [
@@ -290,3 +302,47 @@ def test_coco_val2017_layout_and_root_errors(tmp_path: Path, monkeypatch) -> Non
     monkeypatch.setenv(COCO_ROOT_ENV, str(tmp_path))
     ds = coco_val2017(input_size=(32, 32))
     assert len(ds) == 2 and ds.name == "coco-val2017" and list(ds.category_ids) == [3, 5]
+
+
+def test_a_dynamic_height_width_point_maps_its_boxes_back_through_the_resize(tmp_path: Path) -> None:
+    """Issue 21 item 11b: a dynamic H/W profile point resizes the inputs; the detector's boxes are
+    then in the resized input's pixels. Before, the targets' scale / pad stayed those of the eval
+    set's own size: mAP@.5 0.000 at 48x48 and 0.005 at 80x80 (0.905 at 64x64) for the same model.
+    Now DetectionTask.resize_targets follows the resize (what is left is the detector's own drop
+    on digits of another size)."""
+    import torch
+
+    from qatcheck.measurement import Case
+    from qatcheck.options import Options
+    from qatcheck.recipe import InputSpec
+    from qatcheck.session import QatcheckSession
+    from qatcheck.zoo.recipes import detection_recipe
+
+    folder = dd.ensure_split("val")
+    recipe = detection_recipe(
+        name="digitdet_hw", modes=("dynamic",), backends=("torch",), dynamic_modes=(),
+        eval_data=lambda: CocoDataset(folder / "images", folder / "instances.json", input_size=(64, 64),
+                                      letterbox=False, max_images=64, channels=1, mean=(dd.MEAN,), std=(dd.STD,)),
+        input=InputSpec(name="input", shape=(16, 1, 64, 64), dynamic={2: (48, 64, 80), 3: (48, 64, 80)}))
+    session = QatcheckSession(Options(cache_dir=tmp_path, baselines_dir=tmp_path, progress=False))
+    session.register(recipe)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        map50 = {p: session.measure(Case("digitdet_hw", "dynamic", "torch", p)).metrics["map50"]
+                 for p in ("min", "opt", "max")}
+    finally:
+        torch.set_num_threads(threads)
+    assert map50["opt"] > 0.85 and map50["min"] > 0.6 and map50["max"] > 0.7, map50
+
+
+def test_resized_detection_targets_map_a_box_back_to_the_same_original_box() -> None:
+    task = DetectionTask(None, range(3))
+    t = {"image_id": 1, "orig_size": (120, 90), "scale": (64 / 90, 64 / 120), "pad": (0, 0),
+         "boxes": np.float32([[8, 16, 40, 48]]), "labels": np.int64([2])}
+    [r] = task.resize_targets([t], (64, 64), (48, 96))  # H x0.75, W x1.5
+    assert np.allclose(r["boxes"], [[12, 12, 60, 36]]) and r["image_id"] == 1
+    det = Detections(t["boxes"], np.float32([0.9]), np.int64([2]))
+    resized = Detections(r["boxes"], det.scores, det.labels)
+    assert np.allclose(to_original(resized, r), to_original(det, t))
+    assert t["scale"] == (64 / 90, 64 / 120)  # the dataset's own targets are not rewritten

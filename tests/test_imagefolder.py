@@ -30,6 +30,10 @@ def test_streams_reference_eval_transform(folder):
     assert abs(float(batches[0][0][:, 0].mean()) - (0.5 - 0.485) / 0.229) < 0.05
     assert ds.fingerprint() == ImageFolderDataset(folder, size=224).fingerprint()
     assert ds.fingerprint() != ImageFolderDataset(folder, size=160).fingerprint()
+    # another class order: new labels, the same inputs (calibration reads only those)
+    swapped = ImageFolderDataset(folder, size=224, classes=["n01443537", "n01440764"])
+    assert swapped.fingerprint() != ds.fingerprint() and swapped.inputs_fingerprint() == ds.inputs_fingerprint()
+    assert ImageFolderDataset(folder, size=160).inputs_fingerprint() != ds.inputs_fingerprint()
 
 
 def test_bad_folders_are_named(folder, tmp_path_factory):

@@ -118,11 +118,13 @@ def test_bad_mode_and_floor(digits):
     from qatcheck.errors import ConfigError
 
     recipe, cache, qpath = digits
-    with pytest.raises(ConfigError, match="not a quantized mode"):
-        L.localize(recipe, "fp16", cache_dir=cache)
+    with pytest.raises(ConfigError, match="not a low-precision mode"):
+        L.localize(recipe, "fp32", cache_dir=cache)
     # torch_ptq / qat are localized in PyTorch (tests/test_localize_torch.py), not on a graph
     with pytest.raises(ConfigError, match="--onnx"):
         L.localize(recipe, "torch_ptq", quantized_onnx=qpath, cache_dir=cache)
+    with pytest.raises(ConfigError, match="cannot be localized on the onnx path; it can on torch"):
+        L.localize(recipe, "torch_ptq", cache_dir=cache, path="onnx")
     with pytest.raises(ConfigError, match="floor"):
         L.localize(recipe, "trt_ptq", cache_dir=cache, floor=1.5)
 
@@ -173,3 +175,102 @@ def test_the_quantized_side_can_come_from_another_runtime(digits, tmp_path):
     assert [round(r.cosine, 6) for r in hooked.rows] == [round(r.cosine, 6) for r in direct.rows]
     assert hooked.named == direct.named == PLANT_LAYER
     assert hooked.path == "tensorrt debug tensors" and "debug tensors" in hooked.method
+
+
+# ---- automatic localization: off switch, time budget, once per artifact (issue 21, item 11a) ------
+
+AUTO_SUITE = '''
+import pytest
+from qatcheck.standard import test_parity  # noqa: F401
+from qatcheck.zoo import recipes
+pytestmark = pytest.mark.qatcheck_recipe(recipes.digits_recipe(
+    modes=("fp32", "trt_ptq", "partial"), backends=("torch", "onnxruntime"), dynamic_modes=()))
+'''
+
+
+def test_failed_cases_are_localized_once_per_artifact_within_a_budget_or_not_at_all(pytester, digits, tmp_path):
+    """Plant: trt_ptq and partial run the same planted graph, byte for byte (partial keeping nothing
+    is trt_ptq). Their parity fails; trt_ptq is localized and partial reuses its lines, saying so
+    (before: localized twice, ~12 s each on digitdet). --qatcheck-localize off: no localization.
+    --qatcheck-localize-budget 0: none either, and each failure prints the command that localizes
+    it - which, run, names the planted layer."""
+    import dataclasses
+    import shlex
+
+    from qatcheck.artifacts import ArtifactBuilder
+    from qatcheck.fsutil import file_digest
+
+    recipe, cache, qpath = digits
+    planted = _planted(qpath, tmp_path, 64)
+    onnx_artifact = ArtifactBuilder.onnx_artifact
+
+    def same_graph(self, mode, dynamic=False):
+        art = onnx_artifact(self, mode, dynamic)
+        return (dataclasses.replace(art, path=planted, digest=file_digest(planted))
+                if mode in ("trt_ptq", "partial") else art)
+
+    pytester.makepyfile(test_digits=AUTO_SUITE)
+    reports = pytester.path / "reports"
+
+    def run(*args):
+        return pytester.runpytest("-p", "no:cacheprovider", "--qatcheck-cache", str(cache),
+                                  "--qatcheck-baselines", str(pytester.path / "baselines"),
+                                  "--qatcheck-reports", str(reports), "--qatcheck-no-progress",
+                                  "--benchmark-disable", "-k", "trt_ptq or partial", *args)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ArtifactBuilder, "onnx_artifact", same_graph)
+        auto, off, spent = run(), run("--qatcheck-localize", "off"), run("--qatcheck-localize-budget", "0")
+    auto.assert_outcomes(failed=2)
+    auto.stdout.fnmatch_lines([
+        "*digits-trt_ptq-onnxruntime parity check failed:*",
+        f"*localize digits trt_ptq (32 samples, floor cosine 0.98): damage enters at {PLANT_LAYER}*",
+        "*digits-partial-onnxruntime parity check failed:*",
+        "*(the localization of digits-trt_ptq-onnxruntime: this case's artifact is byte-identical, so it was "
+        "not localized again)*",
+        f"*localize digits trt_ptq (32 samples, floor cosine 0.98): damage enters at {PLANT_LAYER}*"])
+    assert auto.stdout.str().count("localize digits trt_ptq (32") == 2
+    assert not (reports / "digits-localize-partial.md").exists()
+
+    off.assert_outcomes(failed=2)
+    assert not [ln for ln in off.stdout.lines
+                if ln.strip().startswith(("localize digits", "(not localized", "(the localization of"))]
+
+    spent.assert_outcomes(failed=2)
+    out = spent.stdout.str()
+    assert "damage enters" not in out and out.count("(not localized: this run's --qatcheck-localize-budget of 0 s "
+                                                    "is spent; localize it with: python -m qatcheck localize") == 2, out
+    line = next(ln for ln in out.splitlines() if "--mode trt_ptq" in ln and "localize it with: " in ln)
+    argv = shlex.split(line.split("localize it with: ", 1)[1].rstrip(")"))[3:]
+    argv[argv.index("--recipe") + 1] = DIGITS
+    assert argv[argv.index("--onnx") + 1] == str(planted)
+    assert main([*argv, "--calibrator", "percentile"]) == 0  # the recipe's own, as the suite ran it
+
+
+def test_a_localization_stops_when_the_budget_runs_out(digits, tmp_path):
+    """A budget far below one batch's time: the localization reads its first batch, stops, and
+    says so with the command that localizes on every sample; the next failure is not localized,
+    and a byte-identical artifact reuses the first lines without spending anything."""
+    from qatcheck.data.batching import eval_batches
+
+    recipe, cache, qpath = digits
+    runner = SensitivityRunner(recipe, "onnx", cache, progress=False)
+    fp32 = runner.builder.onnx_artifact("fp32").path
+    batches = eval_batches(runner.state.eval_data, recipe.input.profile()["opt"], max_samples=96)
+    auto = L.AutoLocalization(budget_s=1e-9)
+
+    def localize(until):
+        return L.localize_graphs(_planted(qpath, tmp_path, 64), fp32, until(batches), input_name="input",
+                                 recipe="digits", mode="trt_ptq")
+
+    lines = auto.lines("digits-trt_ptq-onnxruntime", ("planted",), localize, tmp_path, "CMD")
+    assert lines[0].startswith("localize digits trt_ptq (32 samples,") and f"damage enters at {PLANT_LAYER}" in lines[0]
+    assert lines[-1] == ("(localized on its first 32 samples only: the --qatcheck-localize-budget of 1e-09 s "
+                         "ran out; all of them: CMD)")
+    assert auto.lines("digits-partial-onnxruntime", ("other",), localize, tmp_path, "CMD2") == [
+        "(not localized: this run's --qatcheck-localize-budget of 1e-09 s is spent; localize it with: CMD2)"]
+    spent = auto.spent
+    assert auto.lines("digits-partial-onnxruntime", ("planted",), localize, tmp_path, "CMD2") == [
+        "(the localization of digits-trt_ptq-onnxruntime: this case's artifact is byte-identical, so it was "
+        "not localized again)", *lines]
+    assert auto.spent == spent

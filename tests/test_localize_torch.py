@@ -185,15 +185,17 @@ def test_rule_quantizers_are_rows(tmp_path_factory):
 
 
 def test_which_failed_cases_are_localized():
-    """torch_ptq / qat on the torch backend are judged against fp32: localized. Their export on
-    another backend is judged against the PyTorch module (export parity): one line saying so.
-    Dynamic cases are not localized (their static twin is)."""
+    """torch_ptq / qat / fp8 on the torch backend are judged against fp32: localized. Their export
+    on another backend is judged against the PyTorch module (export parity): one line saying so.
+    Dynamic cases are not localized (their static twin is); fp32 never is (fp16:
+    tests/test_fp16.py)."""
     from qatcheck.measurement import Case
 
-    [line] = L.for_failed_case(None, Case("digits", "torch_ptq", "onnxruntime"))
-    assert line.startswith("(no localization:") and "digits-torch_ptq-torch" in line
+    for mode in ("torch_ptq", "fp8"):
+        [line] = L.for_failed_case(None, Case("digits", mode, "onnxruntime"))
+        assert line.startswith("(no localization:") and f"digits-{mode}-torch" in line
     assert L.for_failed_case(None, Case("digits", "qat", "torch", "opt")) == []
-    assert L.for_failed_case(None, Case("digits", "fp16", "torch")) == []
+    assert L.for_failed_case(None, Case("digits", "fp32", "torch")) == []
 
 
 def test_qat_reference_is_fp32(digits):

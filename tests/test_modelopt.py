@@ -185,6 +185,25 @@ def test_the_zero_point_shield_is_what_keeps_onnxruntime_right(builder, val, tmp
     assert good > 0.98 and fixed == good and bad < 0.5, (good, bad, fixed)
 
 
+def test_fp8_is_localized_in_pytorch_on_modelopts_modules(builder):
+    """fp8 localization (issue 21, item 9): ModelOpt's E4M3 fake-quant module vs fp32, module by
+    module (the PyTorch path). Clean: nothing below the floor. layer1.conv1's input amax / 64
+    (most of its input clipped): that layer is named first."""
+    from qatcheck.analysis import localize_torch as LT
+    from qatcheck.data.batching import eval_batches
+
+    def run(qm):
+        batches = eval_batches(builder.state.eval_data, (32, 1, 16, 16), pad=False, max_samples=64)
+        return LT.localize_modules(qm, builder.torch_artifact("fp32").module, batches, mode="fp8")
+
+    clean = run(builder.torch_artifact("fp8").module)
+    assert clean.named is None and "layer1.conv1" in [r.layer for r in clean.rows]
+    qm = builder.torch_artifact("fp8").module
+    qm.layer1.conv1.input_quantizer.amax = qm.layer1.conv1.input_quantizer.amax / 64
+    loc = run(qm)
+    assert loc.named == "layer1.conv1" and loc.row(loc.named_tensor).rank == 1
+
+
 def test_fp8_latency_is_skipped_off_an_fp8_gpu(monkeypatch):
     for device in ("cpu", "CPUExecutionProvider"):
         assert "compute capability >= 8.9" in modelopt_quant.fp8_latency_skip(device)

@@ -47,6 +47,9 @@ def test_an_onnx_only_recipe_runs_its_graph_modes_and_skips_the_torch_side(pytes
     assert rec.ret == 0, rec.stdout.str()
     rec.stdout.fnmatch_lines(["*ONNX-only recipe (Recipe.model is an onnx_file)*torch backend runs PyTorch*",
                               "*ONNX-only recipe*mode 'torch_ptq' quantizes the PyTorch model*"])
+    # the reference is named as what it is (issue 21 item 11c: it said "PyTorch fp32")
+    rec.stdout.fnmatch_lines(["*digits_onnx-fp32-onnxruntime is the parity reference (ONNX Runtime fp32) itself*"])
+    assert "PyTorch fp32" not in rec.stdout.str()
     cases = {c["case"]["id"]: c for c in json.loads((tmp_path / "r" / "digits_onnx.json").read_text())["cases"]}
     assert {"digits_onnx-fp32-onnxruntime", "digits_onnx-fp16-onnxruntime", "digits_onnx-trt_ptq-onnxruntime",
             "digits_onnx-partial-onnxruntime", "digits_onnx-dynamic_min-onnxruntime",
@@ -63,6 +66,19 @@ def test_an_onnx_only_recipe_runs_its_graph_modes_and_skips_the_torch_side(pytes
     assert clean.ret == 0, clean.stdout.str()
 
 
+def test_the_parity_skip_names_the_reference_the_case_is():
+    from qatcheck.judges import judge_parity
+    from qatcheck.measurement import Case, Measurement
+
+    def reason(mode, backend):
+        m = Measurement(case=Case("r", mode, backend, "min" if mode == "dynamic" else ""), parts=frozenset({"eval"}))
+        return judge_parity(m, None, thresholds=None, agreement_name="top1_agreement", cosine_tolerance=0.0005,
+                            agreement_tolerance=0.01).reason
+    assert reason("fp32", "onnxruntime") == "r-fp32-onnxruntime is the parity reference (ONNX Runtime fp32) itself"
+    assert reason("dynamic", "onnxruntime").endswith("is the parity reference (ONNX Runtime dynamic) itself")
+    assert reason("fp32", "torch") == "r-fp32-torch is the parity reference (PyTorch fp32) itself"
+
+
 def test_an_onnx_file_whose_names_or_shape_differ_from_the_recipe_is_one_clear_error(tmp_path, digits_onnx):
     out = tmp_path / "x.onnx"
     with pytest.raises(ConfigError, match=r"its outputs are \['logits'\]; Recipe.output_names is \['prob'\]"):
@@ -74,3 +90,22 @@ def test_an_onnx_file_whose_names_or_shape_differ_from_the_recipe_is_one_clear_e
         pin_shapes(out, tmp_path / "y.onnx", "input", (8, 1, 24, 16), ("logits",))
     with pytest.raises(Exception, match="does not exist"):
         onnx_file(tmp_path / "missing.onnx")()
+
+
+def test_an_onnx_only_recipe_whose_file_is_not_onnx_is_one_error_naming_it(pytester, tmp_path):
+    """Issue 21 item 8a: before, protobuf's DecodeError traceback on every case."""
+    bad = tmp_path / "model.onnx"
+    bad.write_bytes(b"PK\x03\x04 a zip, not a model" * 20)
+    pytester.makepyfile(test_bad_onnx=SUITE.format(path=str(bad)).replace(
+        'backends=("torch", "onnxruntime")', 'backends=("onnxruntime",), modes=("fp32", "fp16", "trt_ptq")'))
+    result = pytester.runpytest_inprocess("-p", "no:cacheprovider", f"--rootdir={pytester.path}", "-k", "accuracy",
+                                          "--qatcheck-cache", str(tmp_path / "cache"), "--qatcheck-no-progress",
+                                          "--qatcheck-baselines", str(tmp_path / "b"),
+                                          "--qatcheck-reports", str(tmp_path / "r"))
+    result.assert_outcomes(failed=6)  # fp32, fp16, trt_ptq, and trt_ptq at min / opt / max
+    out = result.stdout.str()
+    full = [line for line in out.splitlines() if line.startswith("ArtifactError: ")]
+    assert len(full) == 1 and f"ONNX model {bad} cannot be read as ONNX" in full[0], out
+    assert "Recipe.model=onnx_file(...) must name an ONNX model file" in full[0], out
+    assert sum(line.startswith("same error as") for line in out.splitlines()) == 5, out
+    assert "google.protobuf" not in out and "serialization.py" not in out, out  # no traceback through onnx

@@ -100,7 +100,7 @@ def test_bad_calibration_range_fails_accuracy(pytester, shared_cache):
     result = run(pytester, shared_cache, "-k", "accuracy and torch_ptq", "--update-baselines")
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(["*digits-torch_ptq-onnxruntime accuracy check failed:*",
-                                 "*top1 *% is *points below fp32 99.26% on onnxruntime (budget 1 points)*"])
+                                 "*top1 *% is *points below fp32 99.26% on onnxruntime (budget 1 points; *"])
 
 
 def test_perturbed_qdq_scale_fails_parity(pytester, shared_cache):
@@ -213,19 +213,33 @@ def test_partial_budget_fails_when_the_kept_layer_is_dropped(pytester, shared_ca
             assert outcomes == {"passed": 1, "failed": 1}, result.stdout.str()
             result.stdout.fnmatch_lines(["*digits-partial-onnxruntime accuracy check failed:*",
                                          "*top1 8?.??% is 1?.?? points below fp32 99.26% on onnxruntime "
-                                         "(budget 0.5 points)*"])
+                                         "(budget 0.5 points; Tolerances.fp32_budget_points sets a mode's own)*"])
 
 
 def test_standard_checks_imported_into_a_suite_are_parametrized(pytester, shared_cache):
-    """``from qatcheck.standard import ...`` gives a suite the standard checks, parametrized by
-    the importing module's recipe marker, with the usual ids."""
+    """``from qatcheck.standard import *`` gives a suite every standard check, parametrized by
+    the importing module's recipe marker, with the usual ids (issue 21 item 11d: the README's
+    examples imported three by name, so suites copied from them never ran the structure check)."""
     pytester.makepyfile(test_std='''
 import pytest
-from qatcheck.standard import test_accuracy, test_latency, test_parity, test_precision  # noqa: F401
+from qatcheck.standard import *  # noqa: F401,F403
 from qatcheck.zoo.recipes import digits_recipe
 pytestmark = pytest.mark.qatcheck_recipe(digits_recipe(modes=("fp32", "trt_ptq"), backends=("onnxruntime",),
                                                        dynamic_modes=()))
 ''')
     result = run(pytester, shared_cache, "--co", "-q")
-    result.stdout.fnmatch_lines(["*test_accuracy?digits-fp32-onnxruntime?", "*test_precision?digits-trt_ptq-onnxruntime?",
-                                 "*8 tests collected*"])
+    ids = sorted(line.split("::")[1] for line in result.stdout.lines if "::test_" in line)
+    assert ids == sorted(f"{check}[digits-{mode}-onnxruntime]" for mode in ("fp32", "trt_ptq")
+                         for check in ("test_accuracy", "test_parity", "test_latency", "test_structure",
+                                       "test_precision")), result.stdout.str()
+
+
+def test_one_import_brings_every_standard_check_and_the_readme_and_suites_use_it():
+    import qatcheck.standard as standard
+
+    assert sorted(standard.__all__) == sorted(n for n in vars(standard) if n.startswith("test_"))
+    root = Path(__file__).resolve().parents[1]
+    for path in [root / "README.md", *sorted((root / "suites").glob("test_*.py"))]:
+        for line in path.read_text().splitlines():
+            if "from qatcheck.standard import" in line:
+                assert "import *" in line, f"{path.name}: {line.strip()}"

@@ -15,12 +15,15 @@ from qatcheck.quantize import onnx_ptq
 
 pytest.importorskip("polygraphy")
 
+# a per-output floor for another mode (fp16): trt_ptq's floor and Polygraphy's threshold stay 0.98
 SUITE = '''
 import pytest
+from qatcheck.recipe import Tolerances
 from qatcheck.standard import test_parity  # noqa: F401
 from qatcheck.zoo import recipes
 pytestmark = pytest.mark.qatcheck_recipe(recipes.digits_recipe(
-    modes=("fp32", "trt_ptq"), backends=("torch", "onnxruntime"), dynamic_modes=()))
+    modes=("fp32", "trt_ptq"), backends=("torch", "onnxruntime"), dynamic_modes=(),
+    tolerances=Tolerances(output_min_cosine={"fp16": {"logits": 0.5}})))
 '''
 PLANT = "/layer1/relu1/Relu_output_0"  # layer1.conv2's input quantizer
 
@@ -63,6 +66,7 @@ def test_a_failing_parity_case_leaves_a_polygraphy_command_that_reproduces_it(py
     assert settings["reference"] == "digits-fp32-torch" and len(settings["batches"]) == 4
     assert min(settings["batch_cosines"]) < settings["cosine_threshold"]
     assert settings["polygraphy_reproduces"] and settings["backend_args"] == ["--onnxrt"]
+    assert settings["output_cosine_thresholds"] == {"": 0.98} and command.endswith("--cosine-similarity-threshold 0.98")
 
     replay = subprocess.run(shlex.split(command), capture_output=True, text=True, timeout=300)
     assert replay.returncode != 0, replay.stdout + replay.stderr

@@ -12,9 +12,13 @@ pytest.importorskip("xdist")
 SUITE = '''
 import pytest
 from qatcheck.standard import test_accuracy, test_latency, test_parity  # noqa: F401
+from qatcheck.recipe import Tolerances
 from qatcheck.zoo import recipes
+# a wide latency tolerance: 20 timed iterations on a shared 2-core CPU are recorded as a baseline
+# (judges._unrecordable refuses a median known less well than half its tolerance)
 pytestmark = pytest.mark.qatcheck_recipe(recipes.digits_recipe(
-    name={name!r}, modes=("fp32", "trt_ptq"), backends=("torch", "onnxruntime"), dynamic_modes=()))
+    name={name!r}, modes=("fp32", "trt_ptq"), backends=("torch", "onnxruntime"), dynamic_modes=(),
+    tolerances=Tolerances(latency_rel=1.0)))
 '''
 
 
@@ -65,6 +69,17 @@ def test_latency_placement(monkeypatch, device, gpus, count, expected):
     else:
         assert placed is None and f"{count} workers and {expected}" in reason
     assert latency_placement(Worker(0, 1), device) == (None, "")  # one worker: timed where asked
+
+
+def test_a_worker_that_could_not_write_its_baselines_fails_the_run(pytester, tmp_path):
+    """--update-baselines into a path that cannot be a directory, under xdist: the worker's tests
+    pass, but it recorded nothing - the controller's exit status says so (issue 21, item 8c)."""
+    pytester.makepyfile(test_one=SUITE.format(name="one"))
+    (tmp_path / "blocker").write_text("a file where the baselines directory was asked for")
+    result = run(pytester, tmp_path / "cache", tmp_path / "r", "-n", "1", "-k", "accuracy and fp32-onnxruntime",
+                 "--update-baselines", "--qatcheck-baselines", str(tmp_path / "blocker" / "b"))
+    assert result.parseoutcomes()["passed"] == 1 and result.ret == 1, result.stdout.str()
+    result.stdout.fnmatch_lines(["*baselines NOT updated: cannot write *blocker*nothing was recorded, so the run fails*"])
 
 
 def test_an_artifact_built_on_a_workers_share_of_the_cores_is_the_same(tmp_path):

@@ -1,32 +1,38 @@
-"""Localize where quantization damage enters a quantized model (issue #13, item 2).
+"""Localize where low precision (int8, fp16, fp8) departs from fp32 in a model (issue #13, item 2;
+issue 21, item 9).
 
 This module holds what both paths share - the result types (:class:`LayerRow`,
 :class:`Localization`), the naming rule (:func:`conclude`), the JSON / Markdown / PNG writers and
 the entry points that dispatch on the mode (:func:`localize`, :func:`for_failed_case`) - and the
-ONNX Runtime path for the Q/DQ graphs (``trt_ptq`` / ``partial``). The PyTorch path for
-``torch_ptq`` / ``qat`` (module outputs through forward hooks, each layer's own SQNR from its
-quantized module on the fp32 module's input) is :mod:`qatcheck.analysis.localize_torch`.
+ONNX Runtime path for the graphs made from the fp32 export (:func:`onnx_modes`: ``fp16``,
+``trt_ptq``, ``partial``). The PyTorch path for the modes with a PyTorch form (:func:`torch_modes`:
+``fp16`` in half, ``torch_ptq`` / ``qat`` / ``fp8`` fake-quant; module outputs through forward
+hooks, each layer's own SQNR from its low-precision module on the fp32 module's input) is
+:mod:`qatcheck.analysis.localize_torch`. Which modes take which path comes from the mode table.
 
 ONNX Runtime path
 -----------------
-:func:`localize_graphs` runs the quantized graph (``trt_ptq`` / ``partial``, or any Q/DQ ONNX given by
+:func:`localize_graphs` runs the low-precision graph (the mode's artifact, or any ONNX given by
 path) and the recipe's fp32 graph on ONNX Runtime (CPU) with every intermediate tensor exposed as
 an extra output, over the first N eval samples at the recipe's opt shape. Only tensors present in
 BOTH graphs with the same name, float type and shape are compared: Q/DQ insertion
 (:mod:`qatcheck.quantize.onnx_ptq`) rewires the consumers' inputs to new ``*_dequantized`` tensors
 and keeps every original compute node's output name (``/layer1/conv2/Conv_output_0``), so each
-Conv / Gemm / Relu / Add output of the quantized graph has its fp32 twin. Each compared tensor is
-one row (its producing node; the PyTorch module from
-:func:`~qatcheck.quantize.onnx_ptq.module_name_of`), in the quantized graph's topological order,
-with its SQNR (dB, :func:`~qatcheck.analysis.sensitivity.sqnr_db`) and cosine vs fp32.
+Conv / Gemm / Relu / Add output of the quantized graph has its fp32 twin; the fp16 conversion keeps
+them too (fp16 tensors; a BatchNorm folded into its conv leaves the BN's output name to the conv).
+Each compared tensor is one row (named by the fp32 graph's node that produces it; the PyTorch
+module from :func:`~qatcheck.quantize.onnx_ptq.module_name_of`), in the low-precision graph's
+topological order, with its SQNR (dB, :func:`~qatcheck.analysis.sensitivity.sqnr_db`) and cosine
+vs fp32.
 
 The rule (what is named)
 ------------------------
 A row's *contribution* is the error the layer makes by itself, not the error it inherits: its
 *own SQNR* (dB) is measured by running that node of the QUANTIZED graph - with its input and
 weight Q/DQ, extracted with :class:`onnx.utils.Extractor` - on the FP32 graph's values of its
-inputs, and comparing the result with the fp32 output. A layer's input and weight Q/DQ are its
-own quantization, so the pair on ``/layer1/relu1/Relu_output_0`` counts in ``layer1.conv2`` (the
+inputs, and comparing the result with the fp32 output (an fp16 node gets them rounded to fp16,
+and computes with its fp16 constants: a clamped BatchNorm variance shows there). A layer's input
+and weight Q/DQ are its own quantization, so the pair on ``/layer1/relu1/Relu_output_0`` counts in ``layer1.conv2`` (the
 layer that reads it: the layer ``keep_precision`` would name). Nodes with no Q/DQ (ReLU, an
 unquantized Add, pooling) compute exactly what fp32 computes on the same inputs and get the cap
 (300 dB). Layers are ranked by own SQNR, lowest first.
@@ -60,32 +66,50 @@ import onnx.utils
 from onnx import helper, shape_inference
 
 from qatcheck.errors import ConfigError, DataError
-from qatcheck.fsutil import write_text_atomic
+from qatcheck.fsutil import file_digest, write_text_atomic
+from qatcheck.modes import MODE_SPECS, localization_paths, spec as mode_spec
 from qatcheck.quantize.onnx_ptq import module_name_of
 from qatcheck.report import markdown_table
 
 __all__ = ["LayerRow", "Localization", "localize", "localize_graphs", "write_reports",
-           "table_rows", "verdict", "expose_tensors", "conclude", "for_failed_case", "RULE",
-           "ONNX_MODES", "TORCH_MODES", "MODES"]
+           "table_rows", "verdict", "expose_tensors", "conclude", "for_failed_case", "AutoLocalization", "RULE",
+           "onnx_modes", "torch_modes", "modes", "PATHS"]
 
-#: modes localized on their Q/DQ ONNX (ONNX Runtime): the ONNX-level PTQ graphs, which are the
-#: fp32 export plus Q/DQ (every compute tensor keeps its name AND its meaning)
-ONNX_MODES = ("trt_ptq", "partial")
-#: modes localized in PyTorch (:mod:`qatcheck.analysis.localize_torch`): their pytorch-quantization
-#: export keeps BatchNorm unfused, so ``/stem/conv/Conv_output_0`` there is the pre-BN conv output
-#: while the fp32 export's (BN folded) is post-BN - same name and shape, different values
-#: (measured on digits: cosine 0.93 at stem.conv against 0.99995 at stem.relu right after it).
-#: Their modules keep the fp32 model's module names instead, so they are compared module by module.
-TORCH_MODES = ("torch_ptq", "qat")
-MODES = ONNX_MODES + TORCH_MODES
+#: where a mode is localized: its ONNX graph on ONNX Runtime, or its PyTorch module
+PATHS = ("onnx", "torch")
+
+
+def onnx_modes() -> tuple[str, ...]:
+    """Modes localized on their ONNX graph (ONNX Runtime), from the mode table
+    (:func:`qatcheck.modes.localization_paths`): low precision and made from the fp32 export (the
+    fp16 conversion, the ONNX-level PTQ graphs), so every compared tensor keeps its name AND its
+    meaning."""
+    return tuple(n for n in MODE_SPECS if "onnx" in localization_paths(n))
+
+
+def torch_modes() -> tuple[str, ...]:
+    """Modes localized in PyTorch (:mod:`qatcheck.analysis.localize_torch`), from the mode table:
+    low precision with a PyTorch form. The exports of the quantized ones keep BatchNorm unfused,
+    so ``/stem/conv/Conv_output_0`` there is the pre-BN conv output while the fp32 export's (BN
+    folded) is post-BN - same name and shape, different values (measured on digits: cosine 0.93 at
+    stem.conv against 0.99995 at stem.relu right after it). Their modules keep the fp32 model's
+    module names instead, so they are compared module by module."""
+    return tuple(n for n in MODE_SPECS if "torch" in localization_paths(n))
+
+
+def modes() -> tuple[str, ...]:
+    """Every mode that can be localized (table order)."""
+    return tuple(n for n in MODE_SPECS if localization_paths(n))
+
+
 #: +-dB cap, like sqnr_db's
 _CAP_DB = 300.0
 _QDQ = ("QuantizeLinear", "DequantizeLinear")
 _FLOAT = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE)
 
-RULE = ("contribution = own SQNR: the layer of the quantized graph (with its input and weight "
-        "Q/DQ) run on fp32 inputs vs the fp32 output, lowest first; named = the lowest own SQNR "
-        "among the first layer whose cosine vs fp32 < floor and its ancestors; none when no layer "
+RULE = ("contribution = own SQNR: the layer of the low-precision graph (fp16, or with its input "
+        "and weight Q/DQ) run on fp32 inputs vs the fp32 output, lowest first; named = the lowest "
+        "own SQNR among the first layer whose cosine vs fp32 < floor and its ancestors; none when no layer "
         "is below the floor")
 
 
@@ -188,14 +212,25 @@ def _candidates(qmodel: onnx.ModelProto, fmodel: onnx.ModelProto) -> tuple[list[
 
 
 def expose_tensors(model: onnx.ModelProto, tensors: Sequence[str]) -> onnx.ModelProto:
-    """A copy of ``model`` with ``tensors`` added as graph outputs (float, shape left open)."""
+    """A copy of ``model`` with ``tensors`` added as graph outputs (their own float type: fp16 in an
+    fp16 graph; shape left open)."""
     m = onnx.ModelProto()
     m.CopyFrom(model)
     present = {o.name for o in m.graph.output}
+    types = _typed_values(model)
     for t in tensors:
         if t not in present:
-            m.graph.output.append(helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None))
+            elem = types.get(t, (onnx.TensorProto.FLOAT, None))[0]
+            elem = elem if elem in _FLOAT else onnx.TensorProto.FLOAT
+            m.graph.output.append(helper.make_tensor_value_info(t, elem, None))
     return m
+
+
+def _feed_types(session) -> dict[str, np.dtype]:
+    """input name -> the numpy dtype an ONNX Runtime session takes (fp32 values are cast to it:
+    an fp16 node is fed the fp32 graph's values rounded to fp16)."""
+    return {i.name: np.float16 if i.type == "tensor(float16)" else np.float64 if i.type == "tensor(double)"
+            else np.float32 for i in session.get_inputs()}
 
 
 class _Acc:
@@ -314,13 +349,13 @@ def localize_graphs(quantized: str | Path | onnx.ModelProto, fp32: str | Path | 
 
     # each layer alone: the quantized graph's node (with its input / weight Q/DQ) fed fp32 inputs
     extractor = onnx.utils.Extractor(shape_inference.infer_shapes(qmodel))
-    isolated: dict[str, tuple[object, list[str]]] = {}
+    isolated: dict[str, tuple[object, dict[str, np.dtype]]] = {}
     for t in tensors:
         feeds = list(_node_boundary(producer[t]))
         if feeds:
             sub = extractor.extract_model(feeds, [t])
             sess = OrtRunner(sub, provider="CPUExecutionProvider").session
-            isolated[t] = (sess, feeds)
+            isolated[t] = (sess, _feed_types(sess))
 
     accs = {t: _Acc() for t in tensors}
     own = {t: _Acc() for t in isolated}
@@ -337,16 +372,20 @@ def localize_graphs(quantized: str | Path | onnx.ModelProto, fp32: str | Path | 
             accs[t].update(r, o)
             if t in isolated:
                 sess, feeds = isolated[t]
-                (y,) = sess.run([t], {f: ref[f] for f in feeds})
+                (y,) = sess.run([t], {f: np.asarray(ref[f], dtype=dt) for f, dt in feeds.items()})
                 own[t].update(r, np.asarray(y, dtype=np.float32)[:n])
         samples += n
     if samples == 0:
         raise DataError("localize: the eval data yielded no samples")
 
     rows = []
+    fproducer = {o: node for node in fmodel.graph.node for o in node.output}
     for idx, t in enumerate(tensors):
         node = producer[t]
         deps = [d for d in _node_boundary(node) if d in compared]
+        # named by the fp32 graph's node: the fp16 conversion's casts (graph outputs, nodes kept
+        # in fp32) take over the names of the tensors they convert
+        node = fproducer.get(t, node)
         sq = accs[t].sqnr_db()
         sq_in = min((accs[d].sqnr_db() for d in deps), default=_CAP_DB)
         own_db = own[t].sqnr_db() if t in own else _CAP_DB
@@ -369,62 +408,163 @@ def localize_graphs(quantized: str | Path | onnx.ModelProto, fp32: str | Path | 
                                 f"vs fp32 `{fpath}` on ONNX Runtime (CPU) at the opt shape"))
 
 
-def _calibrator_path(mode: str) -> str:
-    return "torch" if mode in TORCH_MODES else "onnx"
+def path_for(recipe, mode: str, path: str | None = None) -> str:
+    """Where ``mode`` is localized: ``path`` when given and possible, else its graph where it is
+    made from the fp32 export (and always for an ONNX-only recipe), else its PyTorch module."""
+    from qatcheck.onnx_model import NO_TORCH, is_onnx_only
+
+    if mode not in modes():
+        raise ConfigError(f"localize: mode {mode!r} is not a low-precision mode; choose one of "
+                          f"{', '.join(modes())}")
+    if path is not None and path not in PATHS:
+        raise ConfigError(f"localize: path {path!r}: choose one of {', '.join(PATHS)}")
+    can = list(localization_paths(mode))
+    if recipe is not None and is_onnx_only(recipe):
+        can = [p for p in can if p == "onnx"]
+        if not can:
+            raise ConfigError(f"localize: mode {mode!r} of Recipe({recipe.name}): {NO_TORCH}")
+    if path is None:
+        return can[0]
+    if path not in can:
+        raise ConfigError(f"localize: mode {mode!r} cannot be localized on the {path} path; it can on "
+                          f"{' / '.join(can)}")
+    return path
+
+
+def with_mode_calibrator(recipe, mode: str, calibrator: str | None):
+    """The recipe with ``mode``'s calibrator (its row's ``calibrator_field``) replaced."""
+    from dataclasses import replace
+
+    if calibrator is None:
+        return recipe
+    field_ = mode_spec(mode).calibrator_field
+    if field_ is None:
+        raise ConfigError(f"localize: mode {mode!r} is not calibrated; --calibrator does not apply")
+    return replace(recipe, quant=replace(recipe.quant, **{field_: calibrator}))
+
+
+def calibrator_of(recipe, mode: str) -> str | None:
+    field_ = mode_spec(mode).calibrator_field
+    return getattr(recipe.quant, field_) if field_ else None
 
 
 def localize(recipe, mode: str = "trt_ptq", *, quantized_onnx: str | Path | None = None,
              max_samples: int | None = 64, floor: float = 0.99,
              cache_dir: str | Path = ".qatcheck_cache", calibrator: str | None = None,
-             device: str = "cpu") -> Localization:
-    """Localize ``recipe``'s ``mode`` against fp32 on the first ``max_samples`` eval samples.
-    ``trt_ptq`` / ``partial``: the mode's Q/DQ graph (from the artifact builder, or
-    ``quantized_onnx`` when given: e.g. a planted graph) vs the fp32 ONNX on ONNX Runtime, at the
-    opt shape. ``torch_ptq`` / ``qat``: the mode's PyTorch module vs the recipe's fp32 model, on
-    ``device`` (:func:`qatcheck.analysis.localize_torch.localize_torch`)."""
-    from qatcheck.analysis.sensitivity import SensitivityRunner, with_calibrator
+             device: str = "cpu", path: str | None = None) -> Localization:
+    """Localize ``recipe``'s ``mode`` against fp32 on the first ``max_samples`` eval samples, on
+    ``path`` (:func:`path_for`: ``onnx`` for the modes made from the fp32 export, else ``torch``).
+    ``onnx``: the mode's graph (from the artifact builder, or ``quantized_onnx`` when given: e.g. a
+    planted graph) vs the fp32 ONNX on ONNX Runtime, at the opt shape. ``torch``: the mode's
+    PyTorch module vs the recipe's fp32 model, on ``device``
+    (:func:`qatcheck.analysis.localize_torch.localize_torch`)."""
+    from qatcheck.analysis.sensitivity import SensitivityRunner
     from qatcheck.data.batching import eval_batches
-    from qatcheck.modes import spec
 
-    if mode not in MODES:
-        raise ConfigError(f"localize: mode {mode!r} is not a quantized mode; choose one of "
-                          f"{', '.join(MODES)}")
+    path = path_for(recipe, mode, path)
     if max_samples is not None and max_samples < 1:
         raise ConfigError(f"max_samples must be >= 1; got {max_samples}")
     check_floor(floor)
-    if mode in TORCH_MODES:
+    recipe = with_mode_calibrator(recipe, mode, calibrator)
+    if path == "torch":
         if quantized_onnx is not None:
-            raise ConfigError(f"localize: --onnx gives a Q/DQ graph for {' / '.join(ONNX_MODES)}; "
-                              f"{mode} is localized on its PyTorch module")
+            raise ConfigError(f"localize: --onnx gives a graph for the onnx path "
+                              f"({' / '.join(onnx_modes())}); {mode} is localized on its PyTorch module here")
         from qatcheck.analysis.localize_torch import localize_torch
 
         return localize_torch(recipe, mode, max_samples=max_samples, floor=floor,
-                              cache_dir=cache_dir, calibrator=calibrator, device=device)
-    recipe = with_calibrator(recipe, calibrator, _calibrator_path(mode))
+                              cache_dir=cache_dir, device=device)
     runner = SensitivityRunner(recipe, "onnx", cache_dir, progress=False)
     builder = runner.builder
     qpath = Path(quantized_onnx) if quantized_onnx is not None else builder.onnx_artifact(mode).path
     fpath = builder.onnx_artifact("fp32").path
-    field_ = spec(mode).calibrator_field
-    calib = getattr(recipe.quant, field_) if field_ else None
     batches = eval_batches(runner.state.eval_data, recipe.input.profile()["opt"], pad=True,
                            max_samples=max_samples)
     return localize_graphs(qpath, fpath, batches, input_name=recipe.input.name, floor=floor,
-                           recipe=recipe.name, mode=mode, calibrator=calib)
+                           recipe=recipe.name, mode=mode, calibrator=calibrator_of(recipe, mode))
 
 
-def for_failed_case(session, case, max_samples: int = 32) -> list[str]:
+class AutoLocalization:
+    """The automatic localizations of one test session (one process; each pytest-xdist worker has
+    its own): each distinct artifact is localized once - a failed case whose artifact is
+    byte-identical to one already localized (``partial`` keeping nothing is ``trt_ptq``) gets the
+    first one's lines, saying so - and together they take at most ``budget_s`` seconds
+    (``--qatcheck-localize-budget``; None: no limit). A localization stops reading eval batches
+    when the budget runs out (the batch under way finishes); once it is spent, a failure gets the
+    command that localizes its case instead."""
+
+    def __init__(self, budget_s: float | None = None) -> None:
+        self.budget_s = budget_s
+        self.spent = 0.0
+        #: key (what the localization compared: the artifacts' digests, floor, samples) -> (the
+        #: case it was made for, its lines)
+        self.done: dict[tuple, tuple[str, list[str]]] = {}
+
+    def lines(self, case_id: str, key: tuple, localize, reports_dir: str | Path, command: str) -> list[str]:
+        """The failure message's lines for ``case_id``: ``localize(until)`` runs the localization
+        over ``until(batches)`` (the budget's cut), unless ``key`` was localized already or the
+        budget is spent; ``command`` localizes the case outside pytest."""
+        if key in self.done:
+            first, lines = self.done[key]
+            return [f"(the localization of {first}: this case's artifact is byte-identical, so it was "
+                    "not localized again)", *lines]
+        left = None if self.budget_s is None else self.budget_s - self.spent
+        if left is not None and left <= 0:
+            return [f"(not localized: this run's --qatcheck-localize-budget of {self.budget_s:g} s is spent; "
+                    f"localize it with: {command})"]
+        t0 = time.monotonic()
+        cut: list[int] = []
+
+        def until(batches):
+            for i, batch in enumerate(batches):
+                if i and left is not None and time.monotonic() - t0 > left:
+                    cut.append(i)
+                    return
+                yield batch
+
+        try:
+            loc = localize(until)
+            lines = failure_lines(loc, reports_dir)
+        finally:
+            self.spent += time.monotonic() - t0
+        if cut:
+            lines.append(f"(localized on its first {loc.samples} samples only: the "
+                         f"--qatcheck-localize-budget of {self.budget_s:g} s ran out; all of them: {command})")
+        self.done[key] = (case_id, lines)
+        return lines
+
+
+def localize_command(session, case, max_samples: int, floor: float, *extra: str) -> str:
+    """``python -m qatcheck localize ...`` for a failed case, where pytest did not localize it."""
+    import shlex
+
+    o = session.options
+    args = ["python", "-m", "qatcheck", "localize", "--recipe", f"<module:function returning Recipe({case.recipe})>",
+            "--mode", case.mode, *extra, "--max-samples", str(max_samples), "--floor-cosine", f"{floor:g}",
+            "--cache", str(o.cache_dir), "--reports", str(o.reports_dir)]
+    return " ".join(shlex.quote(a) for a in args)
+
+
+def for_failed_case(session, case, max_samples: int = 32, auto: AutoLocalization | None = None) -> list[str]:
     """Localization run automatically when ``case``'s parity fails (the plugin calls it): the
-    case's own quantized model vs the recipe's fp32 model on its first ``max_samples`` eval
+    case's own low-precision model vs the recipe's fp32 model on its first ``max_samples`` eval
     samples, the case's parity floor as the per-layer floor; reports written next to the recipe's.
     Returns the lines the failure message adds: nothing for modes it cannot localize or dynamic
-    cases. ``trt_ptq`` / ``partial``: the case's own Q/DQ graph on ONNX Runtime; ``torch_ptq`` /
-    ``qat``: the PyTorch module (:func:`qatcheck.analysis.localize_torch.for_failed_case`)."""
-    if case.mode in TORCH_MODES:
+    cases. A mode with a PyTorch form on the torch backend (fp16, torch_ptq, qat, fp8), or without
+    a graph made from the fp32 export: in PyTorch
+    (:func:`qatcheck.analysis.localize_torch.for_failed_case`); a graph made from the fp32 export
+    on a graph backend (fp16, trt_ptq, partial): the case's own graph on ONNX Runtime. ``auto``: the
+    session's budget and the localizations already made (None: no limit, no reuse)."""
+    from qatcheck.backends import executes
+
+    auto = auto or AutoLocalization()
+    if case.shape:
+        return []
+    if case.mode in torch_modes() and (executes(case.backend) == "torch" or case.mode not in onnx_modes()):
         from qatcheck.analysis import localize_torch
 
-        return localize_torch.for_failed_case(session, case, max_samples)
-    if case.mode not in ONNX_MODES or case.shape:
+        return localize_torch.for_failed_case(session, case, max_samples, auto)
+    if case.mode not in onnx_modes():
         return []
     runner = session.runner(case)
     qpath = getattr(runner, "artifact_path", None)
@@ -439,14 +579,23 @@ def for_failed_case(session, case, max_samples: int = 32) -> list[str]:
                            max_samples=max_samples)
     debug = getattr(session.backend(case.backend), "debug_tensors", None)
     if debug is not None:  # TensorRT: the engine's own intermediate values (debug tensors)
-        qpath = builder.onnx_artifact(case.mode).path  # own SQNR: the mode's Q/DQ graph's nodes
-        kwargs = dict(quantized_tensors=debug(session.context(case)), path=f"{case.backend} debug tensors")
+        qpath = builder.onnx_artifact(case.mode).path  # own SQNR: the mode's graph's nodes
+        path = f"{case.backend} debug tensors"
+        # the engine: its plan key holds the graph's digest and everything else that built it
+        quantized = getattr(getattr(runner, "plan", None), "cache_key", "") or builder.onnx_artifact(case.mode).digest
     else:
-        kwargs = {}
-    loc = localize_graphs(qpath, builder.onnx_artifact("fp32").path, batches, input_name=recipe.input.name,
-                          floor=floor, recipe=recipe.name, mode=case.mode,
-                          calibrator=getattr(recipe.quant, "calibrator", None), **kwargs)
-    return failure_lines(loc, session.options.reports_dir)
+        path, quantized = "onnxruntime", file_digest(qpath)
+    fp32 = builder.onnx_artifact("fp32")
+
+    def localize(until):
+        kwargs = dict(quantized_tensors=debug(session.context(case)), path=path) if debug is not None else {}
+        return localize_graphs(qpath, fp32.path, until(batches), input_name=recipe.input.name,
+                               floor=floor, recipe=recipe.name, mode=case.mode,
+                               calibrator=calibrator_of(recipe, case.mode), **kwargs)
+
+    return auto.lines(case.id, (path, quantized, fp32.digest, floor, max_samples), localize,
+                      session.options.reports_dir,
+                      localize_command(session, case, max_samples, floor, "--path", "onnx", "--onnx", str(qpath)))
 
 
 def failure_floor(session, case) -> float:
@@ -516,8 +665,8 @@ def table_rows(loc: Localization) -> tuple[list[str], list[list[str]]]:
 
 def markdown_report(loc: Localization) -> str:
     out = [f"# {loc.recipe}: {loc.mode} damage localization\n",
-           f"{loc.method}.\n", f"First {loc.samples} eval samples, calibrator {loc.calibrator}; "
-           f"rows in {loc.order} order.\n",
+           f"{loc.method}.\n", f"First {loc.samples} eval samples"
+           + (f", calibrator {loc.calibrator}" if loc.calibrator else "") + f"; rows in {loc.order} order.\n",
            f"Rule: {loc.rule}.\n", f"**{verdict(loc)}**\n", markdown_table(*table_rows(loc))]
     worst = [loc.row(t) for t in loc.worst]
     out.append("\nWorst five by contribution: " + ", ".join(
@@ -559,10 +708,13 @@ def _plot(loc: Localization, out: Path) -> None:
 
 
 def write_reports(loc: Localization, reports_dir: str | Path) -> list[Path]:
-    """``<recipe>-localize-<mode>.json``, ``.md`` and ``.png`` in ``reports_dir``."""
+    """``<recipe>-localize-<mode>.json``, ``.md`` and ``.png`` in ``reports_dir`` (``-torch`` after
+    the mode for the PyTorch path of a mode that has both)."""
     d = Path(reports_dir)
     d.mkdir(parents=True, exist_ok=True)
-    stem = f"{loc.recipe}-localize-{loc.mode}"
+    # a mode localized on both paths (fp16) keeps the torch path's reports apart
+    both = loc.path == "torch" and loc.mode in onnx_modes()
+    stem = f"{loc.recipe}-localize-{loc.mode}" + ("-torch" if both else "")
     j, m, p = d / f"{stem}.json", d / f"{stem}.md", d / f"{stem}.png"
     write_text_atomic(j, json.dumps({**loc.to_json(), "verdict": verdict(loc)}, indent=1))
     write_text_atomic(m, markdown_report(loc))

@@ -1,10 +1,13 @@
-"""Localize where quantization damage enters a PyTorch quantized model (``torch_ptq`` / ``qat``).
+"""Localize where low precision departs from fp32 in a PyTorch model (``torch_ptq`` / ``qat`` /
+``fp8`` fake-quant, ``fp16`` in half: :func:`qatcheck.analysis.localize.torch_modes`).
 
-The ONNX Runtime path (:mod:`qatcheck.analysis.localize`) cannot take these modes: their
+The ONNX Runtime path (:mod:`qatcheck.analysis.localize`) cannot take the quantized modes: their
 pytorch-quantization export keeps BatchNorm unfused, so its tensor names match the fp32 graph's
 but not their values. Their PyTorch modules keep the fp32 model's module names instead
 (:func:`qatcheck.quantize.torch_quant.quantize_model` swaps ``Conv2d`` for ``QuantConv2d`` in
-place), so :func:`localize_modules` compares the two models module by module, with forward hooks.
+place; ModelOpt's fake-quant modules likewise), so :func:`localize_modules` compares the two
+models module by module, with forward hooks. An fp16 module is the fp32 model in half: every
+module computes in fp16, and is fed the fp32 model's values rounded to fp16 for its own SQNR.
 
 Rows
 ----
@@ -61,8 +64,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from qatcheck.analysis.localize import (_CAP_DB, TORCH_MODES, LayerRow, Localization, _Acc, _nsr,
-                                        check_floor, conclude, failure_floor, failure_lines)
+from qatcheck.analysis.localize import (_CAP_DB, AutoLocalization, LayerRow, Localization, _Acc, _nsr,
+                                        calibrator_of, check_floor, conclude, failure_floor, localize_command,
+                                        torch_modes, with_mode_calibrator)
 from qatcheck.errors import ConfigError, DataError
 
 __all__ = ["localize_modules", "localize_torch", "for_failed_case", "leaf_modules", "RULE"]
@@ -153,12 +157,30 @@ def _free_quantizers(model: nn.Module, leaves: dict[str, nn.Module]) -> dict[str
 
 
 def _same_weights(qm: nn.Module, fm: nn.Module) -> bool:
-    """Whether ``qm`` holds ``fm``'s parameters and buffers (its quantizers' amax aside)."""
+    """Whether ``qm`` holds ``fm``'s parameters and buffers (its quantizers' amax aside), in its
+    own precision (an fp16 module holds fp32's weights rounded to fp16)."""
     qs = qm.state_dict()
     for k, v in fm.state_dict().items():
-        if k not in qs or qs[k].shape != v.shape or not torch.equal(qs[k].to(v.device), v):
+        if k not in qs or qs[k].shape != v.shape or not torch.equal(qs[k].to(v.device), v.to(qs[k].dtype)):
             return False
     return True
+
+
+def _float_dtype(model: nn.Module) -> torch.dtype:
+    """What a model computes in: its first floating parameter's dtype (fp32 without one)."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
+def _to(obj: Any, dtype: torch.dtype) -> Any:
+    """``obj`` with every floating tensor in it converted to ``dtype`` (an fp16 module is fed the
+    fp32 model's values rounded to fp16)."""
+    if torch.is_tensor(obj):
+        return obj.to(dtype) if obj.is_floating_point() else obj
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_to(o, dtype) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _to(v, dtype) for k, v in obj.items()}
+    return obj
 
 
 def _tensors(obj: Any) -> list[torch.Tensor]:
@@ -410,6 +432,9 @@ def localize_modules(qmodel: nn.Module, fmodel: nn.Module, batches, *, floor: fl
     check_floor(floor)
     t0 = time.perf_counter()
     qmodel = qmodel.to(device).eval()
+    # a low-precision module (fp16) computes in its own dtype: every layer of it differs from fp32
+    qdtype = _float_dtype(qmodel)
+    lowp = qdtype != torch.float32
     fmodel = fmodel.to(device).eval()
     qleaves, fleaves = leaf_modules(qmodel), leaf_modules(fmodel)
     free_q = _free_quantizers(qmodel, qleaves)
@@ -419,7 +444,7 @@ def localize_modules(qmodel: nn.Module, fmodel: nn.Module, batches, *, floor: fl
     if first is None:
         raise DataError("localize: the eval data yielded no samples")
     with strict_fp32(str(device).startswith("cuda")):
-        rows, per_sample = _trace(qmodel, qleaves, free_q, _as_tensor(first[0][:1], device))
+        rows, per_sample = _trace(qmodel, qleaves, free_q, _as_tensor(first[0][:1], device).to(qdtype))
     rows = [r for r in rows if r.quantizer or r.name in fleaves]  # a leaf must have its fp32 twin
     if not rows:
         raise ConfigError("the quantized model and the fp32 model share no module name to compare")
@@ -436,7 +461,7 @@ def localize_modules(qmodel: nn.Module, fmodel: nn.Module, batches, *, floor: fl
         quant = any(_enabled(q) for q in _quantizers(qm))
         same = _same_weights(qm, fm)
         moved |= not same
-        plan[r.key] = (quant or not same, quant and not same)
+        plan[r.key] = (quant or not same or lowp, quant and not same)
     chunk = max(1, ACTIVATION_BUDGET // per_sample)
 
     cum = {k: _Acc() for k in keys}
@@ -478,10 +503,10 @@ def localize_modules(qmodel: nn.Module, fmodel: nn.Module, batches, *, floor: fl
                     bn = fleaves[row_of[bn_after[key]].name] if key in bn_after else None
                     if key in qonly:
                         with _quantizers_off(_quantizers(qm)):
-                            yf = qm(*_clone(args_), **_clone(kwargs_))
-                    yq = qm(*args_, **kwargs_)
+                            yf = qm(*_to(_clone(args_), qdtype), **_to(_clone(kwargs_), qdtype))
+                    yq = qm(*_to(args_, qdtype), **_to(kwargs_, qdtype))
                     if bn is not None:
-                        ref, yq = bn(ref), bn(yq)
+                        ref, yq = bn(ref), bn(_to(yq, torch.float32))
                         if key in qonly:
                             yf = bn(yf)
                     r_, o_ = _flat(ref), _flat(yq)
@@ -503,7 +528,7 @@ def localize_modules(qmodel: nn.Module, fmodel: nn.Module, batches, *, floor: fl
                         twin[key] = _clone(args[0])
 
                 with _quantizers_off(all_q), _Calls(qleaves, free_q, t_pre, None):
-                    qmodel(xb)
+                    qmodel(xb.to(qdtype))
                 for key, v in twin.items():
                     _update(own[key], v.reshape(-1).float(), _flat(free_q[row_of[key].name](v)))
                     ref_out[key] = v.reshape(-1).float()
@@ -536,7 +561,7 @@ def localize_modules(qmodel: nn.Module, fmodel: nn.Module, batches, *, floor: fl
                 seen.add(key)
 
             with _Calls(qleaves, free_q, q_pre, q_post):
-                qmodel(xb)
+                qmodel(xb.to(qdtype))
             samples += len(xb)
 
     out_rows = []
@@ -571,8 +596,9 @@ def localize_modules(qmodel: nn.Module, fmodel: nn.Module, batches, *, floor: fl
 def _method(mode: str, quantized: str, fp32: str, device: str, drift: bool, rule_q: bool) -> str:
     text = (f"The {mode or 'quantized'} PyTorch model (`{quantized}`) vs {fp32} in PyTorch "
             f"({device}), module by module (forward hooks on the same module names); own SQNR: "
-            "the quantized module on the fp32 module's input vs the fp32 module (a conv read only "
-            "by its BatchNorm: after that BatchNorm, as deployment folds it)")
+            "the low-precision module on the fp32 module's input (in its own precision) vs the fp32 "
+            "module (a quantized conv read only by its BatchNorm: after that BatchNorm, as deployment "
+            "folds it)")
     if drift:
         text += (". The reference is the fp32 model, whose weights are not this model's (QAT "
                  "fine-tuned them, BatchNorm statistics included): own SQNR is quantization and "
@@ -584,39 +610,52 @@ def _method(mode: str, quantized: str, fp32: str, device: str, drift: bool, rule
     return text
 
 
+def low_precision_module(artifact) -> nn.Module:
+    """The module a torch artifact computes with: an fp16 artifact's module in half (what the
+    torch runner runs); a fake-quant one as it is."""
+    return artifact.module.half() if artifact.precision == "fp16" else artifact.module
+
+
+def _described(artifact, mode: str) -> str:
+    return str(artifact.path) if artifact.path is not None else f"the fp32 model in {artifact.precision} ({mode})"
+
+
 def localize_torch(recipe, mode: str = "torch_ptq", *, max_samples: int | None = 64,
                    floor: float = 0.99, cache_dir: str | Path = ".qatcheck_cache",
                    calibrator: str | None = None, device: str = "cpu") -> Localization:
-    """Localize ``recipe``'s ``torch_ptq`` / ``qat`` module (from the artifact cache, built there
-    on ``device`` when missing) against its fp32 model on the first ``max_samples`` eval samples."""
-    from qatcheck.analysis.sensitivity import with_calibrator
+    """Localize ``recipe``'s ``mode`` module (fp16: the fp32 model in half; torch_ptq / qat / fp8:
+    the fake-quant module from the artifact cache, built there on ``device`` when missing) against
+    its fp32 model on the first ``max_samples`` eval samples."""
     from qatcheck.artifacts import ArtifactBuilder, RecipeState
     from qatcheck.cache import ArtifactCache
     from qatcheck.data.batching import eval_batches
 
-    if mode not in TORCH_MODES:
-        raise ConfigError(f"localize_torch: mode {mode!r} has no pytorch-quantization module; "
-                          f"choose one of {', '.join(TORCH_MODES)}")
-    recipe = with_calibrator(recipe, calibrator, "torch")
+    if mode not in torch_modes():
+        raise ConfigError(f"localize_torch: mode {mode!r} has no low-precision PyTorch module; "
+                          f"choose one of {', '.join(torch_modes())}")
+    recipe = with_mode_calibrator(recipe, mode, calibrator)
     state = RecipeState(recipe)
     builder = ArtifactBuilder(state, ArtifactCache(cache_dir), progress=False, device=device)
     qa = builder.torch_artifact(mode)
     batches = eval_batches(state.eval_data, recipe.input.profile()["opt"], pad=False,
                            max_samples=max_samples)
-    return localize_modules(qa.module, builder.torch_artifact("fp32").module, batches, floor=floor,
-                            recipe=recipe.name, mode=mode, calibrator=recipe.quant.torch_calibrator,
-                            quantized=str(qa.path), device=device)
+    return localize_modules(low_precision_module(qa), builder.torch_artifact("fp32").module, batches,
+                            floor=floor, recipe=recipe.name, mode=mode,
+                            calibrator=calibrator_of(recipe, mode), quantized=_described(qa, mode),
+                            device=device)
 
 
-def for_failed_case(session, case, max_samples: int = 32) -> list[str]:
-    """The automatic localization of a failed ``torch_ptq`` / ``qat`` parity case (static shape):
-    the mode's module vs the recipe's fp32 model, where the session builds and runs them. A case
+def for_failed_case(session, case, max_samples: int = 32, auto=None) -> list[str]:
+    """The automatic localization of a failed parity case of a mode with a low-precision PyTorch
+    module (fp16, torch_ptq, qat, fp8; static shape): the mode's module vs the recipe's fp32 model,
+    where the session builds and runs them. A case
     judged against its own PyTorch model (an exported graph on another backend: export parity)
-    gets one line saying why there is none - its quantization is the PyTorch case's."""
+    gets one line saying why there is none - its quantization is the PyTorch case's. ``auto``: the
+    session's :class:`~qatcheck.analysis.localize.AutoLocalization` (budget, reuse)."""
     from qatcheck.data.batching import eval_batches
-    from qatcheck.modes import parity_reference
+    from qatcheck.modes import parity_reference, spec as mode_spec
 
-    if case.mode not in TORCH_MODES or case.shape:
+    if case.mode not in torch_modes() or case.shape:
         return []
     ref = parity_reference(case.mode, case.backend)
     if ref is None:
@@ -627,11 +666,18 @@ def for_failed_case(session, case, max_samples: int = 32) -> list[str]:
                 f"{case.recipe}-{case.mode}-torch case)"]
     recipe = session.recipes[case.recipe]
     builder = session.builder(case.recipe)
-    qa = builder.torch_artifact(case.mode)
+    qa, fp32 = builder.torch_artifact(case.mode), builder.torch_artifact("fp32")
+    floor = failure_floor(session, case)
     batches = eval_batches(session._states[case.recipe].eval_data, recipe.input.profile()["opt"],
                            pad=False, max_samples=max_samples)
-    loc = localize_modules(qa.module, builder.torch_artifact("fp32").module, batches,
-                           floor=failure_floor(session, case), recipe=recipe.name, mode=case.mode,
-                           calibrator=recipe.quant.torch_calibrator, quantized=str(qa.path),
-                           device=builder.device)
-    return failure_lines(loc, session.options.reports_dir)
+
+    def localize(until):
+        return localize_modules(low_precision_module(qa), fp32.module, until(batches), floor=floor,
+                                recipe=recipe.name, mode=case.mode, calibrator=calibrator_of(recipe, case.mode),
+                                quantized=_described(qa, case.mode), device=builder.device)
+
+    # fp16's module is fp32's weights run in half: the precision is part of what was localized
+    key = ("torch", mode_spec(case.mode).precision, qa.digest, fp32.digest, floor, max_samples, builder.device)
+    return (auto or AutoLocalization()).lines(
+        case.id, key, localize, session.options.reports_dir,
+        localize_command(session, case, max_samples, floor, "--path", "torch", "--device", builder.device))

@@ -460,11 +460,11 @@ class SensitivityRunner:
         from qatcheck.artifacts import source_digest
         from qatcheck.cache import library_versions
 
-        # the model's code and qatcheck's analysis, evaluation, metric and Q/DQ code shape a
-        # profile as much as its settings do
+        # the model's traced graph and qatcheck's analysis, evaluation, metric and Q/DQ code shape
+        # a profile as much as its settings do
         code = source_digest(("analysis", "evaluate.py", "tasks", "quantize", "data/batching.py"))
         return {"profile_version": _PROFILE_VERSION, "recipe": self.recipe.name,
-                "model_code": self.state.model_code, "code": code,
+                "model": self.builder.model_graph(), "code": code,
                 "path": self.path_name, **self.path.key_parts(),
                 "eval": self.state.eval_data.fingerprint(), "max_samples": max_samples,
                 "batch": self.recipe.input.batch_size, "only_quantized": bool(only_quantized),

@@ -5,7 +5,7 @@ build batch, so a short final batch is padded and its real sample count travels 
 """
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -22,7 +22,8 @@ def pad_batch(x: np.ndarray, size: int) -> tuple[np.ndarray, int]:
 
 
 def resize(x: np.ndarray, hw: tuple[int, ...]) -> np.ndarray:
-    """Resize NCHW inputs to the case's spatial shape (dynamic H/W profiles)."""
+    """Resize NCHW inputs to the case's spatial shape (dynamic H/W profiles): bilinear, each axis
+    on its own (no letterbox), so a pixel coordinate scales by ``new / old`` per axis."""
     if tuple(x.shape[2:]) == tuple(hw):
         return x
     import torch
@@ -32,11 +33,15 @@ def resize(x: np.ndarray, hw: tuple[int, ...]) -> np.ndarray:
     return t.numpy()
 
 
-def eval_batches(ds: Dataset, shape: tuple[int, ...], *, pad: bool = True,
-                 max_samples: int | None = None) -> Iterator[tuple[np.ndarray, Any, int]]:
+def eval_batches(ds: Dataset, shape: tuple[int, ...], *, pad: bool = True, max_samples: int | None = None,
+                 resize_targets: Callable[[Any, tuple, tuple], Any] | None = None
+                 ) -> Iterator[tuple[np.ndarray, Any, int]]:
     """``(inputs, targets, real count)`` over ``ds`` at ``shape`` (batch first): inputs resized to
-    the shape's spatial size and, with ``pad``, zero-padded to its batch; at most ``max_samples``."""
+    the shape's spatial size and, with ``pad``, zero-padded to its batch; at most ``max_samples``.
+    Resized inputs get their targets through ``resize_targets(targets, from_hw, to_hw)`` (the
+    task's, when it has targets in input pixels); without it the targets pass unchanged."""
     bs = int(shape[0])
+    hw = tuple(shape[2:])
     left = len(ds) if max_samples is None else int(max_samples)
     for x, y in ds.batches(bs):
         if left <= 0:
@@ -44,7 +49,9 @@ def eval_batches(ds: Dataset, shape: tuple[int, ...], *, pad: bool = True,
         if len(x) > left:
             x, y = x[:left], y[:left]
         left -= len(x)
-        x = resize(x, tuple(shape[2:]))
+        if resize_targets is not None and tuple(x.shape[2:]) != hw:
+            y = resize_targets(y, tuple(x.shape[2:]), hw)
+        x = resize(x, hw)
         xb, n = pad_batch(x, bs) if pad else (x, len(x))
         yield xb, y, n
 

@@ -212,10 +212,24 @@ class CocoDataset:
             h.update(repr((self.input_size, self.letterbox, self.image_ids, self.category_ids,
                            self.channels, self.mean.ravel().tolist(), self.std.ravel().tolist(),
                            self.pad_value)).encode())
-            for img in self.images:
-                h.update(f"{img['file_name']}:{(self.images_dir / img['file_name']).stat().st_size}".encode())
+            for line in self._image_files():
+                h.update(line)
             self._fingerprint = h.hexdigest()[:16]
         return self._fingerprint
+
+    def inputs_fingerprint(self) -> str:
+        """The images and their preprocessing without the annotations (what calibration reads):
+        edited boxes or labels leave it as it is."""
+        h = hashlib.sha256(repr((self.input_size, self.letterbox, self.image_ids, self.channels,
+                                 self.mean.ravel().tolist(), self.std.ravel().tolist(),
+                                 self.pad_value)).encode())
+        for line in self._image_files():
+            h.update(line)
+        return h.hexdigest()[:16]
+
+    def _image_files(self) -> Iterator[bytes]:
+        for img in self.images:
+            yield f"{img['file_name']}:{(self.images_dir / img['file_name']).stat().st_size}".encode()
 
     # ---- items ----------------------------------------------------------------------------
     def item(self, index: int) -> tuple[np.ndarray, dict]:

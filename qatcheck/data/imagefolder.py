@@ -86,6 +86,16 @@ class ImageFolderDataset:
             h.update(f"{p.relative_to(self.root)}:{c}:{st.st_size}:{int(st.st_mtime)}".encode())
         return h.hexdigest()[:16]
 
+    def inputs_fingerprint(self) -> str:
+        """The image files and their preprocessing without the class indices (what calibration
+        reads): a new class order leaves it as it is."""
+        h = hashlib.sha256(f"{self.size}/{self.resize}/{self.grayscale}/{self.mean.ravel().tolist()}/"
+                           f"{self.std.ravel().tolist()}".encode())
+        for p, _ in self.samples:
+            st = p.stat()
+            h.update(f"{p.relative_to(self.root)}:{st.st_size}:{int(st.st_mtime)}".encode())
+        return h.hexdigest()[:16]
+
 
 def imagefolder_dataset(root: str | Path, size: int = 224, **kwargs) -> ImageFolderDataset:
     """ImageNet-style class folders (``<root>/<class>/<image>``) as a classification dataset:

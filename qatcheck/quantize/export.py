@@ -6,6 +6,9 @@ exporter pytorch-quantization's quantizers support.
 """
 from __future__ import annotations
 
+import copy
+import hashlib
+import io
 import warnings
 from pathlib import Path
 from typing import Sequence
@@ -25,15 +28,17 @@ def example_input(spec: InputSpec, shape: Sequence[int] | None = None, device: s
     return torch.zeros(tuple(shape or spec.shape), dtype=dtype, device=device)
 
 
-def check_model_accepts(model: torch.nn.Module, spec: InputSpec, where: str = "model") -> None:
-    """Run one forward pass at the spec's shape so a wrong input spec fails here, by name."""
+def check_model_accepts(model: torch.nn.Module, spec: InputSpec, where: str = "model") -> tuple:
+    """Run one forward pass at the spec's shape so a wrong input spec fails here, by name; return
+    the outputs as the runners see them (a tuple or list is several outputs, anything else one)."""
     x = example_input(spec, device=next(iter(model.parameters()), torch.zeros(())).device.type)
     try:
         with torch.no_grad():
-            model(x)
+            out = model(x)
     except Exception as exc:  # the model decides what it rejects; we only name the spec
         raise ArtifactError(f"{where} does not accept the recipe's input spec "
                             f"{spec.name}{tuple(spec.shape)} ({spec.dtype}): {exc}") from exc
+    return tuple(out) if isinstance(out, (tuple, list)) else (out,)
 
 
 def dynamic_axes_for(spec: InputSpec, output_names: Sequence[str]) -> dict[str, dict[int, str]]:
@@ -62,6 +67,26 @@ def export_onnx(model: torch.nn.Module, spec: InputSpec, path: str | Path,
     return path
 
 
+def training_graph_digest(model: torch.nn.Module, spec: InputSpec, output_names: Sequence[str],
+                          opset: int = OPSET) -> str:
+    """Digest of ``model`` traced in training mode: what QAT fine-tunes through, which the eval
+    export does not show (``if self.training:`` branches, dropout, BatchNorm in batch statistics).
+    Traced on a copy (a training-mode forward moves BatchNorm's running statistics). A model the
+    exporter cannot trace in training mode gives a fixed marker: its QAT key then rests on the eval
+    graph, the modules and the weights."""
+    buf = io.BytesIO()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(copy.deepcopy(model), (example_input(spec),), buf, input_names=[spec.name],
+                              output_names=list(output_names), opset_version=opset,
+                              training=torch.onnx.TrainingMode.TRAINING, do_constant_folding=False,
+                              dynamo=False)
+    except Exception as exc:  # noqa: BLE001 - QAT itself may still train it; only the key is weaker
+        return f"untraced ({type(exc).__name__})"
+    return hashlib.sha256(buf.getvalue()).hexdigest()[:16]
+
+
 def load_onnx(path: str | Path) -> onnx.ModelProto:
     """Load and check an ONNX file; a missing or corrupt file is one ArtifactError naming it."""
     path = Path(path)
@@ -75,15 +100,21 @@ def load_onnx(path: str | Path) -> onnx.ModelProto:
     return model
 
 
-def convert_fp16(src: str | Path, dst: str | Path) -> Path:
+def convert_fp16(src: str | Path, dst: str | Path) -> dict:
     """fp16 weights and compute with fp32 inputs/outputs (``keep_io_types``), so every backend is
-    fed the same fp32 tensors and only the precision inside the graph changes."""
+    fed the same fp32 tensors and only the precision inside the graph changes. BatchNorm and
+    constant arithmetic are folded in fp32 first, and nodes whose constants fp16 cannot hold stay
+    fp32, as TensorRT deploys them (:mod:`qatcheck.quantize.fp16`). Returns what was folded / kept
+    (the artifact's info)."""
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
+    from qatcheck.quantize import fp16
+
     model = load_onnx(src)
+    plan, block = fp16.prepare(model)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        half = convert_float_to_float16(model, keep_io_types=True)
+        half = convert_float_to_float16(model, keep_io_types=True, node_block_list=block or None)
     with atomic_path(dst) as tmp:
         onnx.save(half, str(tmp))
-    return Path(dst)
+    return plan.info()

@@ -269,8 +269,10 @@ def save(qmodel: nn.Module, path: str | os.PathLike[str], quant: QuantSettings, 
     payload = {"format": _SAVE_FORMAT, "modelopt_version": version(), "settings": _settings_id(quant, fp8),
                "modelopt_state": state,
                "state_dict": {k: v.detach().cpu() for k, v in qmodel.state_dict().items()}}
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+    # into a file object: given a path, torch.save names its archive after the (random temp) file
+    # name, and every build of the same state got another digest
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(payload, f)
 
 
 def load(model: nn.Module, path: str | os.PathLike[str], quant: QuantSettings, fp8: bool = False) -> nn.Module:

@@ -19,8 +19,9 @@ import torch
 from torch import nn
 
 from qatcheck.errors import ConfigError, DataError
+from qatcheck.tasks.heads import HeadTargets
 
-__all__ = ["QATConfig", "finetune"]
+__all__ = ["QATConfig", "cross_entropy", "finetune"]
 
 OPTIMIZERS = ("sgd", "adam")
 LossFn = Callable[[Any, torch.Tensor], torch.Tensor]
@@ -55,16 +56,34 @@ def _make_optimizer(params: Iterable[nn.Parameter], config: QATConfig) -> torch.
     return torch.optim.SGD(params, lr=config.lr, momentum=0.9)
 
 
-def _cross_entropy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Default classification loss; labels often arrive as int32/uint8 arrays, CE needs int64."""
-    return nn.functional.cross_entropy(outputs, targets.long())
+def cross_entropy(output: int = 0, head: str | None = None) -> LossFn:
+    """The default loss: cross-entropy against int labels (they often arrive as int32 / uint8, CE
+    needs int64). A model returning several outputs is trained on output ``output`` (the one its
+    task scores); targets given per head (:class:`~qatcheck.tasks.heads.HeadTargets`) are read at
+    ``head``."""
+    def loss(outputs: Any, targets: Any) -> torch.Tensor:
+        scores = outputs[output] if isinstance(outputs, (tuple, list)) else outputs
+        if isinstance(targets, HeadTargets):
+            targets = torch.as_tensor(np.asarray(targets[head]), device=scores.device)
+        try:
+            return nn.functional.cross_entropy(scores, targets.long())
+        except (AttributeError, IndexError, RuntimeError, TypeError, ValueError) as exc:
+            # a task that is not classification, targets that are not labels: torch's words
+            # would not say what to set
+            where = f"output {head!r}" if head else f"output {output}"
+            raise ConfigError(f"QAT's default loss (cross-entropy of {where} against int class labels) "
+                              f"cannot train on this model and train_data ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0] if str(exc) else ''}): set Recipe.loss") from exc
+    return loss
 
 
 def _targets(labels: Any, device: torch.device) -> Any:
-    """Numeric labels become a tensor on ``device``; anything else (detection annotations) is
-    handed to the caller's loss function unchanged."""
+    """Numeric labels become a tensor on ``device``; anything else (detection annotations, targets
+    per head) is handed to the caller's loss function unchanged."""
     if torch.is_tensor(labels):
         return labels.to(device)
+    if isinstance(labels, HeadTargets):
+        return labels
     try:
         array = np.asarray(labels)
     except ValueError:  # ragged per-image annotations
@@ -103,13 +122,15 @@ def finetune(qmodel: nn.Module,
     (``losses``: mean loss per epoch). The model ends in eval mode.
 
     ``train_batches()`` must return a fresh iterable of ``(images, labels)`` per epoch (shuffling is
-    the dataset's concern). ``loss_fn(outputs, targets)`` defaults to cross-entropy on int labels
+    the dataset's concern). ``loss_fn(outputs, targets)`` gets what the model returns (a tuple for
+    several outputs) and the batch's targets (a tensor for numeric labels, a HeadTargets or the
+    annotations as given otherwise); it defaults to :func:`cross_entropy` on output 0
     (classification); detection recipes pass their own. The learning rate decays per step along a
     cosine when the epoch length is known (``max_batches_per_epoch`` or a sized iterable), else per
     epoch (so a single uncapped epoch of an unsized iterator runs at constant ``lr``).
     """
     device = torch.device(device)
-    loss_fn = loss_fn or _cross_entropy
+    loss_fn = loss_fn or cross_entropy()
     qmodel.to(device)
     params = [p for p in qmodel.parameters() if p.requires_grad]
     if not params:

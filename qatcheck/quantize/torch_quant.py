@@ -496,8 +496,10 @@ def save_quantized(qmodel: nn.Module, path: str | os.PathLike[str],
         "disabled": [n for n, q in _iter_quantizers(qmodel) if q._disabled],
         "config": dataclasses.asdict(config) if config is not None else None,
     }
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+    # into a file object: given a path, torch.save names its archive after the (random temp) file
+    # name, and every build of the same state got another digest
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(payload, f)
 
 
 def read_checkpoint(path: Path, fmt: str, what: str) -> dict:

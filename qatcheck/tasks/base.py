@@ -70,3 +70,7 @@ class Task(Protocol):
     #: fraction, higher is better)
     #: check_model(outputs) - called on the first batch's outputs; raise DataError when they cannot
     #: be what the task reads (a class count below top_k, a detector's class count)
+    #: resize_targets(targets, from_hw, to_hw) - a dynamic H/W profile point resizes the inputs
+    #: (bilinear, each axis on its own: a pixel coordinate scales by to / from); return the batch's
+    #: targets in the resized input's coordinates. Without it targets are passed unchanged, in the
+    #: eval set's own (a task whose targets are pixel positions, boxes or masks must rescale them)

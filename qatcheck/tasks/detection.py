@@ -425,6 +425,23 @@ class DetectionTask:
             raise DataError(f"the model predicts {classes} classes but the eval data declares "
                             f"{len(self.category_ids)} categories {list(self.category_ids)[:12]}")
 
+    def resize_targets(self, targets: Sequence[Mapping[str, Any]], from_hw: Sequence[int],
+                       to_hw: Sequence[int]) -> list[dict]:
+        """Targets for inputs resized from ``from_hw`` to ``to_hw`` (a dynamic H/W profile point):
+        the decoder's boxes are then in the resized input's pixels, so each image's ``scale`` and
+        ``pad`` (and its ``boxes``) follow the resize, and boxes map back to the same original."""
+        ry, rx = to_hw[0] / from_hw[0], to_hw[1] / from_hw[1]
+        out = []
+        for t in targets:
+            t = dict(t)
+            sx, sy = t.get("scale", (1.0, 1.0))
+            px, py = t.get("pad", (0, 0))
+            t["scale"], t["pad"] = (sx * rx, sy * ry), (px * rx, py * ry)
+            if "boxes" in t:
+                t["boxes"] = np.asarray(t["boxes"], np.float32).reshape(-1, 4) * np.float32([rx, ry, rx, ry])
+            out.append(t)
+        return out
+
     def metric(self) -> CocoMAP:
         return CocoMAP(self.coco_gt, self.category_ids, self.decoder, self.metric_names, self.evaluator)
 

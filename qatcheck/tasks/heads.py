@@ -123,6 +123,19 @@ class HeadsTask:
     def agreement(self) -> _Agreement:
         return _Agreement(self.primary.agreement(), self._index(self.primary_output))
 
+    def resize_targets(self, targets: Any, from_hw: Sequence[int], to_hw: Sequence[int]) -> Any:
+        """Each task's targets through its own ``resize_targets`` (see tasks.base.Task), if it has one."""
+        def resized(task, t):
+            hook = getattr(task, "resize_targets", None)
+            return hook(t, from_hw, to_hw) if hook is not None else t
+        if not self.heads:
+            return resized(self.primary, targets)
+        if not isinstance(targets, HeadTargets):
+            return targets  # the metric names the problem (_select)
+        tasks = {self.primary_output: self.primary, **self.heads}
+        return HeadTargets({name: resized(tasks[name], t) if name in tasks else t
+                            for name, t in targets.targets.items()})
+
     def check_model(self, outputs: Sequence[np.ndarray]) -> None:
         if len(outputs) != len(self.output_names):
             raise DataError(f"the model returns {len(outputs)} outputs; Recipe.output_names names "

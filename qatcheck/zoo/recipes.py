@@ -98,7 +98,9 @@ def digits_entropy_recipe(**overrides) -> Recipe:
                             keep_precision=keep.layers, keep_precision_why=keep.reasons),
         # trt_ptq is known-bad here (cosine vs fp32 ~0.87): its floors are lowered so the table can
         # show it, while its baseline still catches it getting worse; partial is held to fp32.
-        tolerances=Tolerances(metric_points=0.5, fp32_budget_points={"partial": 0.5},
+        # trt_ptq's fp32 budget (the default is 1 point) holds the measured loss, 14.44 points
+        # (top-1 84.81% vs 99.26% on ONNX Runtime), with a little room: this suite is about partial
+        tolerances=Tolerances(metric_points=0.5, fp32_budget_points={"partial": 0.5, "trt_ptq": 15.0},
                               quant_parity=ParityThresholds(min_cosine=0.8, min_top1_agreement=0.8)),
     )
     fields.update(overrides)
