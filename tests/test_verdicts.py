@@ -19,6 +19,7 @@ import pytest
 
 # imported at collection, before any in-process run: a module first imported inside a pytester run
 # is dropped from sys.modules afterwards, and a plant set on that stale copy would never be seen
+from qatcheck import timing
 from qatcheck.backends import onnxruntime_backend
 from qatcheck.cache import adopt
 from qatcheck.quantize import onnx_ptq, torch_quant
@@ -404,7 +405,11 @@ def test_planted_slowdown_in_one_case_fails_only_that_case(pytester, shared_cach
 
     write_suite(pytester, modes=("fp32", "trt_ptq"), overrides='{"tolerances": Tolerances(latency_rel=0.5)}')
     select = ("-k", "latency", "--qatcheck-iterations", "200")
-    assert outcomes(run(pytester, shared_cache, *select, "--update-baselines")) == {"passed": 2}
+    with pytest.MonkeyPatch.context() as mp:
+        # recorded with other processes' load unmeasured: on a shared CI machine a baseline timed
+        # under measured contention is (rightly) not recorded
+        mp.setattr(timing, "_busy_seconds", lambda: None)
+        assert outcomes(run(pytester, shared_cache, *select, "--update-baselines")) == {"passed": 2}
     stored = json.loads(baseline_path(pytester).read_text())["cases"]["trt_ptq-onnxruntime"]["latency"]
     entry, = stored.values()
     assert entry["median_ms"]["tolerance"] == 0.5
@@ -452,12 +457,17 @@ def test_planted_slowdown_in_one_case_fails_only_that_case(pytester, shared_cach
         mp.setattr(runner, "timed_call", times(2))
         result = run(pytester, shared_cache, *select)
         assert outcomes(result) == {"passed": 2}, result.stdout.str()
-        result.stdout.fnmatch_lines([f"*inconclusive (trt_ptq-onnxruntime latency): inconclusive: looks slower, but "
-                                     f"the artifact is byte-identical to the one the baseline was timed from "
-                                     f"({entry['artifact']})*"])
+        # inconclusive either way: within the drift on quiet CPUs, or measured contention
+        said = [ln for ln in result.outlines if ln.startswith("inconclusive (trt_ptq-onnxruntime latency)")]
+        assert len(said) == 1 and (f"the artifact is byte-identical to the one the baseline was timed from "
+                                   f"({entry['artifact']})" in said[0] or "other processes kept" in said[0]), said
         strict = run(pytester, shared_cache, *select, "--qatcheck-latency-strict")
         assert list(failures(strict)) == ["test_suite.py::test_latency[digits-trt_ptq-onnxruntime]"]
         mp.setattr(runner, "timed_call", times(6))
+        # the load unmeasured: under measured contention the same bytes are never red (covered by
+        # tests/test_latency_verdicts.py), and a shared CI machine is seldom quiet; x6 is beyond
+        # anything contention does to this model
+        mp.setattr(timing, "_busy_seconds", lambda: None)
         slower = run(pytester, shared_cache, *select)
     assert list(failures(slower)) == ["test_suite.py::test_latency[digits-trt_ptq-onnxruntime]"], slower.stdout.str()
     slower.stdout.fnmatch_lines(["*slower beyond the tolerance: median * ms vs the baseline * ms*byte-identical*"

@@ -44,8 +44,12 @@ def test_two_workers_one_table_per_recipe_every_row_same_figures(pytester, tmp_p
         assert rows2 == rows0 and len(rows2) == 3  # fp32 on both backends, trt_ptq on onnxruntime
     parallel.stdout.fnmatch_lines(["*latency not measured under pytest-xdist: 2 workers and no GPU*"])
     assert "--benchmark-disable" not in out
-    # the same verdicts, less the 6 latency checks the workers do not time
-    assert serial.parseoutcomes()["passed"] == parallel.parseoutcomes()["passed"] + 6
+    # the same verdicts, less the latency checks the workers do not time: all 6 on a quiet machine;
+    # a latency timed under measured contention (or too noisy for its tolerance) was not recorded,
+    # and the serial run skips it too
+    timed = sum(c["checks"]["latency"]["status"] != "skip" for name in ("one", "two")
+                for c in json.loads((tmp_path / "r0" / f"{name}.json").read_text())["cases"])
+    assert serial.parseoutcomes()["passed"] == parallel.parseoutcomes()["passed"] + timed
     assert "failed" not in serial.parseoutcomes() and "failed" not in parallel.parseoutcomes()
 
 
