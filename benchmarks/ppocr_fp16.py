@@ -116,7 +116,7 @@ class TextMapTask:
 
 def recipe(model: Path):
     from qatcheck.data.base import ArrayDataset
-    from qatcheck.onnx_model import onnx_file
+    from qatcheck.recipe import onnx_file
     from qatcheck.recipe import InputSpec, Recipe
     from qatcheck.tasks import TASK_FACTORIES, register_task
 

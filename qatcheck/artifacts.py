@@ -32,7 +32,8 @@ from qatcheck.data.batching import fixed_batches
 from qatcheck.errors import ArtifactError, ConfigError, DataError
 from qatcheck.fsutil import file_digest
 from qatcheck.modes import ModeSpec, resolve, spec as mode_spec
-from qatcheck.onnx_model import NO_TORCH, is_onnx_only, pin_shapes
+from qatcheck.recipe import NO_TORCH, is_onnx_only
+from qatcheck.quantize.export import pin_shapes
 from qatcheck.quantize import export
 from qatcheck.recipe import Recipe
 
@@ -70,7 +71,7 @@ def module_digest(model: torch.nn.Module) -> str:
 
 #: qatcheck's own code that shapes artifacts (with each mode's builder modules): editing it
 #: rebuilds, where a version number would not change with a local edit
-_BUILD_CODE = ("artifacts.py", "onnx_model.py", "quantize", "data/batching.py")
+_BUILD_CODE = ("artifacts.py", "quantize", "data/batching.py")
 
 
 def source_digest(items: Iterable[str | Path]) -> str:

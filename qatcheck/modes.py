@@ -11,11 +11,11 @@ builders are named as ``"module:function"`` strings and resolved when an artifac
 """
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 from typing import Any, Callable
 
 from qatcheck.errors import ConfigError
+from qatcheck.registry import BACKENDS, check_backend, executes, resolve  # noqa: F401 (re-exported)
 
 #: float: the model in a float precision; int8_graph: int8 Q/DQ inserted into the ONNX graph
 #: (no PyTorch twin); int8_torch: Q/DQ inserted in PyTorch, exported as a Q/DQ ONNX (int8; the
@@ -133,14 +133,8 @@ class ModeSpec:
         return "fp32_onnx" in self.key_fields
 
 
-def resolve(builder: Any) -> Callable[..., Any]:
-    """A builder given as ``"module:function"`` -> the function (callables pass through)."""
-    if callable(builder):
-        return builder
-    module, _, name = str(builder).partition(":")
-    return getattr(importlib.import_module(module), name)
-
-
+#: FP8 tensor cores: Ada (8.9) and Hopper (9.0) onwards (the fp8 mode's latency needs them)
+FP8_MIN_CAPABILITY = (8, 9)
 _A = "qatcheck.artifacts"
 _PTQ_KEYS = ("quant.percentile", "quant.per_channel", "quant.calib_batches", "calib_data")
 #: which library quantizes torch_ptq / qat, the ModelOpt config it is given, the modules it quantizes
@@ -236,8 +230,6 @@ def unsupported_reason(mode: str, backend: str) -> str | None:
     This is about the pairing, not about what is installed: an uninstalled backend is a runtime skip
     decided by the backend itself.
     """
-    from qatcheck.backends import executes
-
     s = spec(mode)
     if s.backends is not None and backend not in s.backends:
         return f"mode {mode!r} does not run on {backend} (it runs on {', '.join(s.backends)})"
@@ -288,6 +280,3 @@ def calibrator_of(mode: str, quant: Any, options: Any = None) -> str:
         (s.family == "int8_graph" and getattr(options, "trt_ptq", "") == "modelopt")
     return f"{name} (modelopt)" if by_modelopt else name
 
-
-# backends are named here too, for the callers that think of "which modes on which backends"
-from qatcheck.backends import BACKENDS, check_backend  # noqa: E402,F401

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from qatcheck import parallel
-from qatcheck.backends import backend_names
+from qatcheck.registry import backend_names
 from qatcheck.errors import QatcheckError
 from qatcheck.measurement import Case, Verdict
 from qatcheck.modes import modes

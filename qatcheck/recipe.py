@@ -7,22 +7,102 @@ collected; the plugin calls the factories the first time a case needs them, so `
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from collections import abc
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
-from qatcheck.errors import ConfigError
-from qatcheck.backends import BACKENDS, check_backend
+from qatcheck.errors import ArtifactError, ConfigError
+from qatcheck.fsutil import file_digest
+from qatcheck.registry import BACKENDS, check_backend
 from qatcheck.modes import (FAMILIES, FP8_CALIBRATORS, MODE_SPECS, MODES, MODELOPT_CALIBRATORS,
                             ONNX_CALIBRATORS, TORCH_CALIBRATORS, TORCH_QUANTIZERS, check_mode, spec as mode_spec)
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-    from qatcheck.quantize.qdq_rules import QDQRules
     from qatcheck.data.base import Dataset
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.]+$")
+
+
+# ---- ONNX-only recipes --------------------------------------------------------------------------
+# ``Recipe(model=onnx_file("model.onnx"), ...)``: the model is an ONNX file (the usual TensorRT starting
+# point). The graph modes run from it - fp32 (the file, its input pinned to the recipe's shape), fp16,
+# trt_ptq, partial and dynamic - on onnxruntime (and TensorRT); the PyTorch backend and the PyTorch
+# quantization modes have nothing to run and skip, saying so (qatcheck.cases). Parity is judged
+# against the fp32 graph on ONNX Runtime, the only fp32 there is. ``keep_precision`` names ONNX node
+# names, or the module-style names qatcheck derives from them (/layer1/conv1/Conv -> layer1.conv1).
+
+#: why the PyTorch side of an ONNX-only recipe is skipped
+NO_TORCH = "ONNX-only recipe (Recipe.model is an onnx_file): there is no PyTorch model to run or quantize"
+
+
+class OnnxFile:
+    """A recipe's model given as an ONNX file (see the module docstring). Calling it returns the
+    path, so ``Recipe.model`` keeps its type: a zero-argument factory."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def __call__(self) -> Path:
+        if not self.path.is_file():
+            raise ArtifactError(f"ONNX model {self.path} does not exist")
+        return self.path
+
+    def __repr__(self) -> str:
+        return f"onnx_file({str(self.path)!r})"
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, OnnxFile) and other.path == self.path
+
+    def __hash__(self) -> int:
+        return hash(self.path)
+
+    def digest(self) -> str:
+        return file_digest(self())
+
+
+def onnx_file(path: str | Path) -> OnnxFile:
+    """``Recipe.model`` for a model that exists only as an ONNX file: fp32 (the file, its input
+    pinned to ``InputSpec.shape``), fp16, trt_ptq, partial and dynamic run from it on ONNX Runtime
+    (and TensorRT), judged against the fp32 graph on ONNX Runtime; the PyTorch backend, torch_ptq
+    and qat skip with the reason. The graph's input and output names must be ``InputSpec.name`` and
+    ``Recipe.output_names``."""
+    return OnnxFile(path)
+
+
+def is_onnx_only(recipe) -> bool:
+    return isinstance(recipe.model, OnnxFile)
+
+
+
+@dataclass(frozen=True)
+class QDQRules:
+    """Which placement rules the ``torch_ptq`` / ``qat`` path applies (see :mod:`qatcheck.quantize.qdq_rules`).
+
+    ``ignore``: regexes full-matched against module names (``"model\\.22\\..*"``, ``"stem"``); the
+    matching modules and everything below them get no Q/DQ. A pattern that is not a valid regex or
+    matches no module is a ConfigError naming it.
+    """
+
+    residual_add: bool = True
+    shared_concat: bool = True
+    shared_maxpool: bool = True
+    ignore: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if isinstance(self.ignore, str) or not all(isinstance(p, str) for p in self.ignore):
+            raise ConfigError(f"QDQRules.ignore must be a tuple of regexes (strings); got {self.ignore!r}")
+        object.__setattr__(self, "ignore", tuple(self.ignore))
+        for pattern in self.ignore:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ConfigError(f"QDQRules.ignore pattern {pattern!r} is not a valid regex: {exc}") from None
+
+    def enabled(self, kind: str) -> bool:
+        return bool(getattr(self, kind))
 
 
 @dataclass(frozen=True)
@@ -78,7 +158,7 @@ class QuantSettings:
     search, TensorRT's entropy calibration) or percentile. ``torch_calibrator`` drives
     pytorch-quantization (``torch_ptq``, ``qat``): max, entropy, mse or percentile.
     ``keep_precision`` lists the layers (PyTorch module names, e.g. ``"stem.conv"``) that ``partial``
-    keeps in higher precision. ``qdq_rules`` (:class:`qatcheck.quantize.qdq_rules.QDQRules`) declares
+    keeps in higher precision. ``qdq_rules`` (:class:`qatcheck.recipe.QDQRules`) declares
     the Q/DQ placement rules of the pytorch-quantization modes: quantized residual-Add inputs, one
     shared quantizer per Concat / MaxPool, a module-name ignore policy; None keeps
     pytorch-quantization's placement (a Q/DQ in front of each conv / linear / pooling input).
@@ -131,10 +211,8 @@ class QuantSettings:
         if self.calib_batches < 1:
             raise ConfigError(f"QuantSettings.calib_batches must be >= 1; got {self.calib_batches}")
         if self.qdq_rules is not None:
-            from qatcheck.quantize.qdq_rules import QDQRules
-
             if not isinstance(self.qdq_rules, QDQRules):
-                raise ConfigError(f"QuantSettings.qdq_rules must be a qatcheck.quantize.qdq_rules.QDQRules "
+                raise ConfigError(f"QuantSettings.qdq_rules must be a qatcheck.recipe.QDQRules "
                                   f"or None; got {type(self.qdq_rules).__name__}")
         self._validate_modelopt()
 
@@ -335,7 +413,7 @@ class Recipe:
     #: a registered task: "classification", "detection" or one of register_task's
     task: str
     #: returns the fp32 torch.nn.Module with its weights (called once, lazily); or
-    #: qatcheck.onnx_model.onnx_file("model.onnx") for a model that exists only as ONNX
+    #: qatcheck.recipe.onnx_file("model.onnx") for a model that exists only as ONNX
     model: Callable[[], "torch.nn.Module"]
     #: returns the eval Dataset: metrics and parity run over all of it
     eval_data: Callable[[], "Dataset"]
@@ -408,11 +486,10 @@ class Recipe:
         if set(self.dynamic_modes) & set(self.modes) and not self.input.dynamic:
             raise ConfigError(f"Recipe({self.name}).dynamic_modes needs InputSpec.dynamic axes "
                               "(e.g. {0: (1, 32, 64)} for the batch)")
-        from qatcheck.onnx_model import is_onnx_only
 
         for m in self.modes:
             if is_onnx_only(self) and mode_spec(m).family == "int8_torch":
-                continue  # an ONNX-only recipe's PyTorch quantization modes skip (onnx_model.skip_reason)
+                continue  # an ONNX-only recipe's PyTorch quantization modes skip (qatcheck.cases.skip_reason)
             for need in mode_spec(m).requires:
                 if not self._field(need):
                     raise ConfigError(self._requires_message(m, need))

@@ -21,7 +21,7 @@ SECTIONS = [
     ("The recipe and its settings", "what a recipe says, field by field, with every default",
      ["qatcheck.recipe:Recipe", "qatcheck.recipe:InputSpec", "qatcheck.recipe:QuantSettings",
       "qatcheck.recipe:QATSettings", "qatcheck.recipe:Tolerances", "qatcheck.recipe:ParityThresholds",
-      "qatcheck.onnx_model:onnx_file"]),
+      "qatcheck.recipe:onnx_file"]),
     ("Datasets and loaders", "what eval, calibration and training data are, and the built-in sets",
      ["qatcheck.data.base:Dataset", "qatcheck.data.base:ArrayDataset", "qatcheck.data.digits:digits_split",
       "qatcheck.data.digit_detection:digit_detection_split", "qatcheck.data.imagefolder:imagefolder_dataset",

@@ -172,13 +172,6 @@ def kept_text(kept: dict[str, str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def markdown_table(header: list[str], rows: list[list[str]]) -> str:
-    """A Markdown table (a '|' inside a cell is escaped); every report's tables use it."""
-    def line(cells) -> str:
-        return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
-    return "\n".join([line(header), "|" + "|".join("---" for _ in header) + "|", *map(line, rows)]) + "\n"
-
-
 def terminal_table(title: str, header: list[str], rows: list[list[str]]) -> str:
     from rich.console import Console
     from rich.table import Table

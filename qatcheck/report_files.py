@@ -40,12 +40,17 @@ def _concurrent_rows(path: Path, run: Run, measured: set[str]) -> list[dict]:
             and c.get("row")]
 
 
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    """A Markdown table (a '|' inside a cell is escaped); every report's tables use it."""
+    def line(cells) -> str:
+        return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
+    return "\n".join([line(header), "|" + "|".join("---" for _ in header) + "|", *map(line, rows)]) + "\n"
+
+
 def write(reports: Path, name: str, header: list[str], rows: list[list[str]], records: list[dict],
           extra_md: str, extra_json: dict, run: Run) -> tuple[Path, Path, list[list[str]]]:
     """Write the recipe's Markdown and JSON report; returns their paths and every row they hold
     (this run's, then those kept from an overlapping run). Raises OSError when it cannot write."""
-    from qatcheck.report import markdown_table  # the table format lives with the terminal table
-
     md, js = reports / f"{name}.md", reports / f"{name}.json"
     records = [{**r, "row": row, "run": run.id} for r, row in zip(records, rows)]
     with locked(reports / f".{name}.lock"):

@@ -21,7 +21,7 @@ from typing import Iterable
 import numpy as np
 
 from qatcheck import fingerprint as fpr
-from qatcheck import judges, onnx_model, timing
+from qatcheck import cases, judges, timing
 from qatcheck.artifacts import ArtifactBuilder, RecipeState, onnx_quantizer_for
 from qatcheck.backends import create_backend, executes
 from qatcheck.backends.base import Backend, BuildContext, Runner
@@ -36,7 +36,7 @@ from qatcheck.measurement import PARTS, Case, Measurement, Verdict
 from qatcheck.modes import (MODE_SPECS, PROFILE_POINTS, calibrator_of, parity_reference, resolve, spec as mode_spec,
                             unsupported_reason)
 from qatcheck.options import Options
-from qatcheck.recipe import ParityThresholds, Recipe
+from qatcheck.recipe import ParityThresholds, Recipe, is_onnx_only
 from qatcheck.reference_store import ReferenceStore
 from qatcheck.report_files import Run
 from qatcheck.tasks import make_task
@@ -149,16 +149,10 @@ class QatcheckSession:
         return self.recipes[case.recipe].input.profile()[case.point]
 
     def reference_case(self, case: Case) -> Case | None:
-        """The PyTorch case this one's outputs are compared with (same shape), if any; an ONNX-only
-        recipe's fp32 graph on ONNX Runtime."""
-        if onnx_model.is_onnx_only(self.recipes[case.recipe]):
-            return onnx_model.reference_case(case)
-        ref = parity_reference(case.mode, case.backend)
-        return None if ref is None else case.with_mode(ref[0], "torch", keep_shape=True)
+        return cases.reference_case(self.recipes[case.recipe], case)
 
     def skip_reason(self, case: Case) -> str | None:
-        """Why the case cannot run by the recipe's nature (an ONNX-only recipe's PyTorch side)."""
-        return onnx_model.skip_reason(self.recipes[case.recipe], case.mode, case.backend)
+        return cases.skip_reason(self.recipes[case.recipe], case)
 
     # ---- measuring --------------------------------------------------------------------------
     def _show_progress(self) -> bool:
@@ -249,7 +243,7 @@ class QatcheckSession:
                    notes=self._artifact_notes(case, runner),
                    output_shapes={n: list(sh) for n, sh in zip(names, ev.output_shapes)} if at_opt else None)
         if ref_runner is not None:
-            if onnx_model.is_onnx_only(recipe):  # vs the fp32 graph: same precision is an export check
+            if is_onnx_only(recipe):  # vs the fp32 graph: same precision is an export check
                 kind = "export" if mode_spec(case.mode).precision == "fp32" else "quantization"
             else:
                 kind = parity_reference(case.mode, case.backend)[1]

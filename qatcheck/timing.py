@@ -16,7 +16,28 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from qatcheck.backends.base import TimedCall
+
+
+@dataclass
+class TimedCall:
+    """A prepared inference for the latency loop.
+
+    ``run`` executes once and returns when the result is ready (synchronized). ``device_times`` is
+    filled with device-side milliseconds by runners that have them (CUDA events); wall-clock is the
+    fallback.
+    """
+
+    run: Callable[[], None]
+    device_times_ms: list[float] | None = None
+    #: which clock ``device_times_ms`` come from (``cuda-events``, ``cuda-graph``); baselines are
+    #: only compared under the same clock (it is part of the runner's fingerprint)
+    clock: str = ""
+    #: why timing deviates from what was asked (e.g. CUDA-graph capture failed); shown in the report
+    note: str = ""
+    #: why the figure is the host's kernel-launch rate rather than the device's work ("" when it is
+    #: the device's): a slowdown measured so is inconclusive, never red (qatcheck.judges.judge_latency)
+    host_bound: str = ""
+
 
 CV_WARNING = 0.025
 #: fewest timed iterations when a duration caps the loop (p90 needs a few samples to mean anything)

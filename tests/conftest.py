@@ -21,6 +21,14 @@ import qatcheck.report  # noqa: E402,F401
 import qatcheck.zoo.recipes  # noqa: E402,F401
 
 
+@pytest.fixture(autouse=True)
+def _outside_ci(monkeypatch):
+    """Inner pytester runs print the same here and in CI: pytest does not truncate its short test
+    summary when ``CI`` or ``BUILD_NUMBER`` is set, so a failure message would appear twice there."""
+    for name in ("CI", "BUILD_NUMBER"):
+        monkeypatch.delenv(name, raising=False)
+
+
 @pytest.fixture(scope="module")
 def single_thread_module():
     """One intra-op thread for a module of tiny-model tests: on a busy 2-core box PyTorch's two

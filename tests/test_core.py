@@ -21,7 +21,7 @@ from qatcheck.measurement import Case
 from qatcheck.modes import BACKENDS, MODES, parity_reference, unsupported_reason
 from qatcheck.parity import ParityAccumulator
 from qatcheck.recipe import InputSpec
-from qatcheck.report import markdown_table
+from qatcheck.report_files import markdown_table
 from qatcheck.tasks.classification import Top1Agreement, TopKAccuracy
 
 

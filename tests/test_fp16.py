@@ -226,7 +226,7 @@ ONNX_SUITE = '''
 import numpy as np
 import pytest
 from qatcheck.data.base import ArrayDataset
-from qatcheck.onnx_model import onnx_file
+from qatcheck.recipe import onnx_file
 from qatcheck.recipe import InputSpec, Recipe
 from qatcheck.standard import test_parity  # noqa: F401
 

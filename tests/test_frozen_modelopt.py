@@ -30,7 +30,7 @@ from modelopt.torch.quantization.config import QuantizerAttributeConfig  # noqa:
 from modelopt.torch.quantization.nn import TensorQuantizer  # noqa: E402
 
 from qatcheck.artifacts import ArtifactBuilder, RecipeState  # noqa: E402
-from qatcheck.backends.base import TimedCall  # noqa: E402
+from qatcheck.timing import TimedCall  # noqa: E402
 from qatcheck.cache import ArtifactCache  # noqa: E402
 from qatcheck.quantize.frozen_modelopt import (FreezeRefused, FrozenModelOptQuant,  # noqa: E402
                                                ModelOptPassthrough)

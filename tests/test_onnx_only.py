@@ -7,12 +7,13 @@ import json
 import pytest
 
 from qatcheck.errors import ConfigError
-from qatcheck.onnx_model import onnx_file, pin_shapes
+from qatcheck.recipe import onnx_file
+from qatcheck.quantize.export import pin_shapes
 
 SUITE = '''
 import pytest
 from qatcheck.data.digits import digits_split
-from qatcheck.onnx_model import onnx_file
+from qatcheck.recipe import onnx_file
 from qatcheck.recipe import InputSpec, QuantSettings, Recipe
 from qatcheck.standard import test_accuracy, test_parity, test_structure  # noqa: F401
 

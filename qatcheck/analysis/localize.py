@@ -69,7 +69,7 @@ from qatcheck.errors import ConfigError, DataError
 from qatcheck.fsutil import file_digest, write_text_atomic
 from qatcheck.modes import MODE_SPECS, localization_paths, spec as mode_spec
 from qatcheck.quantize.onnx_ptq import module_name_of
-from qatcheck.report import markdown_table
+from qatcheck.report_files import markdown_table
 
 __all__ = ["LayerRow", "Localization", "localize", "localize_graphs", "write_reports",
            "table_rows", "verdict", "expose_tensors", "conclude", "for_failed_case", "AutoLocalization", "RULE",
@@ -411,7 +411,7 @@ def localize_graphs(quantized: str | Path | onnx.ModelProto, fp32: str | Path | 
 def path_for(recipe, mode: str, path: str | None = None) -> str:
     """Where ``mode`` is localized: ``path`` when given and possible, else its graph where it is
     made from the fp32 export (and always for an ONNX-only recipe), else its PyTorch module."""
-    from qatcheck.onnx_model import NO_TORCH, is_onnx_only
+    from qatcheck.recipe import NO_TORCH, is_onnx_only
 
     if mode not in modes():
         raise ConfigError(f"localize: mode {mode!r} is not a low-precision mode; choose one of "

@@ -420,7 +420,7 @@ def summary_lines(check: CrossCheck) -> list[str]:
 
 
 def markdown_report(check: CrossCheck) -> str:
-    from qatcheck.report import markdown_table
+    from qatcheck.report_files import markdown_table
 
     comp = check.scales
     out = [f"# PTQ cross-check: {check.recipe} {check.mode}, calibrator {check.calibrator}", "",

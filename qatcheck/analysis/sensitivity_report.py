@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from qatcheck.fsutil import write_text_atomic
-from qatcheck.report import markdown_table
+from qatcheck.report_files import markdown_table
 
 if TYPE_CHECKING:
     from qatcheck.analysis.sensitivity import BudgetResult, Profile

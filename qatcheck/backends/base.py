@@ -13,6 +13,8 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
+from qatcheck.timing import TimedCall  # noqa: F401 (a runner returns it)
+
 
 @dataclass
 class Artifact:
@@ -24,27 +26,6 @@ class Artifact:
     path: Path | None = None
     digest: str = ""
     info: dict = field(default_factory=dict)
-
-
-@dataclass
-class TimedCall:
-    """A prepared inference for the latency loop.
-
-    ``run`` executes once and returns when the result is ready (synchronized). ``device_times`` is
-    filled with device-side milliseconds by runners that have them (CUDA events); wall-clock is the
-    fallback.
-    """
-
-    run: Callable[[], None]
-    device_times_ms: list[float] | None = None
-    #: which clock ``device_times_ms`` come from (``cuda-events``, ``cuda-graph``); baselines are
-    #: only compared under the same clock (it is part of the runner's fingerprint)
-    clock: str = ""
-    #: why timing deviates from what was asked (e.g. CUDA-graph capture failed); shown in the report
-    note: str = ""
-    #: why the figure is the host's kernel-launch rate rather than the device's work ("" when it is
-    #: the device's): a slowdown measured so is inconclusive, never red (qatcheck.judges.judge_latency)
-    host_bound: str = ""
 
 
 class Runner(abc.ABC):

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from qatcheck.backends.base import TimedCall
+from qatcheck.timing import TimedCall
 
 #: clock labels (LatencyStats.clock); a latency baseline is only comparable under the same clock
 EAGER_CLOCK = "cuda-events"

@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Iterable, Mapping, Sequence
 
 from qatcheck.errors import ConfigError
-from qatcheck.modes import MODE_SPECS, spec as mode_spec
+from qatcheck.modes import FP8_MIN_CAPABILITY, MODE_SPECS, spec as mode_spec
 
 #: how ``trt_ptq`` / ``partial`` are built: ``auto`` = TensorRT's own calibrator where the version
 #: has one (<= 10), else the Q/DQ ONNX; ``native`` = TensorRT's calibrator (legacy, <= 10 only);
@@ -53,8 +53,6 @@ MIN_TRT = (8, 5)
 TRT_STRONGLY_TYPED_ONLY = 11
 #: first version with NetworkDefinitionCreationFlag.STRONGLY_TYPED
 TRT_HAS_STRONG_TYPING = (9, 0)
-#: FP8 tensor cores: Ada (8.9) and Hopper (9.0) onwards
-FP8_MIN_CAPABILITY = (8, 9)
 
 
 

@@ -16,7 +16,7 @@ from typing import Sequence
 import onnx
 import torch
 
-from qatcheck.errors import ArtifactError
+from qatcheck.errors import ArtifactError, ConfigError
 from qatcheck.fsutil import atomic_path
 from qatcheck.recipe import InputSpec
 
@@ -118,3 +118,51 @@ def convert_fp16(src: str | Path, dst: str | Path) -> dict:
     with atomic_path(dst) as tmp:
         onnx.save(half, str(tmp))
     return plan.info()
+
+
+def pin_shapes(src: Path, dst: Path, input_name: str, shape: Sequence[int], output_names: Sequence[str],
+               dynamic_axes: Sequence[int] = ()) -> None:
+    """Write ``src`` with its input at ``shape`` (``dynamic_axes`` left symbolic), its outputs'
+    dimensions re-inferred. The recipe's input and output names must be the graph's: a mismatch is
+    one error naming both lists."""
+    import onnx
+
+    try:
+        model = onnx.load(str(src))
+    except Exception as exc:  # protobuf's DecodeError, a truncated file: the path is what to fix
+        raise ArtifactError(f"ONNX model {src} cannot be read as ONNX ({type(exc).__name__}: {exc}): "
+                            "Recipe.model=onnx_file(...) must name an ONNX model file") from exc
+    graph = model.graph
+    inits = {i.name for i in graph.initializer}
+    inputs = [i for i in graph.input if i.name not in inits]
+    if [i.name for i in inputs] != [input_name]:
+        raise ConfigError(f"ONNX model {src}: its inputs are {[i.name for i in inputs]}; the recipe's "
+                          f"InputSpec.name is {input_name!r} (one input, named as in the graph)")
+    outputs = [o.name for o in graph.output]
+    if outputs != list(output_names):
+        raise ConfigError(f"ONNX model {src}: its outputs are {outputs}; Recipe.output_names is "
+                          f"{list(output_names)} (the same names, in the graph's order)")
+    dims = inputs[0].type.tensor_type.shape.dim
+    if len(dims) != len(shape):
+        raise ConfigError(f"ONNX model {src}: input {input_name!r} has rank {len(dims)}; InputSpec.shape "
+                          f"{tuple(shape)} has rank {len(shape)}")
+    for axis, (d, size) in enumerate(zip(dims, shape)):
+        if d.HasField("dim_value") and d.dim_value != size and axis not in dynamic_axes:
+            raise ConfigError(f"ONNX model {src}: input {input_name!r} axis {axis} is fixed at {d.dim_value}; "
+                              f"InputSpec.shape asks {size} (make the axis symbolic, or match it)")
+        if axis in dynamic_axes:
+            d.Clear()
+            d.dim_param = f"{input_name}_d{axis}"
+        else:
+            d.Clear()
+            d.dim_value = int(size)
+    # outputs and intermediate shapes follow from the input: drop what was stored, infer again
+    del graph.value_info[:]
+    for o in graph.output:
+        o.type.tensor_type.ClearField("shape")
+    try:
+        model = onnx.shape_inference.infer_shapes(model)
+    except Exception as exc:  # inference is a nicety for the runtimes; the graph itself is fine
+        raise ArtifactError(f"ONNX model {src}: shape inference at {tuple(shape)} failed: {exc}") from exc
+    with atomic_path(dst) as tmp:
+        onnx.save(model, str(tmp))

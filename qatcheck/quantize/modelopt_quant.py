@@ -62,9 +62,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from qatcheck.backends.trt_plan import FP8_MIN_CAPABILITY  # FP8 tensor cores: Ada, Hopper
 from qatcheck.errors import ArtifactError, ConfigError
 from qatcheck.fsutil import atomic_path
+from qatcheck.modes import FP8_MIN_CAPABILITY
 
 if TYPE_CHECKING:  # pragma: no cover
     from qatcheck.recipe import QuantSettings

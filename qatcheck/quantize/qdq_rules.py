@@ -47,6 +47,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from qatcheck.errors import ConfigError
+from qatcheck.recipe import QDQRules  # noqa: F401 (the rules' settings are recipe vocabulary)
 
 if TYPE_CHECKING:  # pragma: no cover
     from torch import nn
@@ -56,34 +57,6 @@ __all__ = ["QDQRules", "RuleContext", "apply_qdq_rules", "register_block_rule", 
            "RULE_KINDS"]
 
 RULE_KINDS = ("residual_add", "shared_concat", "shared_maxpool")
-
-
-@dataclass(frozen=True)
-class QDQRules:
-    """Which placement rules the ``torch_ptq`` / ``qat`` path applies (see the module doc).
-
-    ``ignore``: regexes full-matched against module names (``"model\\.22\\..*"``, ``"stem"``); the
-    matching modules and everything below them get no Q/DQ. A pattern that is not a valid regex or
-    matches no module is a ConfigError naming it.
-    """
-
-    residual_add: bool = True
-    shared_concat: bool = True
-    shared_maxpool: bool = True
-    ignore: tuple[str, ...] = ()
-
-    def __post_init__(self) -> None:
-        if isinstance(self.ignore, str) or not all(isinstance(p, str) for p in self.ignore):
-            raise ConfigError(f"QDQRules.ignore must be a tuple of regexes (strings); got {self.ignore!r}")
-        object.__setattr__(self, "ignore", tuple(self.ignore))
-        for pattern in self.ignore:
-            try:
-                re.compile(pattern)
-            except re.error as exc:
-                raise ConfigError(f"QDQRules.ignore pattern {pattern!r} is not a valid regex: {exc}") from None
-
-    def enabled(self, kind: str) -> bool:
-        return bool(getattr(self, kind))
 
 
 # ---- registry ----------------------------------------------------------------------------------

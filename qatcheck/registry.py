@@ -1,0 +1,106 @@
+"""Tables of replaceable parts, chosen once by name: backends here, torch and ONNX quantizers in
+:mod:`qatcheck.quantize`. An entry is the object or a ``"module:attr"`` string, so naming a part (a
+pytest marker, ``--qatcheck-backends``, ``QuantSettings.torch_quantizer``) imports nothing; its
+module loads when it is first used."""
+from __future__ import annotations
+
+import importlib
+from typing import Any, Callable, Iterator
+
+from qatcheck.errors import ConfigError
+
+
+def resolve(ref: Any) -> Any:
+    """``"module:attr"`` -> the attribute (anything else passes through)."""
+    if not isinstance(ref, str):
+        return ref
+    module, _, name = ref.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+class Table:
+    """name -> implementation (or ``"module:attr"``), resolved on first use."""
+
+    def __init__(self, what: str, entries: dict[str, Any]):
+        self.what = what
+        self.entries: dict[str, Any] = dict(entries)
+
+    def register(self, name: str, impl: Any, *, replace: bool = False) -> None:
+        if name in self.entries and not replace:
+            raise ConfigError(f"{self.what} {name!r} is already registered")
+        self.entries[name] = impl
+
+    def unregister(self, name: str) -> None:
+        self.entries.pop(name, None)
+
+    def names(self) -> tuple[str, ...]:
+        return tuple(self.entries)
+
+    def check(self, name: str) -> str:
+        if name not in self.entries:
+            raise ConfigError(f"unknown {self.what} {name!r}; known: {', '.join(self.entries)}")
+        return name
+
+    def get(self, name: str) -> Any:
+        impl = self.entries[self.check(name)]
+        if isinstance(impl, str):
+            impl = self.entries[name] = resolve(impl)
+        return impl
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.entries
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.entries)
+
+
+# --- backends --------------------------------------------------------------------------------
+# A backend is created from the session's options (``factory(options) -> Backend``) and turns a
+# qatcheck.backends.base.BuildContext into a runner.
+
+#: name -> factory ``(options) -> Backend`` or ``"module:Class"``
+BACKEND_FACTORIES: dict[str, Any] = {
+    "torch": "qatcheck.backends.torch_backend:TorchBackend",
+    "onnxruntime": "qatcheck.backends.onnxruntime_backend:OrtBackend",
+    "tensorrt": "qatcheck.backends.tensorrt_backend:TensorRTBackend",
+}
+#: name -> what it executes: "torch" (modules) or "onnx" (graphs; TensorRT builds engines from them)
+BACKEND_INPUTS: dict[str, str] = {"torch": "torch", "onnxruntime": "onnx", "tensorrt": "onnx"}
+#: the built-in backends (a recipe's default ``backends``)
+BACKENDS: tuple[str, ...] = tuple(BACKEND_FACTORIES)
+
+
+def register_backend(name: str, factory: Callable[[Any], Any] | str, *, executes: str = "onnx",
+                     replace: bool = False) -> None:
+    """Add a backend: ``factory(options)`` returns a :class:`~qatcheck.backends.base.Backend`;
+    ``executes`` says whether it runs torch modules or ONNX graphs (graph-only modes such as
+    trt_ptq never reach a torch backend)."""
+    if name in BACKEND_FACTORIES and not replace:
+        raise ConfigError(f"backend {name!r} is already registered")
+    if executes not in ("torch", "onnx"):
+        raise ConfigError(f"register_backend({name!r}): executes must be 'torch' or 'onnx', got {executes!r}")
+    BACKEND_FACTORIES[name] = factory
+    BACKEND_INPUTS[name] = executes
+
+
+def unregister_backend(name: str) -> None:
+    BACKEND_FACTORIES.pop(name, None)
+    BACKEND_INPUTS.pop(name, None)
+
+
+def executes(name: str) -> str:
+    return BACKEND_INPUTS.get(check_backend(name), "onnx")
+
+
+def backend_names() -> tuple[str, ...]:
+    return tuple(BACKEND_FACTORIES)
+
+
+def check_backend(name: str) -> str:
+    if name not in BACKEND_FACTORIES:
+        raise ConfigError(f"unknown backend {name!r}; known backends: {', '.join(BACKEND_FACTORIES)}")
+    return name
+
+
+def create_backend(name: str, options: Any):
+    return resolve(BACKEND_FACTORIES[check_backend(name)])(options)
