@@ -288,7 +288,7 @@ def _default_export_parity() -> dict[str, ParityThresholds]:
         "fp32": fp,
         "dynamic": fp,
         "fp16": ParityThresholds(min_cosine=0.9995, min_top1_agreement=0.99),
-        # whole-network fake-quant vs ONNX Runtime: cosine ~0.9999, max-abs ~0.06 (see README)
+        # whole-network fake-quant vs ONNX Runtime: cosine ~0.9999, max-abs ~0.06 (see docs/checks.md)
         "torch_ptq": ParityThresholds(min_cosine=0.999, min_top1_agreement=0.99),
         "qat": ParityThresholds(min_cosine=0.999, min_top1_agreement=0.99),
         # ModelOpt's E4M3 fake-quant vs ONNX Runtime's FP8 Q/DQ: cosine 1.00000 on digits/digitdet
@@ -311,7 +311,7 @@ class Tolerances:
     #: ModeSpec.is_reference): fp16, trt_ptq, partial, torch_ptq, qat, fp8, a registered mode, and
     #: their dynamic builds; None: only the modes named in fp32_budget_points have one
     fp32_budget_default: float | None = 1.0
-    #: how much slower (relative) than its baseline a case may be (see the README's latency verdicts)
+    #: how much slower (relative) than its baseline a case may be (see docs/checks.md, Latency verdicts)
     latency_rel: float = 0.15
     #: how far the cosine may fall below its parity baseline
     parity_cosine: float = 0.0005
@@ -429,7 +429,7 @@ class Recipe:
     qat: QATSettings = QATSettings()
     #: what counts as a regression (Tolerances)
     tolerances: Tolerances = Tolerances()
-    #: the modes measured (qatcheck.modes; the README's Modes table)
+    #: the modes measured (qatcheck.modes; docs/modes.md, The mode table)
     modes: tuple[str, ...] = MODES
     #: the backends measured: torch, onnxruntime, tensorrt (TensorRT cases skip where it is absent)
     backends: tuple[str, ...] = BACKENDS

@@ -113,7 +113,7 @@ def render() -> str:
     root = Path(__file__).resolve().parents[1]
     parts = ["# qatcheck reference for recipe authors", "",
              "Generated from the code (`python -m qatcheck reference --write docs/reference.md`); "
-             "`tests/test_reference_doc.py` fails when it is stale. The README explains the ideas; "
+             "`tests/test_reference_doc.py` fails when it is stale. The pages in docs/ explain the ideas; "
              "this is every field, default and protocol.", ""]
     parts += [f"- [{title}](#{title.lower().replace(' ', '-').replace(',', '')}): {why}"
               for title, why, _ in SECTIONS]

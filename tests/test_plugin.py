@@ -239,7 +239,8 @@ def test_one_import_brings_every_standard_check_and_the_readme_and_suites_use_it
 
     assert sorted(standard.__all__) == sorted(n for n in vars(standard) if n.startswith("test_"))
     root = Path(__file__).resolve().parents[1]
-    for path in [root / "README.md", *sorted((root / "suites").glob("test_*.py"))]:
+    pages = [root / "README.md", *sorted((root / "docs").glob("*.md"))]  # the examples moved to docs/
+    for path in [*pages, *sorted((root / "suites").glob("test_*.py"))]:
         for line in path.read_text().splitlines():
             if "from qatcheck.standard import" in line:
                 assert "import *" in line, f"{path.name}: {line.strip()}"
