@@ -450,7 +450,7 @@ def judge_latency(m: Measurement, base: CaseBaseline | None, *, tolerance_rel: f
                   device: str = "", retries_left: int = 0, strict: bool = False,
                   speedup: tuple[float, str, Measurement] | None = None) -> Verdict:
     """Median latency vs the baseline recorded on the same device fingerprint, decided with its
-    noise (see README, *Latency verdicts*):
+    noise (see docs/checks.md, *Latency verdicts*):
 
     - when the artifact changed since the baseline and the recorded one is kept, the judge reads
       the two timed beside each other in this run (``m.latency_paired``), not the stored number;

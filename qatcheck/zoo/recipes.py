@@ -81,7 +81,7 @@ def digits_entropy_recipe(**overrides) -> Recipe:
 
     Entropy (KL) calibration clips the stem's activations of this small network hard: trt_ptq
     loses ~14 points of top-1. The layers kept in higher precision come from the sensitivity
-    command's keep file (regenerate: see the README), and the suite asserts ``partial`` stays
+    command's keep file (regenerate: see docs/analysis.md), and the suite asserts ``partial`` stays
     within 0.5 points of fp32.
     """
     from qatcheck.analysis.keeplist import load_keep_list
