@@ -143,12 +143,21 @@ def toy():
         unregister_torch_quantizer("toy")
 
 
+def _val_head(n: int = 128):
+    from qatcheck.data.base import ArrayDataset
+    from qatcheck.data.digits import digits_split
+
+    val = digits_split("val")
+    return ArrayDataset("digits16.val-head", val.images[:n], val.targets[:n])
+
+
 def _toy_recipe():
+    """digits, torch_ptq by the toy, on 128 eval samples (fast)."""
     from qatcheck.zoo.recipes import digits_recipe
 
     return digits_recipe(name="toydigits", modes=("fp32", "torch_ptq"), backends=("torch", "onnxruntime"),
-                         dynamic_modes=(), quant=QuantSettings(torch_quantizer="toy", torch_calibrator="max",
-                                                               calib_batches=2))
+                         dynamic_modes=(), eval_data=_val_head,
+                         quant=QuantSettings(torch_quantizer="toy", torch_calibrator="max", calib_batches=2))
 
 
 SUITE = '''
