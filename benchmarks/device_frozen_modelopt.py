@@ -69,7 +69,8 @@ def main() -> int:
     from qatcheck.artifacts import ArtifactBuilder, RecipeState
     from qatcheck.cache import ArtifactCache
     from qatcheck.quantize.frozen_modelopt import FrozenModelOptQuant
-    from qatcheck.quantize.frozen_quant import freeze_fake_quant, is_fake_quant_model
+    from qatcheck.quantize.frozen_modelopt import freeze_model as freeze_fake_quant
+    from qatcheck.quantize.frozen_modelopt import needs_freeze as is_fake_quant_model
     from qatcheck.zoo.recipes import digits_modelopt_recipe
 
     res: dict = {"torch": torch.__version__, "cuda": torch.version.cuda, "gpu": torch.cuda.get_device_name(0),

@@ -36,6 +36,8 @@ from qatcheck.recipe import NO_TORCH, is_onnx_only
 from qatcheck.quantize.export import pin_shapes
 from qatcheck.quantize import export
 from qatcheck.recipe import Recipe
+from qatcheck.registry import (DEFAULT_ONNX_QUANTIZER, ONNX_QUANTIZERS, TORCH_QUANTIZERS, torch_quantizer)
+from qatcheck.registry import onnx_quantizer as onnx_quantizer_named
 
 def state_digest(model: torch.nn.Module) -> str:
     """Digest of the weights, so a retrained checkpoint invalidates every cached artifact."""
@@ -206,14 +208,12 @@ class RecipeState:
 _MODEL_FIELDS = ("fp32_onnx", "modules", "train_graph")
 
 
-#: who writes the ONNX-level PTQ graphs (trt_ptq / partial)
-ONNX_QUANTIZERS = ("qatcheck", "modelopt")
-
-
 def onnx_quantizer_for(options: Any) -> str:
-    """The session's choice (``--qatcheck-trt-ptq``): ``modelopt`` has ModelOpt write the graphs;
-    every other form (auto / native / qdq) is about how TensorRT builds them, from qatcheck's."""
-    return "modelopt" if getattr(options, "trt_ptq", "auto") == "modelopt" else "qatcheck"
+    """The session's choice (``--qatcheck-trt-ptq``): a registered ONNX quantizer's name has it
+    write the graphs; every other form (auto / native / qdq) is about how TensorRT builds them,
+    from qatcheck's."""
+    form = getattr(options, "trt_ptq", "auto")
+    return form if form in ONNX_QUANTIZERS else DEFAULT_ONNX_QUANTIZER
 
 
 #: PyTorch CPU threads while an artifact is built (calibration, QAT fine-tuning, export)
@@ -260,9 +260,10 @@ class ArtifactBuilder:
         #: where calibration and QAT fine-tuning run (part of those artifacts' cache keys: CUDA
         #: and CPU kernels round differently, so their results are different artifacts)
         self.device = device
-        #: who writes the trt_ptq / partial Q/DQ graph: qatcheck's ONNX PTQ, or NVIDIA ModelOpt's
-        #: (--qatcheck-trt-ptq modelopt; part of those graphs' cache keys)
+        #: who writes the trt_ptq / partial Q/DQ graph (--qatcheck-trt-ptq; part of those graphs'
+        #: cache keys): the ONNX quantizer table's name, and the one looked up
         self.onnx_quantizer = onnx_quantizer
+        self.onnx_ptq = onnx_quantizer_named(onnx_quantizer)
         self._torch: dict[str, Artifact] = {}
         self._onnx: dict[tuple[str, bool], Artifact] = {}
 
@@ -273,12 +274,14 @@ class ArtifactBuilder:
                 "device": lambda: self.device.split(":")[0], "loss": self._loss_id,
                 "fp32_onnx": lambda: self.onnx_artifact("fp32", dynamic).digest,
                 "modules": lambda: self.state.modules, "train_graph": lambda: self.state.train_graph,
-                "torch_quantizer": self._torch_quantizer_id, "modelopt": _modelopt_version}
+                "torch_quantizer": lambda: self.torch_quantizer().cache_id()}
 
     def _field(self, name: str, dynamic: bool = False) -> Any:
         special = self._special(dynamic)
         if name in special:
             return special[name]()
+        if name in TORCH_QUANTIZERS:  # a row that always uses one quantizer (fp8): its version
+            return torch_quantizer(name).version()
         value: Any = self.recipe
         for part in name.split("."):
             value = getattr(value, part)
@@ -299,10 +302,8 @@ class ArtifactBuilder:
         if dynamic:
             parts["dynamic"] = True
         parts.update({f: self._field(f, dynamic) for f in spec.key_fields})
-        if spec.onnx_builder in (onnx_ptq, f"{__name__}:onnx_ptq") and self.onnx_quantizer == "modelopt":
-            from qatcheck.quantize import modelopt_onnx
-
-            parts["quantizer"] = modelopt_onnx.quantizer_id()  # with ModelOpt's version
+        if spec.onnx_builder in (onnx_ptq, f"{__name__}:onnx_ptq") and self.onnx_ptq.cache_id() is not None:
+            parts["quantizer"] = self.onnx_ptq.cache_id()  # e.g. with its library's version
         return parts
 
     def model_graph(self) -> str:
@@ -360,8 +361,7 @@ class ArtifactBuilder:
         spec, _ = self._variant(mode, False)
         out = {f.removeprefix("quant."): self._setting(f) for f in spec.key_fields if f not in _MODEL_FIELDS}
         if spec.onnx_builder in (onnx_ptq, f"{__name__}:onnx_ptq"):
-            out["onnx_quantizer"] = (f"modelopt=={_modelopt_version()}" if self.onnx_quantizer == "modelopt"
-                                     else "qatcheck")
+            out["onnx_quantizer"] = self.onnx_ptq.setting()
         return out
 
     def _setting(self, name: str) -> Any:
@@ -370,9 +370,10 @@ class ArtifactBuilder:
         if name == "loss":
             fn = self.recipe.loss
             return "default" if fn is None else f"{getattr(fn, '__qualname__', repr(fn))} {code_digest(fn)}"
-        if name == "torch_quantizer" and self.recipe.quant.torch_quantizer == "pytorch-quantization":
-            return f"pytorch-quantization=={library_versions()['pytorch-quantization']}"
-        if name in self._special():  # data fingerprints, graph digests, library versions
+        if name == "torch_quantizer":
+            tq = self.torch_quantizer()
+            return f"{tq.name}=={tq.version()}"
+        if name in self._special() or name in TORCH_QUANTIZERS:  # data fingerprints, graph digests, library versions
             return self._field(name)
         value: Any = self.recipe
         for part in name.split("."):
@@ -438,37 +439,20 @@ class ArtifactBuilder:
         r = self.recipe
         return code_digest(r.loss) if r.loss is not None or r.task_output is None else f"cross_entropy:{r.task_output}"
 
-    def _torch_quant_config(self):
-        from qatcheck.quantize.torch_quant import TorchQuantConfig
+    def torch_quantizer(self, spec: ModeSpec | None = None):
+        """The TorchQuantizer that makes ``spec``'s torch artifact: the row's own (``fp8``), else
+        ``QuantSettings.torch_quantizer`` - looked up here, once, for every torch build."""
+        return torch_quantizer(getattr(spec, "torch_quantizer", None) or self.recipe.quant.torch_quantizer)
 
-        return TorchQuantConfig.from_settings(self.recipe.quant)
+    def _load_quantized(self, path: Path, spec: ModeSpec | None = None) -> torch.nn.Module:
+        return self.torch_quantizer(spec).load(self.state.model, path, self.recipe.quant, fp8=_fp8(spec))
 
-    def _torch_quantizer_id(self) -> str:
-        """QuantSettings.torch_quantizer, with ModelOpt's version (pytorch-quantization's is in
-        every key already: cache.library_versions)."""
-        q = self.recipe.quant.torch_quantizer
-        return f"modelopt=={_modelopt_version()}" if q == "modelopt" else q
+    def _save_quantized(self, qmodel: torch.nn.Module, path: Path, spec: ModeSpec | None = None) -> None:
+        self.torch_quantizer(spec).save(qmodel, path, self.recipe.quant, fp8=_fp8(spec))
 
-    def _modelopt(self) -> bool:
-        return self.recipe.quant.torch_quantizer == "modelopt"
 
-    def _load_quantized(self, path: Path) -> torch.nn.Module:
-        from qatcheck.quantize import torch_quant
-
-        if self._modelopt():
-            from qatcheck.quantize import modelopt_quant
-
-            return modelopt_quant.load(self.state.model, path, self.recipe.quant)
-        return torch_quant.load_quantized(copy.deepcopy(self.state.model), self._torch_quant_config(), path)
-
-    def _save_quantized(self, qmodel: torch.nn.Module, path: Path) -> None:
-        from qatcheck.quantize import torch_quant
-
-        if self._modelopt():
-            from qatcheck.quantize import modelopt_quant
-
-            return modelopt_quant.save(qmodel, path, self.recipe.quant)
-        torch_quant.save_quantized(qmodel, path, self._torch_quant_config())
+def _fp8(spec: ModeSpec | None) -> bool:
+    return spec is not None and spec.precision == "fp8"
 
 
 def _plain(value: Any, top: bool = False) -> Any:
@@ -486,12 +470,6 @@ def _plain(value: Any, top: bool = False) -> Any:
     return repr(value)
 
 
-def _modelopt_version() -> str:
-    from qatcheck.quantize.modelopt_quant import version
-
-    return version()
-
-
 # ---- the builders the built-in mode rows name ---------------------------------------------------
 def plain_module(b: ArtifactBuilder, spec: ModeSpec) -> tuple[torch.nn.Module, None]:
     """fp32 / fp16: the recipe's model (the torch runner converts to the mode's precision)."""
@@ -499,30 +477,31 @@ def plain_module(b: ArtifactBuilder, spec: ModeSpec) -> tuple[torch.nn.Module, N
 
 
 def ptq_module(b: ArtifactBuilder, spec: ModeSpec) -> tuple[torch.nn.Module, Path]:
-    """pytorch-quantization Q/DQ modules (ModelOpt's with QuantSettings.torch_quantizer="modelopt"),
-    calibrated on the recipe's calibration batches."""
-    from qatcheck.quantize import torch_quant
-
-    if b._modelopt():
-        return modelopt_module(b, spec)
-    cfg = b._torch_quant_config()
+    """Q/DQ modules by the mode's TorchQuantizer (QuantSettings.torch_quantizer; the fp8 row's own),
+    calibrated on the recipe's calibration batches; the case skips with the install hint when
+    that quantizer's library is missing."""
+    tq = b.torch_quantizer(spec)
+    tq.require(_needs(tq, spec))
 
     def build(path: Path) -> None:
-        qm = torch_quant.quantize_model(b.state.model, cfg)
-        torch_quant.calibrate(qm, b.calib_batches(), cfg, device=b.device, progress=b.progress)
-        torch_quant.save_quantized(qm, path, cfg)
+        qm = tq.quantize(b.state.model, b.recipe.quant, b.calib_batches(), fp8=_fp8(spec), device=b.device,
+                         progress=b.progress)
+        b._save_quantized(qm, path, spec)
     path = b._cached_state(spec, build)
-    return b._load_quantized(path), path
+    return b._load_quantized(path, spec), path
+
+
+def _needs(tq, spec: ModeSpec) -> str:
+    """What a missing quantizer library's skip names: the mode that always uses it, else the setting."""
+    return f"mode {spec.name!r}" if spec.torch_quantizer else f"QuantSettings.torch_quantizer={tq.name!r}"
 
 
 def qat_module(b: ArtifactBuilder, spec: ModeSpec) -> tuple[torch.nn.Module, Path]:
     """The calibrated torch_ptq model fine-tuned on the train data (QATSettings, Recipe.loss)."""
     from qatcheck.quantize.qat import QATConfig, cross_entropy, finetune
 
-    if b._modelopt():
-        from qatcheck.quantize import modelopt_quant
-
-        modelopt_quant.require("QuantSettings.torch_quantizer='modelopt'")
+    tq = b.torch_quantizer(spec)
+    tq.require(_needs(tq, spec))
 
     def build(path: Path) -> None:
         qm = b.torch_artifact("torch_ptq").module
@@ -535,30 +514,9 @@ def qat_module(b: ArtifactBuilder, spec: ModeSpec) -> tuple[torch.nn.Module, Pat
                  QATConfig(epochs=q.epochs, lr=q.lr, batch_size=q.batch_size,
                            max_batches_per_epoch=q.max_batches_per_epoch),
                  loss_fn=loss, device=b.device, progress=b.progress)
-        b._save_quantized(qm, path)
+        b._save_quantized(qm, path, spec)
     path = b._cached_state(spec, build)
-    return b._load_quantized(path), path
-
-
-def modelopt_module(b: ArtifactBuilder, spec: ModeSpec, fp8: bool = False) -> tuple[torch.nn.Module, Path]:
-    """ModelOpt Q/DQ (int8 by QuantSettings, or FP8 E4M3), calibrated on the recipe's calibration
-    batches; the case skips with the install hint when nvidia-modelopt is missing."""
-    from qatcheck.quantize import modelopt_quant
-
-    modelopt_quant.require("mode 'fp8'" if fp8 else "QuantSettings.torch_quantizer='modelopt'")
-    quant = b.recipe.quant
-
-    def build(path: Path) -> None:
-        qm = modelopt_quant.quantize(b.state.model, quant, b.calib_batches(), fp8=fp8, device=b.device,
-                                     progress=b.progress)
-        modelopt_quant.save(qm, path, quant, fp8=fp8)
-    path = b._cached_state(spec, build)
-    return modelopt_quant.load(b.state.model, path, quant, fp8=fp8), path
-
-
-def fp8_module(b: ArtifactBuilder, spec: ModeSpec) -> tuple[torch.nn.Module, Path]:
-    """The fp8 mode: ModelOpt's FP8_DEFAULT_CFG (E4M3), calibrated like torch_ptq."""
-    return modelopt_module(b, spec, fp8=True)
+    return b._load_quantized(path, spec), path
 
 
 def export_fp32(b: ArtifactBuilder, spec: ModeSpec, path: Path, dynamic: bool) -> dict:
@@ -580,26 +538,21 @@ def convert_fp16(b: ArtifactBuilder, spec: ModeSpec, path: Path, dynamic: bool) 
 def onnx_ptq(b: ArtifactBuilder, spec: ModeSpec, path: Path, dynamic: bool) -> dict:
     """ONNX-level PTQ of the fp32 graph (TensorRT-style explicit Q/DQ); a ``keeps_layers`` row
     leaves QuantSettings.keep_precision unquantized."""
-    from qatcheck.quantize import modelopt_onnx
-    from qatcheck.quantize.onnx_ptq import OnnxPTQConfig, quantize_onnx
+    from qatcheck.quantize.onnx_ptq import OnnxPTQConfig
 
     q = b.recipe.quant
     cfg = OnnxPTQConfig(calibrator=q.calibrator, percentile=q.percentile, per_channel=q.per_channel,
                         exclude=tuple(q.keep_precision) if spec.keeps_layers else ())
-    # --qatcheck-trt-ptq modelopt: NVIDIA ModelOpt's ONNX PTQ writes the graph instead of ours
-    quantize = modelopt_onnx.quantize_modelopt if b.onnx_quantizer == "modelopt" else quantize_onnx
-    quantize(b.onnx_artifact("fp32", dynamic).path, path, b.calib_batches(), cfg,
+    # --qatcheck-trt-ptq <name>: that ONNX quantizer writes the graph
+    b.onnx_ptq.quantize(b.onnx_artifact("fp32", dynamic).path, path, b.calib_batches(), cfg,
              input_name=b.recipe.input.name, progress=b.progress)
     return {}
 
 
 def torch_qdq_onnx(b: ArtifactBuilder, spec: ModeSpec, path: Path, dynamic: bool) -> dict:
-    """The mode's calibrated (or fine-tuned) torch model exported as a Q/DQ ONNX (a ModelOpt model
-    by ModelOpt's exporter: torch_quant.export_qdq_onnx dispatches)."""
-    from qatcheck.quantize import torch_quant
-
+    """The mode's calibrated (or fine-tuned) torch model exported as a Q/DQ ONNX by its TorchQuantizer."""
     r = b.recipe
     module = b.torch_artifact(spec.name).module
-    torch_quant.export_qdq_onnx(module, export.example_input(r.input), path, r.input.name, r.output_names,
-                                dynamic_axes=export.dynamic_axes_for(r.input, r.output_names) if dynamic else None)
+    b.torch_quantizer(spec).export_onnx(module, export.example_input(r.input), path, r.input.name, r.output_names,
+                                        dynamic_axes=export.dynamic_axes_for(r.input, r.output_names) if dynamic else None)
     return {}

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from qatcheck.errors import ConfigError
-from qatcheck.registry import BACKENDS, check_backend, executes, resolve  # noqa: F401 (re-exported)
+from qatcheck.registry import (BACKENDS, DEFAULT_ONNX_QUANTIZER, DEFAULT_TORCH_QUANTIZER, ONNX_QUANTIZERS,  # noqa: F401
+                               check_backend, executes, resolve)
 
 #: float: the model in a float precision; int8_graph: int8 Q/DQ inserted into the ONNX graph
 #: (no PyTorch twin); int8_torch: Q/DQ inserted in PyTorch, exported as a Q/DQ ONNX (int8; the
@@ -29,8 +30,6 @@ PROFILE_POINTS = ("min", "opt", "max")
 #: Which calibrators each quantizer family accepts (checked when the recipe is built).
 ONNX_CALIBRATORS: tuple[str, ...] = ("minmax", "entropy", "percentile")
 TORCH_CALIBRATORS: tuple[str, ...] = ("max", "entropy", "mse", "percentile")
-#: The PyTorch-side quantizers of torch_ptq / qat (QuantSettings.torch_quantizer).
-TORCH_QUANTIZERS: tuple[str, ...] = ("pytorch-quantization", "modelopt")
 #: The torch calibrators ModelOpt can do (qatcheck.quantize.modelopt_quant says how each maps).
 MODELOPT_CALIBRATORS: tuple[str, ...] = ("max", "entropy", "percentile")
 #: The fp8 mode's calibrators (QuantSettings.fp8_calibrator): the entropy / mse searches are
@@ -55,8 +54,9 @@ class ModeSpec:
     the artifact: dotted recipe fields (``quant.calibrator``) or the special names ``calib_data``,
     ``train_data`` (data fingerprints), ``device`` (where calibration / training run), ``loss``
     (the QAT loss's code), ``fp32_onnx`` (the digest of the fp32 export the mode is built from),
-    ``torch_quantizer`` (``QuantSettings.torch_quantizer``, with ModelOpt's version when it is
-    ``modelopt``), ``modelopt`` (the installed nvidia-modelopt version), ``modules`` (each
+    ``torch_quantizer`` (the quantizer's ``cache_id()``: its name, with its version where the
+    library versions do not hold it), a torch quantizer's name (``modelopt``: its installed
+    version), ``modules`` (each
     submodule's name, class and settings: what places a torch quantizer, which the graph does not
     show) and ``train_graph`` (the model traced in training mode: what QAT runs).
     Only those enter the mode's cache key: changing the ONNX calibrator rebuilds trt_ptq, not
@@ -78,6 +78,9 @@ class ModeSpec:
     calibrated: bool = False
     trained: bool = False
     key_fields: tuple[str, ...] = ()
+    #: the torch quantizer (qatcheck.registry.TORCH_QUANTIZERS) this mode always uses; None: the
+    #: recipe's QuantSettings.torch_quantizer. A key field naming it is its installed version.
+    torch_quantizer: str | None = None
     #: recipe fields the mode cannot work without (checked when the recipe is built)
     requires: tuple[str, ...] = ()
     #: the mode *is* a dynamic-shape variant of ``variant_of``: measured only at min / opt / max
@@ -198,7 +201,7 @@ MODES: tuple[str, ...] = modes()
 
 # Opt-in rows, registered after MODES: a recipe measures them only when it lists them.
 register_mode(ModeSpec(
-    "fp8", "int8_torch", "fp8", f"{_A}:torch_qdq_onnx", f"{_A}:fp8_module",
+    "fp8", "int8_torch", "fp8", f"{_A}:torch_qdq_onnx", f"{_A}:ptq_module", torch_quantizer="modelopt",
     # TensorRT: strongly typed from the FP8 Q/DQ graph on an FP8 GPU (trt_plan.plan_build)
     backends=("torch", "onnxruntime", "tensorrt"),
     calibrator_field="fp8_calibrator", calibrated=True,
@@ -267,16 +270,19 @@ def localization_paths(mode: str) -> tuple[str, ...]:
 
 
 def calibrator_of(mode: str, quant: Any, options: Any = None) -> str:
-    """The calibrator a mode used, for the table ("-" for uncalibrated modes), with "(modelopt)"
-    where NVIDIA ModelOpt rather than qatcheck / pytorch-quantization quantized it:
-    ``QuantSettings.torch_quantizer`` for the torch modes, ``--qatcheck-trt-ptq modelopt`` for the
-    graph modes (the fp8 mode is always ModelOpt's)."""
+    """The calibrator a mode used, for the table ("-" for uncalibrated modes), with "(name)" where a
+    quantizer other than the default one made it: ``QuantSettings.torch_quantizer`` for the int8
+    torch modes, ``--qatcheck-trt-ptq <name>`` for the graph modes (a row with its own quantizer,
+    fp8, is always that one's: no suffix)."""
     s = spec(mode)
     if not s.calibrator_field:
         return "-"
     name = getattr(quant, s.calibrator_field)
-    by_modelopt = (s.family == "int8_torch" and s.precision == "int8"
-                   and getattr(quant, "torch_quantizer", "") == "modelopt") or \
-        (s.family == "int8_graph" and getattr(options, "trt_ptq", "") == "modelopt")
-    return f"{name} (modelopt)" if by_modelopt else name
-
+    by = None
+    if s.family == "int8_torch" and s.torch_quantizer is None:
+        by = getattr(quant, "torch_quantizer", DEFAULT_TORCH_QUANTIZER)
+        by = None if by == DEFAULT_TORCH_QUANTIZER else by
+    elif s.family == "int8_graph":
+        by = getattr(options, "trt_ptq", None)
+        by = by if by in ONNX_QUANTIZERS and by != DEFAULT_ONNX_QUANTIZER else None
+    return f"{name} ({by})" if by else name

@@ -14,9 +14,9 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from qatcheck.errors import ArtifactError, ConfigError
 from qatcheck.fsutil import file_digest
-from qatcheck.registry import BACKENDS, check_backend
+from qatcheck.registry import BACKENDS, DEFAULT_TORCH_QUANTIZER, TORCH_QUANTIZERS, check_backend
 from qatcheck.modes import (FAMILIES, FP8_CALIBRATORS, MODE_SPECS, MODES, MODELOPT_CALIBRATORS,
-                            ONNX_CALIBRATORS, TORCH_CALIBRATORS, TORCH_QUANTIZERS, check_mode, spec as mode_spec)
+                            ONNX_CALIBRATORS, TORCH_CALIBRATORS, check_mode, spec as mode_spec)
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -190,8 +190,9 @@ class QuantSettings:
     #: Q/DQ placement rules of the pytorch-quantization modes (None: pytorch-quantization's own)
     qdq_rules: QDQRules | None = None
     #: the library torch_ptq / qat quantize with: "pytorch-quantization" or "modelopt" (NVIDIA
-    #: ModelOpt: pip install -e '.[modelopt]'; its cases skip with that hint without it)
-    torch_quantizer: str = "pytorch-quantization"
+    #: ModelOpt: pip install -e '.[modelopt]'; its cases skip with that hint without it), or the
+    #: name of one registered with qatcheck.registry.register_torch_quantizer
+    torch_quantizer: str = DEFAULT_TORCH_QUANTIZER
     #: with torch_quantizer="modelopt": a ModelOpt quantization config (a dict such as
     #: modelopt.torch.quantization.INT8_DEFAULT_CFG, with its own "algorithm") used as given;
     #: None: INT8_DEFAULT_CFG calibrated with torch_calibrator (which must be max when this is set)
@@ -220,7 +221,8 @@ class QuantSettings:
         """torch_quantizer, modelopt_config and fp8_calibrator (nothing here imports ModelOpt)."""
         if self.torch_quantizer not in TORCH_QUANTIZERS:
             raise ConfigError(f"QuantSettings.torch_quantizer {self.torch_quantizer!r} is unknown; "
-                              f"choose one of {', '.join(TORCH_QUANTIZERS)}")
+                              f"choose one of {', '.join(TORCH_QUANTIZERS.names())} (or register one: "
+                              "qatcheck.registry.register_torch_quantizer)")
         if self.fp8_calibrator not in FP8_CALIBRATORS:
             raise ConfigError(f"QuantSettings.fp8_calibrator {self.fp8_calibrator!r} is not available; choose "
                               f"one of {', '.join(FP8_CALIBRATORS)} (entropy and mse search the int8 grid, "

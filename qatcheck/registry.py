@@ -104,3 +104,81 @@ def check_backend(name: str) -> str:
 
 def create_backend(name: str, options: Any):
     return resolve(BACKEND_FACTORIES[check_backend(name)])(options)
+
+
+# --- quantizers ------------------------------------------------------------------------------
+# Which library inserts Q/DQ is a name looked up here, once, where an artifact is built (or found
+# from a model: qatcheck.quantize.torch_common.quantizer_of); nothing else names a library.
+
+#: QuantSettings.torch_quantizer's default (its calibrator column carries no "(name)")
+DEFAULT_TORCH_QUANTIZER = "pytorch-quantization"
+#: name -> a qatcheck.quantize.torch_common.TorchQuantizer (class or instance, or "module:Class")
+TORCH_QUANTIZERS = Table("torch quantizer", {
+    "pytorch-quantization": "qatcheck.quantize.torch_quant:PytorchQuantization",
+    "modelopt": "qatcheck.quantize.modelopt_quant:ModelOpt",
+})
+#: name -> the module whose presence in sys.modules means a model may hold its quantizers
+#: (quantizer_of asks only those: it never imports a library); absent: the implementation's module
+_TORCH_QUANTIZER_LIBRARIES: dict[str, str] = {
+    "pytorch-quantization": "pytorch_quantization",
+    "modelopt": "modelopt.torch.quantization",
+}
+
+
+def register_torch_quantizer(name: str, impl: Any, *, library: str | None = None,
+                             replace: bool = False) -> None:
+    """Add a PyTorch-side quantizer: ``impl`` is a
+    :class:`~qatcheck.quantize.torch_common.TorchQuantizer` subclass or instance, or its
+    ``"module:Class"``. ``QuantSettings(torch_quantizer=name)`` then quantizes torch_ptq / qat with
+    it. ``library``: the module a process has imported when a model holds its quantizers (default:
+    the implementation's own module)."""
+    TORCH_QUANTIZERS.register(name, impl, replace=replace)
+    _TORCH_QUANTIZER_LIBRARIES.pop(name, None)
+    if library is not None:
+        _TORCH_QUANTIZER_LIBRARIES[name] = library
+
+
+def unregister_torch_quantizer(name: str) -> None:
+    TORCH_QUANTIZERS.unregister(name)
+    _TORCH_QUANTIZER_LIBRARIES.pop(name, None)
+
+
+def torch_quantizer(name: str) -> Any:
+    """The TorchQuantizer registered as ``name`` (one instance, made on first use)."""
+    impl = TORCH_QUANTIZERS.get(name)
+    if isinstance(impl, type):
+        impl = TORCH_QUANTIZERS.entries[name] = impl()
+        impl.name = name
+    return impl
+
+
+def torch_quantizer_library(name: str) -> str | None:
+    """The module that must be imported before a model can hold ``name``'s quantizers (None: any
+    time - an implementation given as an object)."""
+    if name in _TORCH_QUANTIZER_LIBRARIES:
+        return _TORCH_QUANTIZER_LIBRARIES[name]
+    impl = TORCH_QUANTIZERS.entries.get(name)
+    return impl.partition(":")[0] if isinstance(impl, str) else None
+
+
+#: name -> a qatcheck.quantize.onnx_ptq.OnnxQuantizer (--qatcheck-trt-ptq picks it: "modelopt", else "qatcheck")
+ONNX_QUANTIZERS = Table("ONNX quantizer", {
+    "qatcheck": "qatcheck.quantize.onnx_ptq:QatcheckPTQ",
+    "modelopt": "qatcheck.quantize.modelopt_onnx:ModelOptPTQ",
+})
+DEFAULT_ONNX_QUANTIZER = "qatcheck"
+
+
+def register_onnx_quantizer(name: str, impl: Any, *, replace: bool = False) -> None:
+    """Add an ONNX-level quantizer (writes the trt_ptq / partial Q/DQ graph): an
+    :class:`~qatcheck.quantize.onnx_ptq.OnnxQuantizer` subclass or instance, or its ``"module:Class"``."""
+    ONNX_QUANTIZERS.register(name, impl, replace=replace)
+
+
+def onnx_quantizer(name: str) -> Any:
+    """The OnnxQuantizer registered as ``name`` (one instance, made on first use)."""
+    impl = ONNX_QUANTIZERS.get(name)
+    if isinstance(impl, type):
+        impl = ONNX_QUANTIZERS.entries[name] = impl()
+        impl.name = name
+    return impl

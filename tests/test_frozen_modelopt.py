@@ -1,5 +1,5 @@
-"""The frozen twin of a ModelOpt model (qatcheck.quantize.frozen_modelopt, through
-frozen_quant.freeze_fake_quant) computes what the original computes, bit for bit, without reading
+"""The frozen twin of a ModelOpt model (qatcheck.quantize.frozen_modelopt.freeze_model,
+ModelOpt's TorchQuantizer.freeze) computes what the original computes, bit for bit, without reading
 device values on the host - so the torch backend can time it in a CUDA graph.
 
 Levels: each INT quantizer configuration against a ModelOpt ``TensorQuantizer`` on inputs at
@@ -33,8 +33,7 @@ from qatcheck.artifacts import ArtifactBuilder, RecipeState  # noqa: E402
 from qatcheck.timing import TimedCall  # noqa: E402
 from qatcheck.cache import ArtifactCache  # noqa: E402
 from qatcheck.quantize.frozen_modelopt import (FreezeRefused, FrozenModelOptQuant,  # noqa: E402
-                                               ModelOptPassthrough)
-from qatcheck.quantize.frozen_quant import freeze_fake_quant, is_fake_quant_model  # noqa: E402
+                                               ModelOptPassthrough, freeze_model, needs_freeze)
 from qatcheck.recipe import QATSettings  # noqa: E402
 from qatcheck.zoo.recipes import digits_modelopt_recipe  # noqa: E402
 
@@ -123,7 +122,7 @@ CASES = {
 def test_each_configuration_is_bit_identical(case):
     q = CASES[case]()
     x = _inputs(nonneg=case == "unsigned")
-    twin = freeze_fake_quant(q)
+    twin = freeze_model(q)
     assert isinstance(twin, FrozenModelOptQuant)
     with torch.inference_mode():
         assert bits_equal(twin(x), q(x))
@@ -134,7 +133,7 @@ def test_other_input_dtypes_are_quantized_and_divided_in_fp32(dtype):
     q = _quantizer(axis=0, amax=CHANNEL_AMAX)
     x = _inputs().to(dtype)
     with torch.inference_mode():
-        out = freeze_fake_quant(q)(x)
+        out = freeze_model(q)(x)
         assert out.dtype == dtype and bits_equal(out, q(x))
 
 
@@ -142,7 +141,7 @@ def test_non_contiguous_inputs_are_made_contiguous_as_the_original():
     q = _quantizer(axis=1, amax=[[[[0.5]], [[1.0]], [[2.0]], [[4.0]]]])
     x = _inputs().to(memory_format=torch.channels_last)
     with torch.inference_mode():
-        out, ref = freeze_fake_quant(q)(x), q(x)
+        out, ref = freeze_model(q)(x), q(x)
     assert bits_equal(out, ref) and out.is_contiguous() and ref.is_contiguous()
 
 
@@ -152,19 +151,19 @@ def test_disabled_and_quant_off_are_identities():
     quant_off.disable_quant()
     calibrating.enable_calib()  # statistics collection is dropped; the output is unchanged
     x = _inputs()
-    assert isinstance(freeze_fake_quant(disabled), ModelOptPassthrough)
-    assert isinstance(freeze_fake_quant(quant_off), ModelOptPassthrough)
+    assert isinstance(freeze_model(disabled), ModelOptPassthrough)
+    assert isinstance(freeze_model(quant_off), ModelOptPassthrough)
     with torch.inference_mode():
-        assert bits_equal(freeze_fake_quant(disabled)(x), disabled(x))
-        assert bits_equal(freeze_fake_quant(calibrating)(x), calibrating(x))
+        assert bits_equal(freeze_model(disabled)(x), disabled(x))
+        assert bits_equal(freeze_model(calibrating)(x), calibrating(x))
 
 
 def test_fp8_quantizers_are_kept_they_capture_as_they_are():
     fp8 = _quantizer(num_bits=(4, 3))
     model = nn.Sequential(fp8, _quantizer())
-    twin = freeze_fake_quant(model)
+    twin = freeze_model(model)
     assert isinstance(twin[0], TensorQuantizer) and isinstance(twin[1], FrozenModelOptQuant)
-    assert not is_fake_quant_model(nn.Sequential(_quantizer(num_bits=(4, 3))))
+    assert not needs_freeze(nn.Sequential(_quantizer(num_bits=(4, 3))))
     assert host_reads(fp8, _inputs()) == Counter()  # fp8_eager: no host read (it captures on a GPU)
 
 
@@ -193,8 +192,8 @@ def test_refused_configurations_name_the_quantizer(why):
     model = nn.Sequential()
     model.add_module("head", nn.Sequential(_quantizer(), REFUSED[why]()))
     with pytest.raises(FreezeRefused, match=rf"ModelOpt quantizer 'head\.1' \(TensorQuantizer\): {why}"):
-        freeze_fake_quant(model)
-    assert is_fake_quant_model(model)
+        freeze_model(model)
+    assert needs_freeze(model)
 
 
 # ---- the digits ModelOpt models --------------------------------------------------------------------
@@ -231,12 +230,12 @@ def _frozen(twin) -> list[FrozenModelOptQuant]:
 @pytest.mark.parametrize("mode", ["torch_ptq", "qat"])
 def test_digits_twin_is_bit_identical(builder, batches, ptq, mode):
     module = ptq if mode == "torch_ptq" else builder.torch_artifact(mode).module
-    assert modelopt_quant.is_modelopt_model(module) and is_fake_quant_model(module)
+    assert modelopt_quant.is_modelopt_model(module) and needs_freeze(module)
     before = {k: v.clone() for k, v in module.state_dict().items()}
-    twin = freeze_fake_quant(module)
+    twin = freeze_model(module)
     assert _same(_outputs(twin, batches), _outputs(module, batches)), mode
     # every quantizer replaced: 15 enabled (8 activation per-tensor, 7 weight per-channel)
-    assert not modelopt_quant.is_modelopt_model(twin) and not is_fake_quant_model(twin)
+    assert not modelopt_quant.is_modelopt_model(twin) and not needs_freeze(twin)
     frozen = _frozen(twin)
     per_channel = [f for f in frozen if f.mul.numel() > 1]
     assert len(frozen) == len(modelopt_quant.quantizer_names(module)) == 15 and len(per_channel) == 7
@@ -247,12 +246,12 @@ def test_digits_twin_is_bit_identical(builder, batches, ptq, mode):
 
 
 def test_a_planted_amax_change_changes_the_twin(batches, ptq):
-    clean = _outputs(freeze_fake_quant(ptq), batches)
+    clean = _outputs(freeze_model(ptq), batches)
     for name in ("layer1.conv1.input_quantizer", "layer2.conv2.weight_quantizer"):  # per tensor, per channel
         planted = copy.deepcopy(ptq)
         q = planted.get_submodule(name)
         q.amax = q.amax * 2
-        twin = _outputs(freeze_fake_quant(planted), batches)
+        twin = _outputs(freeze_model(planted), batches)
         assert not _same(twin, clean), name
         assert _same(twin, _outputs(planted, batches)), name
 
@@ -261,7 +260,7 @@ def test_a_refused_quantizer_in_the_model_is_named(ptq):
     model = copy.deepcopy(ptq)
     model.layer1.conv1.input_quantizer.pre_quant_scale = torch.ones(16, 1, 1)
     with pytest.raises(FreezeRefused, match=r"'layer1\.conv1\.input_quantizer' \(TensorQuantizer\): pre_quant_scale"):
-        freeze_fake_quant(model)
+        freeze_model(model)
 
 
 def test_the_twin_reads_nothing_on_the_host(batches, ptq):
@@ -272,7 +271,7 @@ def test_the_twin_reads_nothing_on_the_host(batches, ptq):
     # _tensor_quant's three `if min_amax ...` tests and one torch.tensor(max_bound)
     assert original["is_nonzero"] + original["_local_scalar_dense"] >= 3 * enabled, original
     assert original["lift_fresh"] >= enabled, original
-    assert host_reads(freeze_fake_quant(ptq), x) == Counter()
+    assert host_reads(freeze_model(ptq), x) == Counter()
 
 
 # ---- the torch backend's choice -------------------------------------------------------------------
@@ -312,7 +311,7 @@ def test_twin_is_captured_in_a_cuda_graph(ptq, batches):
     from qatcheck.backends.cuda_timing import capture_graph
     from qatcheck.backends.torch_backend import strict_fp32
 
-    twin = freeze_fake_quant(ptq).cuda().eval()
+    twin = freeze_model(ptq).cuda().eval()
     original = copy.deepcopy(ptq).cuda().eval()
     static = batches[0].cuda()
     with strict_fp32(True):

@@ -235,7 +235,7 @@ def test_without_modelopt_the_cases_skip_with_the_install_hint(builder, monkeypa
                         lambda what="": f"{what} needs NVIDIA ModelOpt: {modelopt_quant.INSTALL_HINT}")
     for mode in ("fp8", "torch_ptq"):
         with pytest.raises(pytest.skip.Exception, match=r"needs NVIDIA ModelOpt: pip install -e '\.\[modelopt\]'"):
-            artifacts.modelopt_module(builder, spec(mode), fp8=mode == "fp8")
+            artifacts.ptq_module(builder, spec(mode))
 
 
 # ---- planted regressions through the plugin ---------------------------------------------------------

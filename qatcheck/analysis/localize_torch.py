@@ -68,6 +68,9 @@ from qatcheck.analysis.localize import (_CAP_DB, AutoLocalization, LayerRow, Loc
                                         calibrator_of, check_floor, conclude, failure_floor, localize_command,
                                         torch_modes, with_mode_calibrator)
 from qatcheck.errors import ConfigError, DataError
+# a fake-quant module of any registered TorchQuantizer; its own implementation answers the rest
+from qatcheck.quantize.torch_common import is_enabled as _enabled, is_quantizer as _is_quantizer, \
+    set_enabled as _set_enabled
 
 __all__ = ["localize_modules", "localize_torch", "for_failed_case", "leaf_modules", "RULE"]
 
@@ -83,11 +86,6 @@ _MODEL = "(model)"  # the display name of a root module that is itself a leaf
 # --------------------------------------------------------------------------------------------
 # modules
 # --------------------------------------------------------------------------------------------
-
-def _is_quantizer(m: nn.Module) -> bool:
-    """A fake-quant module (pytorch-quantization's TensorQuantizer, or one named like it)."""
-    return type(m).__name__.endswith("TensorQuantizer")
-
 
 def _quantizers_only(m: nn.Module) -> bool:
     """A quantizer, or a container (ModuleList...) holding only quantizers."""
@@ -112,19 +110,6 @@ def leaf_modules(model: nn.Module) -> dict[str, nn.Module]:
 
 def _quantizers(module: nn.Module) -> list[nn.Module]:
     return [m for m in module.modules() if _is_quantizer(m)]
-
-
-def _enabled(q: nn.Module) -> bool:
-    if hasattr(q, "_disabled"):  # pytorch-quantization
-        return not q._disabled
-    return bool(getattr(q, "is_enabled", True))
-
-
-def _set_enabled(q: nn.Module, on: bool) -> None:
-    if hasattr(q, "_disabled"):
-        q._disabled = not on
-    else:
-        (q.enable if on else q.disable)()
 
 
 @contextlib.contextmanager

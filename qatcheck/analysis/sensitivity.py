@@ -278,14 +278,14 @@ class _OnnxPath:
 
 
 class _TorchPath:
-    """torch_ptq: the calibrated pytorch-quantization model, variants by disabling quantizers."""
+    """torch_ptq: the calibrated model (by its TorchQuantizer), variants by disabling quantizers."""
 
     name = "torch"
     #: PyTorch takes any batch: no padding
     static_batch = False
 
     def __init__(self, builder, recipe: Recipe) -> None:
-        from qatcheck.quantize import torch_quant
+        from qatcheck.quantize.torch_common import quantizer_of
 
         self.recipe = recipe
         art = builder.torch_artifact(PATH_MODE[self.name])
@@ -295,7 +295,8 @@ class _TorchPath:
         self._fp32 = TorchRunner(builder.state.model, precision="fp32", device=_DEVICE)
         self._int8 = TorchRunner(self.qmodel, precision="int8", device=_DEVICE)
         self.layers: dict[str, list[str]] = {}
-        for qname in torch_quant.quantizer_names(self.qmodel):
+        self.quantizer = quantizer_of(self.qmodel)
+        for qname in (self.quantizer.names(self.qmodel) if self.quantizer is not None else ()):
             module, _, _ = qname.rpartition(".")
             self.layers.setdefault(module, []).append(qname)
         if not self.layers:
@@ -312,18 +313,16 @@ class _TorchPath:
 
     @contextlib.contextmanager
     def variant(self, excluded: Sequence[str]) -> Iterator[Infer]:
-        from qatcheck.quantize.torch_quant import _quiet_quantization_logs
-
         excluded = _expand(excluded, self.layers, self.name)
         quantizers = [self.qmodel.get_submodule(q) for layer in excluded for q in self.layers[layer]]
         for q in quantizers:
-            q.disable()
+            self.quantizer.set_enabled(q, False)
         try:
-            with _quiet_quantization_logs():
+            with self.quantizer.quiet():
                 yield self._int8.infer
         finally:
             for q in quantizers:
-                q.enable()
+                self.quantizer.set_enabled(q, True)
 
 
 def _expand(entries: Sequence[str], layers: dict[str, list[str]], path: str) -> list[str]:

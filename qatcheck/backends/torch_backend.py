@@ -82,17 +82,18 @@ class TorchRunner(Runner):
                     module(xt)
             return TimedCall(run, clock="wall")
         from qatcheck.backends import cuda_timing
-        from qatcheck.quantize.frozen_quant import FreezeRefused, freeze_fake_quant, is_fake_quant_model
+        from qatcheck.quantize.torch_common import FreezeRefused, quantizer_of
 
         note = refused = ""
-        if is_fake_quant_model(module) and self.cuda_graph != "off":
-            # pytorch-quantization's quantizers and ModelOpt's INT8 ones synchronise with the host,
-            # so the module cannot be captured in a CUDA graph; its frozen twin computes
+        tq = quantizer_of(module)
+        if tq is not None and tq.needs_freeze(module) and self.cuda_graph != "off":
+            # fake quantizers that synchronise with the host (pytorch-quantization's, ModelOpt's
+            # INT8 ones) cannot be captured in a CUDA graph; their frozen twin computes
             # bit-identical outputs with the calibrated scales precomputed (tests/test_frozen_quant.py,
-            # tests/test_frozen_modelopt.py) and can be. A ModelOpt configuration the twin does not
+            # tests/test_frozen_modelopt.py) and can be. A configuration the twin does not
             # reproduce is timed as it is (capture fails: eager events, with cuda_timing's note).
             try:
-                module = freeze_fake_quant(module).to(self._device)
+                module = tq.freeze(module).to(self._device)
                 note = "fake-quant timed through its frozen twin (identical outputs, capture-safe)"
             except FreezeRefused as exc:
                 refused = f"no frozen twin: {exc}"

@@ -1,6 +1,6 @@
 """The frozen twin's ModelOpt part: a capture-safe, output-identical form of ModelOpt 0.47's INT8
-``TensorQuantizer`` (``modelopt.torch.quantization.nn``), used by
-:func:`qatcheck.quantize.frozen_quant.freeze_fake_quant`.
+``TensorQuantizer`` (``modelopt.torch.quantization.nn``): ModelOpt's ``TorchQuantizer.freeze``
+(:func:`freeze_model`, :class:`qatcheck.quantize.modelopt_quant.ModelOpt`).
 
 Why. In eval an enabled INT8 ModelOpt quantizer computes, per call, on its pure-PyTorch path
 (every CPU call, and CUDA without the JIT extension: ``QATCHECK_MODELOPT_CUDA_EXT=0``, as the GPU
@@ -63,8 +63,10 @@ import sys
 import torch
 from torch import nn
 
+from qatcheck.quantize.torch_common import FreezeRefused, replace_quantizers
+
 __all__ = ["FreezeRefused", "FrozenModelOptQuant", "ModelOptPassthrough", "is_modelopt_quantizer",
-           "needs_freeze", "check_containers", "freeze_modelopt_quantizer"]
+           "needs_freeze", "check_containers", "freeze_modelopt_quantizer", "freeze_model"]
 
 #: ``_tensor_quant``'s epsilon: amax <= 2**-24 quantizes to 0
 _ZERO_AMAX = 1.0 / (1 << 24)
@@ -73,8 +75,6 @@ _TQ_MODULE = "modelopt.torch.quantization.nn.modules.tensor_quantizer"
 _ACCEPTED = ("TensorQuantizer", "HardDisabledTensorQuantizer")
 
 
-class FreezeRefused(ValueError):
-    """A quantizer configuration the frozen twin does not reproduce exactly; the message names it."""
 
 
 def _tq_module():
@@ -231,3 +231,11 @@ def freeze_modelopt_quantizer(quantizer, name: str = "") -> nn.Module:
     if amax.is_meta:
         raise refuse("amax on the meta device")
     return FrozenModelOptQuant(q, name)
+
+
+def freeze_model(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` whose ModelOpt quantizers are frozen (:func:`freeze_modelopt_quantizer`;
+    plain FP8 ones are kept); the original is not modified. A configuration the twin does not
+    reproduce raises :class:`FreezeRefused`."""
+    check_containers(model)
+    return replace_quantizers(model, is_modelopt_quantizer, freeze_modelopt_quantizer)

@@ -48,21 +48,18 @@ original makes 135); and on CUDA, capture with the harness's own
 Measured on an H200 (torch 2.11): the original fails capture; the twin's replays equal the eager
 original bit for bit (digits torch_ptq / qat, digitdet torch_ptq).
 
-NVIDIA ModelOpt models (``QuantSettings.torch_quantizer="modelopt"``) are frozen too: their INT8
-quantizers read amax on the host per call in the same way. That part is
-:mod:`qatcheck.quantize.frozen_modelopt` (its own arithmetic, its refusals: :class:`FreezeRefused`,
-which the torch backend answers by timing the model itself); ``fused`` does not apply to it.
+This is pytorch-quantization's ``TorchQuantizer.freeze``
+(:class:`qatcheck.quantize.torch_quant.PytorchQuantization`); other libraries freeze their own
+quantizers (:mod:`qatcheck.quantize.frozen_modelopt`), through the same walk
+(:func:`qatcheck.quantize.torch_common.replace_quantizers`).
 """
 from __future__ import annotations
-
-import copy
 
 import torch
 from pytorch_quantization.nn import TensorQuantizer
 from torch import nn
 
-from qatcheck.quantize import frozen_modelopt
-from qatcheck.quantize.frozen_modelopt import FreezeRefused
+from qatcheck.quantize.torch_common import FreezeRefused, replace_quantizers
 
 __all__ = ["FreezeRefused", "FrozenFakeQuant", "freeze_quantizer", "freeze_fake_quant", "is_fake_quant_model"]
 
@@ -71,10 +68,9 @@ _ZERO_AMAX = 1.0 / (1 << 24)
 
 
 def is_fake_quant_model(model: nn.Module) -> bool:
-    """Whether ``model`` holds a pytorch-quantization ``TensorQuantizer`` or a ModelOpt quantizer
-    that reads on the host (an enabled INT one; FP8 and disabled ones capture as they are): CUDA-graph
-    capture of it fails and :func:`freeze_fake_quant` should be timed instead."""
-    return any(isinstance(m, TensorQuantizer) for m in model.modules()) or frozen_modelopt.needs_freeze(model)
+    """Whether ``model`` holds a pytorch-quantization ``TensorQuantizer``: CUDA-graph capture of it
+    fails and :func:`freeze_fake_quant` should be timed instead."""
+    return any(isinstance(m, TensorQuantizer) for m in model.modules())
 
 
 def _default_scales(amax: torch.Tensor, max_bound: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -242,28 +238,7 @@ def freeze_fake_quant(model: nn.Module, fused: bool = False) -> nn.Module:
     ``.to(device)``; keep them float32: ``.to(torch.half)`` would round them). A quantizer
     registered under several names (qatcheck's shared Concat quantizers) stays one module.
     ``fused`` is described in the module doc; the default reproduces the original bit for bit.
-    The original model is not modified. ModelOpt quantizers are frozen by
-    :func:`~qatcheck.quantize.frozen_modelopt.freeze_modelopt_quantizer` (plain FP8 ones are kept);
-    a ModelOpt configuration it does not reproduce raises :class:`FreezeRefused`.
+    The original model is not modified.
     """
-    twin = copy.deepcopy(model)
-    if isinstance(twin, TensorQuantizer) or frozen_modelopt.is_modelopt_quantizer(twin):
-        return _freeze_one(twin, "<model>", fused)
-    frozen_modelopt.check_containers(twin)
-    frozen: dict[int, nn.Module] = {}
-    for name, module in list(twin.named_modules(remove_duplicate=False)):
-        if not (isinstance(module, TensorQuantizer) or frozen_modelopt.is_modelopt_quantizer(module)):
-            continue
-        if id(module) not in frozen:
-            frozen[id(module)] = _freeze_one(module, name, fused)
-        if frozen[id(module)] is module:  # kept as it is (ModelOpt FP8: it captures)
-            continue
-        parent, _, child = name.rpartition(".")
-        setattr(twin.get_submodule(parent), child, frozen[id(module)])
-    return twin
-
-
-def _freeze_one(quantizer: nn.Module, name: str, fused: bool) -> nn.Module:
-    if isinstance(quantizer, TensorQuantizer):
-        return freeze_quantizer(quantizer, fused)
-    return frozen_modelopt.freeze_modelopt_quantizer(quantizer, name)
+    return replace_quantizers(model, lambda m: isinstance(m, TensorQuantizer),
+                              lambda q, name: freeze_quantizer(q, fused))

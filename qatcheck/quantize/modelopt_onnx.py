@@ -40,6 +40,7 @@ from typing import Iterable
 import numpy as np
 
 from qatcheck.errors import ArtifactError, ConfigError, DataError
+from qatcheck.quantize.onnx_ptq import OnnxQuantizer
 
 #: qatcheck calibrator -> ModelOpt ``calibration_method`` (int8)
 MODELOPT_METHODS: dict[str, str] = {"minmax": "max", "entropy": "entropy"}
@@ -217,3 +218,22 @@ def _check_result(qmodel, fp32, excluded: list[str], path: Path) -> None:
     if leaked:
         raise ArtifactError(f"ModelOpt quantized the inputs of excluded node(s) {', '.join(leaked)} in "
                             f"{path} (nodes_to_exclude did not hold)")
+
+
+class ModelOptPTQ(OnnxQuantizer):
+    """NVIDIA ModelOpt's ONNX PTQ (:func:`quantize_modelopt`): ``--qatcheck-trt-ptq modelopt``."""
+
+    name = "modelopt"
+
+    def quantize(self, model_path, out_path, calib_batches, config, input_name=None, progress=False):
+        return quantize_modelopt(model_path, out_path, calib_batches, config, input_name=input_name,
+                                 progress=progress)
+
+    def cache_id(self) -> str:
+        return quantizer_id()  # with ModelOpt's version
+
+    def setting(self) -> str:
+        return f"{self.name}=={version()}"
+
+    def missing_reason(self) -> str | None:
+        return unavailable_reason()

@@ -65,11 +65,12 @@ from torch import nn
 from qatcheck.errors import ArtifactError, ConfigError
 from qatcheck.fsutil import atomic_path
 from qatcheck.modes import FP8_MIN_CAPABILITY
+from qatcheck.quantize.torch_common import TorchQuantizer, feed_calibration, read_checkpoint
 
 if TYPE_CHECKING:  # pragma: no cover
     from qatcheck.recipe import QuantSettings
 
-__all__ = ["INSTALL_HINT", "missing_reason", "require", "version", "quantize", "save", "load",
+__all__ = ["ModelOpt", "INSTALL_HINT", "missing_reason", "require", "version", "quantize", "save", "load",
            "is_modelopt_model", "quantizer_names", "quantizer_scales", "export_onnx", "fp8_latency_skip"]
 
 log = logging.getLogger(__name__)
@@ -196,8 +197,6 @@ def _enabled(model: nn.Module) -> Iterator[tuple[str, Any]]:
 
 def _forward_loop(batches: Iterable[Any], device: torch.device, progress: bool):
     """ModelOpt's ``forward_loop(model)``: the recipe's calibration batches, shape-checked."""
-    from qatcheck.quantize.torch_quant import feed_calibration
-
     def loop(model: nn.Module) -> None:
         feed_calibration(model, batches, device, progress=progress, desc="calibrate (modelopt)")
     return loop
@@ -280,8 +279,6 @@ def load(model: nn.Module, path: str | os.PathLike[str], quant: QuantSettings, f
     without calibrating: bit-identical outputs to the saved model."""
     _mtq()
     import modelopt.torch.opt as mto
-
-    from qatcheck.quantize.torch_quant import read_checkpoint
 
     path = Path(path)
     payload = read_checkpoint(path, _SAVE_FORMAT, "ModelOpt checkpoint")
@@ -514,3 +511,62 @@ def fp8_latency_skip(device: str) -> str | None:
         return (f"fp8 latency is not measured on {name} (compute capability {cap[0]}.{cap[1]} < "
                 f"{FP8_MIN_CAPABILITY[0]}.{FP8_MIN_CAPABILITY[1]}: no FP8 tensor cores)")
     return None
+
+
+class ModelOpt(TorchQuantizer):
+    """NVIDIA ModelOpt as a :class:`~qatcheck.quantize.torch_common.TorchQuantizer`
+    (``QuantSettings.torch_quantizer="modelopt"``, and the ``fp8`` mode): the functions of this module."""
+
+    name = "modelopt"
+
+    def version(self) -> str:
+        return version()
+
+    def missing_reason(self, what: str = "this case") -> str | None:
+        return missing_reason(what)
+
+    def quiet(self):
+        return _quiet()
+
+    def quantize(self, model, quant, batches, *, fp8=False, device="cpu", progress=False):
+        return quantize(model, quant, batches, fp8=fp8, device=device, progress=progress)
+
+    def save(self, qmodel, path, quant, fp8=False):
+        save(qmodel, path, quant, fp8=fp8)
+
+    def load(self, model, path, quant, fp8=False):
+        return load(model, path, quant, fp8=fp8)
+
+    def export_onnx(self, qmodel, example, path, input_name, output_names, dynamic_axes=None):
+        export_onnx(qmodel, example, path, input_name, output_names, dynamic_axes)
+
+    def is_quantizer(self, module):
+        # never imports ModelOpt: a process that has not imported it holds none of its quantizers
+        mod = sys.modules.get("modelopt.torch.quantization.nn")
+        cls = getattr(mod, "TensorQuantizer", None)
+        return cls is not None and isinstance(module, cls)
+
+    def owns(self, module):
+        return is_modelopt_model(module)
+
+    def is_enabled(self, quantizer):
+        return bool(quantizer.is_enabled)
+
+    def set_enabled(self, quantizer, on):
+        (quantizer.enable if on else quantizer.disable)()
+
+    def names(self, qmodel):
+        return quantizer_names(qmodel)
+
+    def scales(self, qmodel):
+        return quantizer_scales(qmodel)
+
+    def needs_freeze(self, model):
+        from qatcheck.quantize import frozen_modelopt
+
+        return frozen_modelopt.needs_freeze(model)
+
+    def freeze(self, model):
+        from qatcheck.quantize import frozen_modelopt
+
+        return frozen_modelopt.freeze_model(model)

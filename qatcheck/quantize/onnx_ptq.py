@@ -594,3 +594,44 @@ def _multiply_constant(graph: onnx.GraphProto, name: str, factor: float, path: P
                     attr.t.CopyFrom(scaled(attr.t))
                     return
     raise ArtifactError(f"scale {name!r} in {path} is neither an initializer nor a Constant value")
+
+
+# --------------------------------------------------------------------------------------------
+# the ONNX-quantizer interface (qatcheck.registry.ONNX_QUANTIZERS; --qatcheck-trt-ptq picks one)
+# --------------------------------------------------------------------------------------------
+
+class OnnxQuantizer:
+    """Writes the ``trt_ptq`` / ``partial`` Q/DQ graph from the fp32 ONNX. Registered by name in
+    :data:`qatcheck.registry.ONNX_QUANTIZERS`; the artifact builder asks the table once."""
+
+    #: the table's name for it (``--qatcheck-trt-ptq <name>``; the "(name)" in the calibrator column)
+    name: str = ""
+
+    def quantize(self, model_path: str | Path, out_path: str | Path, calib_batches: Iterable[np.ndarray],
+                 config: OnnxPTQConfig, input_name: str | None = None, progress: bool = False) -> object:
+        """Calibrate ``model_path`` on ``calib_batches`` and write the Q/DQ graph to ``out_path``
+        (atomically), as :func:`quantize_onnx` does."""
+        raise NotImplementedError
+
+    def cache_id(self) -> str | None:
+        """What, besides the settings, shapes the graph and so enters its cache key (None: qatcheck's
+        own build code, already in every key)."""
+        return None
+
+    def setting(self) -> str:
+        """Who wrote the graph, as a baseline keeps it (qatcheck.judges names it when it changes)."""
+        return self.name
+
+    def missing_reason(self) -> str | None:
+        """Why it cannot run here, with what to install (None: it can)."""
+        return None
+
+
+class QatcheckPTQ(OnnxQuantizer):
+    """qatcheck's own ONNX PTQ (:func:`quantize_onnx`): the default."""
+
+    name = "qatcheck"
+
+    def quantize(self, model_path, out_path, calib_batches, config, input_name=None, progress=False):
+        return quantize_onnx(model_path, out_path, calib_batches, config, input_name=input_name,
+                             progress=progress)

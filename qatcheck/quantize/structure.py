@@ -190,43 +190,18 @@ def onnx_structure(model_or_path: str | os.PathLike[str] | onnx.ModelProto) -> Q
 # ---- PyTorch ---------------------------------------------------------------------------------
 
 def torch_structure(module: nn.Module) -> QuantStructure:
-    """The enabled TensorQuantizers of a calibrated pytorch-quantization model, with the scales
-    its Q/DQ export writes (amax / 127 for signed int8: float64 then float32 per tensor, float32
-    per channel, as ``TensorQuantizer._fb_fake_quant`` computes them). ``qdq_pairs`` counts the
-    quantizers (see the module doc). A ModelOpt model (torch_quantizer="modelopt", fp8) is read
-    the same way: ``<m>.input_quantizer`` / ``<m>.weight_quantizer`` with the scales its exporter
-    writes (:func:`qatcheck.quantize.modelopt_quant.quantizer_scales`)."""
-    from qatcheck.quantize import modelopt_quant
-    from qatcheck.quantize.torch_quant import quantizer_names
+    """The enabled quantizers of a calibrated PyTorch model, by its TorchQuantizer
+    (:func:`qatcheck.quantize.torch_common.quantizer_of`), with the scales its Q/DQ export writes
+    (``TorchQuantizer.scales``); ``qdq_pairs`` counts the quantizers (see the module doc). A model
+    without quantizers has none."""
+    from qatcheck.quantize.torch_common import quantizer_of
 
+    tq = quantizer_of(module)
+    found = tq.scales(module) if tq is not None else []
     quantizers: dict[str, QuantEntry] = {}
-    if modelopt_quant.is_modelopt_model(module):
-        found = modelopt_quant.quantizer_scales(module)
-        for key, kind, scales in found:
-            _put(quantizers, key, _entry(kind, scales))
-        return QuantStructure(quantizers, len(found))
-    names = quantizer_names(module)
-    missing = [n for n in names if module.get_submodule(n).amax is None]
-    if missing:
-        raise ArtifactError(f"{len(missing)} enabled quantizer(s) have no amax (calibrate first): "
-                            f"{', '.join(missing[:8])}")
-    for name in names:
-        q = module.get_submodule(name)
-        bound = (1 << (q.num_bits - 1 + int(q.unsigned))) - 1
-        amax = q.amax.detach().cpu()
-        if amax.numel() == 1:
-            scales = np.float32(amax.item() / bound)
-        else:
-            scales = (amax.squeeze().float() / bound).numpy()
-        owner, _, attr = name.rpartition(".")
-        if attr == "_weight_quantizer":
-            key, kind = f"{owner}:weight", "weight"
-        elif attr == "_input_quantizer":
-            key, kind = f"{owner}:input", "activation"
-        else:  # a placement-rule quantizer: its own path
-            key, kind = f"{name}:input", "activation"
+    for key, kind, scales in found:
         _put(quantizers, key, _entry(kind, scales))
-    return QuantStructure(quantizers, len(names))
+    return QuantStructure(quantizers, len(found))
 
 
 # ---- flat entries ----------------------------------------------------------------------------

@@ -38,14 +38,15 @@ from torch import nn
 from qatcheck.errors import ArtifactError, ConfigError, DataError
 from qatcheck.fsutil import atomic_path
 from qatcheck.modes import TORCH_CALIBRATORS
+from qatcheck.quantize.torch_common import TorchQuantizer, device_of, feed_calibration, read_checkpoint
 
 if TYPE_CHECKING:  # pragma: no cover
     from qatcheck.quantize.qdq_rules import QDQRules
     from qatcheck.recipe import QuantSettings
 
 __all__ = [
-    "TorchQuantConfig", "quantize_model", "calibrate", "quantizer_names", "export_qdq_onnx",
-    "save_quantized", "load_quantized",
+    "PytorchQuantization", "TorchQuantConfig", "quantize_model", "calibrate", "quantizer_names",
+    "export_qdq_onnx", "save_quantized", "load_quantized", "feed_calibration", "read_checkpoint",
 ]
 
 log = logging.getLogger(__name__)
@@ -164,14 +165,6 @@ def quantizer_names(qmodel: nn.Module) -> list[str]:
     """Names of the enabled TensorQuantizers (e.g. ``"layer1.conv._input_quantizer"``): exactly the
     tensors that get Q/DQ in the exported graph."""
     return [name for name, _ in _enabled_quantizers(qmodel)]
-
-
-def _device_of(module: nn.Module) -> torch.device:
-    """Where a module lives (a pooling-only model has buffers at most, possibly nothing)."""
-    tensor = next(module.parameters(), None)
-    if tensor is None:
-        tensor = next(module.buffers(), None)
-    return tensor.device if tensor is not None else torch.device("cpu")
 
 
 class _BoundedHistogramCalibrator(calib.HistogramCalibrator):
@@ -344,49 +337,6 @@ def _load_amax(quantizer: TensorQuantizer, config: TorchQuantConfig) -> None:
     quantizer._amax.data.clamp_(min=_AMAX_FLOOR)
 
 
-def _as_input(batch: Any) -> torch.Tensor:
-    """A calibration batch as a float32 tensor. ``(inputs, targets)`` pairs are accepted because
-    that is what :meth:`qatcheck.data.base.Dataset.batches` yields."""
-    if isinstance(batch, (tuple, list)):
-        if not batch:
-            raise DataError("calibration batch is an empty tuple")
-        batch = batch[0]
-    if isinstance(batch, np.ndarray):
-        return torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))
-    if torch.is_tensor(batch):
-        return batch.float()
-    raise DataError(f"calibration batch must be a numpy array or a torch tensor; "
-                    f"got {type(batch).__name__}")
-
-
-def feed_calibration(model: nn.Module, batches: Iterable[Any], device, expected: tuple | None = None,
-                     progress: bool = False, desc: str = "calibrate") -> int:
-    """Run ``model`` (no grad) on every calibration batch: all of one shape (``expected``, batch
-    dim excluded; default the first batch's), a batch of another shape or one the model rejects is
-    a DataError naming it, and no batch at all is one too. Returns how many batches ran. Shared by
-    pytorch-quantization's calibration and ModelOpt's forward loop."""
-    iterator: Iterable[Any] = batches
-    if progress:
-        from tqdm import tqdm
-        iterator = tqdm(batches, desc=desc, unit="batch")
-    seen = 0
-    with torch.no_grad():
-        for seen, batch in enumerate(iterator, start=1):
-            x = _as_input(batch)
-            expected = expected or tuple(x.shape[1:])
-            if tuple(x.shape[1:]) != expected:
-                raise DataError(f"calibration batch {seen} has shape {tuple(x.shape)}; "
-                                f"expected (N, {', '.join(map(str, expected))})")
-            try:
-                model(x.to(device))
-            except RuntimeError as exc:
-                raise DataError(f"calibration batch {seen} of shape {tuple(x.shape)} does not fit "
-                                f"the model: {exc}") from exc
-    if seen == 0:
-        raise DataError("calibration data yielded no batches")
-    return seen
-
-
 def calibrate(qmodel: nn.Module, batches: Iterable[torch.Tensor | np.ndarray],
               config: TorchQuantConfig, device: str | torch.device = "cpu", progress: bool = False,
               *, input_shape: Sequence[int] | None = None) -> None:
@@ -434,14 +384,7 @@ def export_qdq_onnx(qmodel: nn.Module, example: torch.Tensor, path: str | os.Pat
     the TorchScript exporter maps to Q/DQ; it is a class-wide switch, so it is set only for the
     export and restored afterwards (even on failure). Per-channel Q/DQ needs opset >= 13.
 
-    A ModelOpt model (QuantSettings.torch_quantizer="modelopt", the fp8 mode) is exported by
-    :func:`qatcheck.quantize.modelopt_quant.export_onnx` instead (its own opset: 17, fp8 19).
     """
-    from qatcheck.quantize import modelopt_quant
-
-    if modelopt_quant.is_modelopt_model(qmodel):
-        modelopt_quant.export_onnx(qmodel, example, path, input_name, output_names, dynamic_axes)
-        return
     if opset < 13:
         raise ConfigError(f"Q/DQ ONNX export needs opset >= 13 (per-channel QuantizeLinear); got {opset}")
     uncalibrated = [n for n, q in _enabled_quantizers(qmodel)
@@ -451,7 +394,7 @@ def export_qdq_onnx(qmodel: nn.Module, example: torch.Tensor, path: str | os.Pat
                             f"(calibrate first): {', '.join(uncalibrated[:8])}")
     was_training = qmodel.training
     previous = TensorQuantizer.use_fb_fake_quant
-    device = _device_of(qmodel)
+    device = device_of(qmodel)
     qmodel.eval()
     # An amax of 0 (a pruned channel, a dead tensor) exports as a Q/DQ scale of 0, which TensorRT's
     # parser refuses ("Scale coefficients must all be positive"). calibrate() floors amax already;
@@ -502,18 +445,6 @@ def save_quantized(qmodel: nn.Module, path: str | os.PathLike[str],
         torch.save(payload, f)
 
 
-def read_checkpoint(path: Path, fmt: str, what: str) -> dict:
-    """A qatcheck checkpoint's payload (tensors only: ``weights_only``); an unreadable file or one
-    of another format is one ArtifactError naming the file."""
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user problem
-        raise ArtifactError(f"{path}: cannot read {what}: {exc}") from exc
-    if not isinstance(payload, dict) or payload.get("format") != fmt:
-        raise ArtifactError(f"{path}: not a qatcheck {what} ({fmt})")
-    return payload
-
-
 def load_quantized(model: nn.Module, config: TorchQuantConfig,
                    path: str | os.PathLike[str]) -> nn.Module:
     """Rebuild a model stored by :func:`save_quantized` without calibrating: ``model`` is the fp32
@@ -531,7 +462,7 @@ def load_quantized(model: nn.Module, config: TorchQuantConfig,
                                 f"requested): {diff}")
     qmodel = quantize_model(model, config)
     state = payload["state_dict"]
-    device = _device_of(qmodel)
+    device = device_of(qmodel)
     disabled = set(payload["disabled"])
     for name, q in _iter_quantizers(qmodel):
         if name in disabled:
@@ -546,3 +477,93 @@ def load_quantized(model: nn.Module, config: TorchQuantConfig,
     except RuntimeError as exc:
         raise ArtifactError(f"{path}: does not match the model built from the recipe: {exc}") from exc
     return qmodel.eval()
+
+
+class PytorchQuantization(TorchQuantizer):
+    """pytorch-quantization as a :class:`~qatcheck.quantize.torch_common.TorchQuantizer` (the
+    default ``QuantSettings.torch_quantizer``): the functions of this module, configured by
+    :meth:`TorchQuantConfig.from_settings`."""
+
+    name = "pytorch-quantization"
+
+    def version(self) -> str:
+        from importlib import metadata
+
+        try:
+            return metadata.version("pytorch-quantization")
+        except metadata.PackageNotFoundError:
+            return "absent"
+
+    def cache_id(self) -> str:
+        # its version is in every artifact's key already (qatcheck.cache.library_versions)
+        return self.name
+
+    def quiet(self):
+        return _quiet_quantization_logs()
+
+    @staticmethod
+    def _config(quant: QuantSettings, fp8: bool) -> TorchQuantConfig:
+        if fp8:
+            raise ConfigError("pytorch-quantization has no FP8 quantizer (the fp8 mode is ModelOpt's)")
+        return TorchQuantConfig.from_settings(quant)
+
+    def quantize(self, model, quant, batches, *, fp8=False, device="cpu", progress=False):
+        config = self._config(quant, fp8)
+        qmodel = quantize_model(model, config)
+        calibrate(qmodel, batches, config, device=device, progress=progress)
+        return qmodel
+
+    def save(self, qmodel, path, quant, fp8=False):
+        save_quantized(qmodel, path, self._config(quant, fp8))
+
+    def load(self, model, path, quant, fp8=False):
+        return load_quantized(model, self._config(quant, fp8), path)  # quantize_model copies model
+
+    def export_onnx(self, qmodel, example, path, input_name, output_names, dynamic_axes=None):
+        export_qdq_onnx(qmodel, example, path, input_name, output_names, dynamic_axes)
+
+    def is_quantizer(self, module):
+        return isinstance(module, TensorQuantizer)
+
+    def is_enabled(self, quantizer):
+        return not quantizer._disabled
+
+    def set_enabled(self, quantizer, on):
+        (quantizer.enable if on else quantizer.disable)()
+
+    def names(self, qmodel):
+        return quantizer_names(qmodel)
+
+    def scales(self, qmodel):
+        """amax / 127 for signed int8: float64 then float32 per tensor, float32 per channel, as
+        ``TensorQuantizer._fb_fake_quant`` computes what the export writes."""
+        names = quantizer_names(qmodel)
+        missing = [n for n in names if qmodel.get_submodule(n).amax is None]
+        if missing:
+            raise ArtifactError(f"{len(missing)} enabled quantizer(s) have no amax (calibrate first): "
+                                f"{', '.join(missing[:8])}")
+        out = []
+        for name in names:
+            q = qmodel.get_submodule(name)
+            bound = (1 << (q.num_bits - 1 + int(q.unsigned))) - 1
+            amax = q.amax.detach().cpu()
+            if amax.numel() == 1:
+                scales = np.float32(amax.item() / bound)
+            else:
+                scales = (amax.squeeze().float() / bound).numpy()
+            owner, _, attr = name.rpartition(".")
+            if attr == "_weight_quantizer":
+                out.append((f"{owner}:weight", "weight", scales))
+            elif attr == "_input_quantizer":
+                out.append((f"{owner}:input", "activation", scales))
+            else:  # a placement-rule quantizer: its own path
+                out.append((f"{name}:input", "activation", scales))
+        return out
+
+    def needs_freeze(self, model):
+        return any(isinstance(m, TensorQuantizer) for m in model.modules())
+
+    def freeze(self, model):
+        from qatcheck.quantize.frozen_quant import freeze_fake_quant
+
+        return freeze_fake_quant(model)
