@@ -66,11 +66,10 @@ def main() -> int:
     modelopt_quant._mtq()
     from modelopt.torch.quantization import extensions
 
-    from qatcheck.artifacts import ArtifactBuilder, RecipeState
-    from qatcheck.cache import ArtifactCache
     from qatcheck.quantize.frozen_modelopt import FrozenModelOptQuant
     from qatcheck.quantize.frozen_modelopt import freeze_model as freeze_fake_quant
     from qatcheck.quantize.frozen_modelopt import needs_freeze as is_fake_quant_model
+    from qatcheck.workspace import RecipeWorkspace
     from qatcheck.zoo.recipes import digits_modelopt_recipe
 
     res: dict = {"torch": torch.__version__, "cuda": torch.version.cuda, "gpu": torch.cuda.get_device_name(0),
@@ -87,9 +86,9 @@ def main() -> int:
         res["checks"][name] = {"passed": bool(passed), "detail": detail}
         log(f"{'PASS' if passed else 'FAIL'} {name} {detail}")
 
-    cache = ArtifactCache(Path(tempfile.mkdtemp(prefix="frozen-modelopt-")))
-    builder = ArtifactBuilder(RecipeState(digits_modelopt_recipe(modes=("fp32", "torch_ptq", "fp8"),
-                                                                 dynamic_modes=())), cache, device="cuda")
+    ws = RecipeWorkspace(digits_modelopt_recipe(modes=("fp32", "torch_ptq", "fp8"), dynamic_modes=()),
+                         Path(tempfile.mkdtemp(prefix="frozen-modelopt-")), device="cuda")
+    builder = ws.builder
     original = builder.torch_artifact("torch_ptq").module.cuda().eval()
     log("built digits_modelopt torch_ptq (calibrated on CUDA)")
     twin = freeze_fake_quant(original).cuda().eval()
@@ -97,7 +96,7 @@ def main() -> int:
     check("frozen", is_fake_quant_model(original) and not modelopt_quant.is_modelopt_model(twin),
           f"{len(frozen)} quantizers frozen, {sum(f.mul.numel() > 1 for f in frozen)} per-channel")
 
-    batches = [torch.from_numpy(x).cuda() for x, _ in builder.state.eval_data.batches(args.batch, limit=8)]
+    batches = [torch.from_numpy(x).cuda() for x, _ in ws.eval_data.batches(args.batch, limit=8)]
     with strict_fp32(True):
         with torch.inference_mode():
             eager_equal = [bits_equal(twin(x), original(x)) for x in batches]

@@ -5,8 +5,8 @@ Run from the repo root (needs the ``yolo`` extra):
     python benchmarks/yolo_modes.py [--modes fp32,torch_ptq,qat,trt_ptq] [--cache DIR] [--threads N] \
         [--torch-calibrators max,mse] [--onnx-calibrators minmax,entropy]
 
-Uses the library directly, not the pytest harness: ``RecipeState`` / ``ArtifactBuilder`` build (or
-reuse from the artifact cache) each mode's artifacts for ``qatcheck.zoo.recipes:yolo_recipe``, the
+Uses the library directly, not the pytest harness: a ``RecipeWorkspace``'s builder builds (or
+reuses from the artifact cache) each mode's artifacts for ``qatcheck.zoo.recipes:yolo_recipe``, the
 torch and onnxruntime backends run them, and ``DetectionTask`` (COCOeval, ``yolov8`` decoder) scores
 them on the val split. ``box_match`` compares each case's boxes with a reference on the same
 batches: an ONNX Runtime case with the same mode in PyTorch (export parity; ``trt_ptq`` exists only
@@ -26,12 +26,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from qatcheck.artifacts import ArtifactBuilder, RecipeState
 from qatcheck.backends.onnxruntime_backend import OrtRunner
 from qatcheck.backends.torch_backend import TorchRunner
 from qatcheck.quantize.qdq_lint import lint_qdq
 from qatcheck.cache import ArtifactCache
 from qatcheck.tasks.detection import DetectionTask
+from qatcheck.workspace import RecipeWorkspace
 from qatcheck.zoo.recipes import yolo_recipe
 
 T0 = time.perf_counter()
@@ -90,14 +90,13 @@ def main() -> int:
     for cal in filter(None, args.onnx_calibrators.split(",")):
         variants.append((f"calibrator={cal}", dataclasses.replace(
             recipe, name=f"digityolo_{cal}", quant=dataclasses.replace(recipe.quant, calibrator=cal))))
-    state = RecipeState(recipe)
-    data, bs = state.eval_data, recipe.input.batch_size
+    base = RecipeWorkspace(recipe, cache)
+    data, bs = base.eval_data, recipe.input.batch_size
     task = DetectionTask.for_dataset(data, recipe.decoder)
     log(f"recipe {recipe.name}: {len(data)} val images, batch {bs}, quant {recipe.quant}")
     rows, torch_outs = [], {}
     for label, r in variants:
-        st = state if r is recipe else RecipeState(r)
-        builder = ArtifactBuilder(st, cache)
+        builder = base.derive(r).builder
         for mode in modes:
             if label == "no rules" and mode != "torch_ptq":
                 continue

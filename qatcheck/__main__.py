@@ -94,13 +94,14 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
     from qatcheck.analysis import sensitivity as S
     from qatcheck.analysis.keeplist import keep_list, write_keep_list
     from qatcheck.analysis.sensitivity_report import table_rows, write_reports
+    from qatcheck.workspace import RecipeWorkspace
 
     budget = None
     if args.budget_points is not None or args.budget_relative is not None:
         budget = S.Budget(points=args.budget_points, relative=args.budget_relative)
     recipe = S.with_calibrator(load_recipe(args.recipe), args.calibrator, args.path)
-    runner = S.SensitivityRunner(recipe, args.path, args.cache, use_cache=not args.no_cache,
-                                 progress=not args.no_progress)
+    ws = RecipeWorkspace(recipe, args.cache, use_cache=not args.no_cache)
+    runner = S.SensitivityRunner(ws, args.path, progress=not args.no_progress)
     t0 = time.perf_counter()
     prof = S.profile(runner, args.path, max_samples=args.max_samples,
                      only_quantized=args.only_quantized, progress=not args.no_progress)
@@ -133,12 +134,12 @@ def cmd_localize(args: argparse.Namespace) -> int:
     partial on their graph (ONNX Runtime), torch_ptq / qat / fp8 (and fp16 with --path torch) in
     PyTorch."""
     from qatcheck.analysis import localize as L
+    from qatcheck.workspace import RecipeWorkspace
 
-    recipe = load_recipe(args.recipe)
+    ws = RecipeWorkspace(load_recipe(args.recipe), args.cache, device=args.device)
     t0 = time.perf_counter()
-    loc = L.localize(recipe, args.mode, quantized_onnx=args.onnx, max_samples=args.max_samples,
-                     floor=args.floor_cosine, cache_dir=args.cache, calibrator=args.calibrator,
-                     device=args.device, path=args.path)
+    loc = L.localize(ws, args.mode, quantized_onnx=args.onnx, max_samples=args.max_samples,
+                     floor=args.floor_cosine, calibrator=args.calibrator, path=args.path)
     seconds = time.perf_counter() - t0
     header, rows = L.table_rows(loc)
     calib = f"calibrator {loc.calibrator}, " if loc.calibrator else ""
@@ -156,13 +157,13 @@ def cmd_localize(args: argparse.Namespace) -> int:
 def cmd_crosscheck(args: argparse.Namespace) -> int:
     """qatcheck's ONNX PTQ vs NVIDIA ModelOpt's on the same fp32 ONNX and calibration batches."""
     from qatcheck.analysis import ptq_crosscheck as X
+    from qatcheck.workspace import RecipeWorkspace
 
-    recipe = load_recipe(args.recipe)
+    ws = RecipeWorkspace(load_recipe(args.recipe), args.cache, use_cache=not args.no_cache)
     calibrators = X.CALIBRATORS if args.calibrator == "both" else (args.calibrator,)
     for calibrator in calibrators:
         t0 = time.perf_counter()
-        check = X.crosscheck(recipe, calibrator, mode=args.mode, cache_dir=args.cache,
-                             use_cache=not args.no_cache, max_samples=args.max_samples,
+        check = X.crosscheck(ws, calibrator, mode=args.mode, max_samples=args.max_samples,
                              evaluate=not args.no_eval, threshold=args.threshold)
         header, rows = X.table_rows(check, args.top)
         title = (f"{check.recipe} {check.mode}, calibrator {calibrator}: ModelOpt {check.modelopt_version} "

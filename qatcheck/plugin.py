@@ -314,7 +314,7 @@ class BoundCase:
 
             if LOCALIZE_KEY not in self.stash:
                 self.stash[LOCALIZE_KEY] = AutoLocalization(options.localize_budget_s)
-            return for_failed_case(self.session, self.case, auto=self.stash[LOCALIZE_KEY])
+            return for_failed_case(self.session.case_view(self.case), auto=self.stash[LOCALIZE_KEY])
         except Exception as exc:
             return [f"(no localization: {type(exc).__name__}: {exc})"]
 
@@ -325,7 +325,7 @@ class BoundCase:
         from qatcheck import repro
 
         try:
-            bundle = repro.write(self.session, self.case, what)
+            bundle = repro.write(self.session.case_view(self.case), what)
         except Exception as exc:  # the verdict stands; the bundle is a help
             return [f"(no reproduction bundle: {type(exc).__name__}: {exc})"]
         if bundle is None:
@@ -414,9 +414,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     config = session.config
     qs = _session(config, create=False)
     if qs is not None:
-        from qatcheck import report
-
-        qs.summary = report.finish(qs)
+        qs.finish()
         if hasattr(config, "workeroutput"):
             config.workeroutput["qatcheck_summary"] = qs.summary.text
             config.workeroutput["qatcheck_baselines_not_written"] = qs.summary.baselines_not_written

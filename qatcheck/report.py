@@ -1,5 +1,6 @@
 """The comparison table: one per recipe, in the terminal and in ``reports/`` as Markdown, JSON and
-a PNG chart, built only from the session's measurement records.
+a PNG chart, built only from the session's measurement records. Rendering only: the baselines are
+written by ``QatcheckSession.finish``, which calls :func:`render` and appends what it wrote.
 """
 from __future__ import annotations
 
@@ -216,9 +217,10 @@ def chart(path: Path, title: str, header: list[str], rows: list[list[str]], metr
     return path
 
 
-def finish(session) -> Summary:
-    """End of session: tables and report files from the measurements, then (under
-    ``--update-baselines``) the baseline write, reported change by change."""
+def render(session) -> Summary:
+    """The tables (terminal text) and report files of every recipe the session measured. Rendering
+    only: the session writes the baselines (``QatcheckSession.finish``) and appends
+    :func:`baselines_text` and :func:`footer_text`."""
     summary = Summary()
     out = io.StringIO()
     reports = session.options.reports_dir
@@ -248,29 +250,31 @@ def finish(session) -> Summary:
                                        metric_label(session.task(name).primary_metric)))
         except Exception as exc:  # a chart is a nicety; never fail a session over it
             out.write(f"(chart not written: {exc})\n")
-    if session.options.update_baselines:
-        created = not session.store.root.is_dir()
-        try:
-            written = session.store.commit()
-            if created and written:
-                out.write(f"note: created the baselines directory {session.store.root} (it did not exist)\n")
-        except BaselineError as exc:
-            written = {}
-            summary.baselines_not_written = str(exc)
-            out.write(f"baselines NOT updated: {exc} - nothing was recorded, so the run fails\n")
-        summary.baseline_changes = written
-        for path, changes in written.items():
-            out.write(f"baselines updated: {path} ({len(changes)} changed)\n")
-            out.write("".join(c.describe() + "\n" for c in changes))
-        if session.refused:
-            out.write(f"baselines NOT recorded for {len(session.refused)} failing check(s) "
-                      "(--qatcheck-force-update records them anyway):\n")
-            out.write("".join(f"  - {v.case.key} {v.check}: {v.failures[0]}\n" for v in session.refused))
-    if summary.files:
-        out.write("reports: " + ", ".join(str(f) for f in summary.files) + "\n")
-    c = session.cache
-    if c.built or c.reused:
-        out.write(f"artifact cache {c.root}: {len(c.built)} built, {len(c.reused)} reused\n")
-    out.write("".join(f"note: {n}\n" for n in c.notes))
     summary.text = out.getvalue()
     return summary
+
+
+def baselines_text(summary: Summary, created: Path | None, refused) -> str:
+    """What ``--update-baselines`` did: each file's changes, or why nothing was written; the
+    failing checks it refused to record. ``created``: the baselines directory, when the write made it."""
+    out = io.StringIO()
+    if summary.baselines_not_written:
+        out.write(f"baselines NOT updated: {summary.baselines_not_written} - nothing was recorded, so the run fails\n")
+    elif created is not None and summary.baseline_changes:
+        out.write(f"note: created the baselines directory {created} (it did not exist)\n")
+    for path, changes in summary.baseline_changes.items():
+        out.write(f"baselines updated: {path} ({len(changes)} changed)\n")
+        out.write("".join(c.describe() + "\n" for c in changes))
+    if refused:
+        out.write(f"baselines NOT recorded for {len(refused)} failing check(s) "
+                  "(--qatcheck-force-update records them anyway):\n")
+        out.write("".join(f"  - {v.case.key} {v.check}: {v.failures[0]}\n" for v in refused))
+    return out.getvalue()
+
+
+def footer_text(files: list[Path], cache) -> str:
+    """The report files written, and what the artifact cache built and reused."""
+    out = "reports: " + ", ".join(str(f) for f in files) + "\n" if files else ""
+    if cache.built or cache.reused:
+        out += f"artifact cache {cache.root}: {len(cache.built)} built, {len(cache.reused)} reused\n"
+    return out + "".join(f"note: {n}\n" for n in cache.notes)

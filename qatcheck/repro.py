@@ -30,8 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
-from qatcheck.data.batching import eval_batches
 from qatcheck.parity import ParityAccumulator
+from qatcheck.workspace import CaseView
 
 #: eval batches searched for the worst ones, and how many the bundle keeps
 SEARCH_BATCHES = 16
@@ -84,23 +84,20 @@ def polygraphy_compare(names, ref_outputs, case_outputs, thresholds: dict[str, f
     return False, f"Polygraphy's cosine comparison fails on the bundle: {worst}"
 
 
-def write(session, case, check: str) -> Bundle | None:
-    """Write the bundle for ``case`` (its ``check`` failed); None when the case has no ONNX file or
-    no reference to compare with."""
+def write(view: CaseView, check: str) -> Bundle | None:
+    """Write the bundle for ``view.case`` (its ``check`` failed); None when the case has no ONNX
+    file or no reference to compare with."""
     from polygraphy.comparator import IterationResult, RunResults
     from polygraphy.json import save_json
 
-    runner = session.runner(case)
+    case, runner, ref_case, ref_runner = view.case, view.runner, view.reference, view.reference_runner
     model = getattr(runner, "artifact_path", None)
-    ref_case = session.reference_case(case)
-    if model is None or ref_case is None:
+    if model is None or ref_case is None or ref_runner is None:
         return None
-    recipe = session.recipes[case.recipe]
-    ref_runner = session.runner(ref_case)
-    shape = session.shape(case)
-    data = session._states[case.recipe].eval_data
+    recipe = view.recipe
+    shape = view.shape
     scored = []
-    for i, (x, _, n) in enumerate(eval_batches(data, shape)):
+    for i, (x, _, n) in enumerate(view.workspace.eval_batches(case)):
         if i >= SEARCH_BATCHES or n < shape[0]:  # a padded batch is not the model's input as run
             break
         outs, refs = list(runner.infer(x)), list(ref_runner.infer(x))
@@ -114,12 +111,12 @@ def write(session, case, check: str) -> Bundle | None:
         return None
     worst = sorted(scored, key=lambda t: t[0])[:KEEP_BATCHES]
     worst.sort(key=lambda t: t[1])
-    floor = session.parity_thresholds(case)
+    floor = view.thresholds
     names = list(recipe.output_names)
     thresholds = cosine_thresholds(floor.min_cosine if floor is not None else 0.999,
                                    recipe.tolerances.output_floors(case.mode), names)
     passed, verdict = polygraphy_compare(names, [t[3] for t in worst], [t[4] for t in worst], thresholds)
-    out = Path(session.options.reports_dir) / "repro" / case.id
+    out = Path(view.reports_dir) / "repro" / case.id
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)

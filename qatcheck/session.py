@@ -5,7 +5,11 @@
 - ``check_*`` hand the measurement, the stored baseline and the tolerances to a pure judge
   (:mod:`qatcheck.judges`) and return its :class:`Verdict`.
 - :meth:`QatcheckSession.record` is the one place that owns ``--update-baselines``: it stages a
-  verdict's values for the baseline store, unless the case failed.
+  verdict's values for the baseline store, unless the case failed; :meth:`QatcheckSession.finish`
+  writes them once, at the end (after :mod:`qatcheck.report` rendered the tables).
+- A recipe's world (builder, cache, task, data) is its :class:`~qatcheck.workspace.RecipeWorkspace`;
+  which cases exist and what they are compared with comes from :mod:`qatcheck.cases`; a failed case
+  is handed to its reproduction bundle and localization as a :class:`~qatcheck.workspace.CaseView`.
 
 Everything a pytest test does goes through here, so the plugin stays a thin layer of hooks and the
 logic can be used (and tested) without pytest.
@@ -21,26 +25,25 @@ from typing import Iterable
 import numpy as np
 
 from qatcheck import fingerprint as fpr
-from qatcheck import cases, judges, timing
-from qatcheck.artifacts import ArtifactBuilder, RecipeState, onnx_quantizer_for
+from qatcheck import cases, judges, report, timing
+from qatcheck.artifacts import ArtifactBuilder, onnx_quantizer_for
 from qatcheck.backends import create_backend, executes
 from qatcheck.backends.base import Backend, BuildContext, Runner
 from qatcheck.baselines import BaselineStore
 from qatcheck.cache import ArtifactCache
 from qatcheck.data.base import inputs_fingerprint
-from qatcheck.data.batching import eval_batches, pad_batch, resize
-from qatcheck.errors import ConfigError, DataError
+from qatcheck.data.batching import pad_batch, resize
+from qatcheck.errors import BaselineError, ConfigError, DataError
 from qatcheck.evaluate import combined_parity, evaluate
 from qatcheck.fsutil import file_digest
 from qatcheck.measurement import PARTS, Case, Measurement, Verdict
-from qatcheck.modes import (MODE_SPECS, PROFILE_POINTS, calibrator_of, parity_reference, resolve, spec as mode_spec,
-                            unsupported_reason)
+from qatcheck.modes import calibrator_of, parity_reference, resolve, spec as mode_spec
 from qatcheck.options import Options
 from qatcheck.recipe import ParityThresholds, Recipe, is_onnx_only
 from qatcheck.reference_store import ReferenceStore
 from qatcheck.report_files import Run
-from qatcheck.tasks import make_task
 from qatcheck.tasks.base import metric_spec
+from qatcheck.workspace import CaseView, RecipeWorkspace
 
 __all__ = ["Options", "QatcheckSession"]
 
@@ -55,10 +58,8 @@ class QatcheckSession:
         self.cache = ArtifactCache(options.cache_dir, enabled=options.use_cache)
         self.references = ReferenceStore(options.latency_reference_dir or Path(options.cache_dir) / "latency-reference")
         self.recipes: dict[str, Recipe] = {}
-        self._states: dict[str, RecipeState] = {}
-        self._builders: dict[str, ArtifactBuilder] = {}
+        self._workspaces: dict[str, RecipeWorkspace] = {}
         self._runners: dict[tuple, Runner] = {}
-        self._tasks: dict[str, object] = {}
         self.measurements: dict[Case, Measurement] = {}
         self.verdicts: dict[tuple[Case, str], Verdict] = {}
         #: pytest outcomes per case and test (filled by the plugin; the report's verdict column)
@@ -78,21 +79,9 @@ class QatcheckSession:
 
     def cases(self, recipe: Recipe, modes: Iterable[str] | None = None,
               backends: Iterable[str] | None = None) -> list[Case]:
-        """Every (mode, backend, shape) of the recipe that makes sense, in table order: each mode's
-        static build, and its dynamic build at min / opt / max where the recipe asks for it."""
+        """The recipe, registered, and its cases (the planner's: :func:`qatcheck.cases.plan`)."""
         self.register(recipe)
-        modes = [m for m in recipe.modes if modes is None or m in modes]
-        backends = [b for b in recipe.backends if backends is None or b in backends]
-        out = []
-        for mode in modes:
-            s = mode_spec(mode)
-            shapes = (PROFILE_POINTS if s.profile_only
-                      else ("", *PROFILE_POINTS) if mode in recipe.dynamic_modes else ("",))
-            for backend in backends:
-                if unsupported_reason(mode, backend):
-                    continue
-                out.extend(Case(recipe.name, mode, backend, sh) for sh in shapes)
-        return out
+        return cases.plan(recipe, modes, backends)
 
     def backend(self, name: str) -> Backend:
         if name not in self._backends:
@@ -106,14 +95,16 @@ class QatcheckSession:
             return str(exc)
         return b.unavailable_reason()
 
+    def workspace(self, recipe_name: str) -> RecipeWorkspace:
+        """The recipe's world (builder, cache, task, data), made once per session with its options."""
+        if recipe_name not in self._workspaces:
+            self._workspaces[recipe_name] = RecipeWorkspace(
+                self.recipes[recipe_name], self.cache, progress=self._show_progress(),
+                device=self._train_device(), onnx_quantizer=onnx_quantizer_for(self.options))
+        return self._workspaces[recipe_name]
+
     def builder(self, recipe_name: str) -> ArtifactBuilder:
-        if recipe_name not in self._builders:
-            state = RecipeState(self.recipes[recipe_name])
-            self._states[recipe_name] = state
-            self._builders[recipe_name] = ArtifactBuilder(state, self.cache, self._show_progress(),
-                                                          device=self._train_device(),
-                                                          onnx_quantizer=onnx_quantizer_for(self.options))
-        return self._builders[recipe_name]
+        return self.workspace(recipe_name).builder
 
     def _train_device(self) -> str:
         """Where calibration and QAT run: the torch backend's device (CUDA when present)."""
@@ -123,11 +114,7 @@ class QatcheckSession:
 
     def task(self, recipe_name: str):
         """The recipe's task, built once (detection needs the eval set's ground truth)."""
-        if recipe_name not in self._tasks:
-            self.builder(recipe_name)
-            self._tasks[recipe_name] = make_task(self.recipes[recipe_name],
-                                                 lambda: self._states[recipe_name].eval_data)
-        return self._tasks[recipe_name]
+        return self.workspace(recipe_name).task
 
     def context(self, case: Case) -> BuildContext:
         """The same build context for every backend: it takes the artifact it executes from it."""
@@ -146,13 +133,24 @@ class QatcheckSession:
         return self._runners[key]
 
     def shape(self, case: Case) -> tuple[int, ...]:
-        return self.recipes[case.recipe].input.profile()[case.point]
+        return cases.input_shape(self.recipes[case.recipe], case)
 
     def reference_case(self, case: Case) -> Case | None:
         return cases.reference_case(self.recipes[case.recipe], case)
 
     def skip_reason(self, case: Case) -> str | None:
         return cases.skip_reason(self.recipes[case.recipe], case)
+
+    def case_view(self, case: Case) -> CaseView:
+        """``case`` as its reproduction bundle and localization read it (what ran it and its
+        reference, its floors, its measurement, where its reports go): they never see the session."""
+        ref = self.reference_case(case)
+        debug = getattr(self.backend(case.backend), "debug_tensors", None)
+        return CaseView.of(case, self.workspace(case.recipe), self.options.reports_dir,
+                           runner=self.runner(case), reference=ref,
+                           reference_runner=self.runner(ref) if ref is not None else None,
+                           measurement=self.measurements.get(case),
+                           debug_tensors=(lambda: debug(self.context(case))) if debug is not None else None)
 
     # ---- measuring --------------------------------------------------------------------------
     def _show_progress(self) -> bool:
@@ -214,7 +212,7 @@ class QatcheckSession:
         ref_case = self.reference_case(case)
         ref_runner = self.runner(ref_case) if ref_case else None
         shape = self.shape(case)
-        data = self._states[case.recipe].eval_data
+        data = self.workspace(case.recipe).eval_data
 
         def named(count: int) -> list[str]:
             return [recipe.output_names[i] if i < len(recipe.output_names) else f"output{i}" for i in range(count)]
@@ -231,7 +229,8 @@ class QatcheckSession:
                 raise DataError(f"{case.id}: " + "; ".join(changed))
 
         with self._progress(-(-len(data) // shape[0]), case.id) as bar:
-            batches = eval_batches(data, shape, resize_targets=getattr(task, "resize_targets", None))
+            batches = self.workspace(case.recipe).eval_batches(
+                case, resize_targets=getattr(task, "resize_targets", None))
             ev = evaluate(runner.infer, batches, task,
                           reference=ref_runner.infer if ref_runner else None, on_batch=bar.update,
                           source=f"Recipe({case.recipe}).eval_data ({data.name})", check_outputs=check_outputs)
@@ -306,8 +305,7 @@ class QatcheckSession:
     def _latency_input(self, case: Case) -> np.ndarray:
         """The batch every latency loop of the case times: the eval set's first, at the case's shape."""
         shape = self.shape(case)
-        self.builder(case.recipe)
-        x, _ = next(iter(self._states[case.recipe].eval_data.batches(shape[0])))
+        x, _ = next(iter(self.workspace(case.recipe).eval_data.batches(shape[0])))
         return pad_batch(resize(x, shape[2:]), shape[0])[0]
 
     def _timed_onnx(self, case: Case, runner: Runner) -> str:
@@ -389,20 +387,8 @@ class QatcheckSession:
         return self.record(verdict)
 
     def budget_reference(self, case: Case) -> Case:
-        """The fp32 case a case's accuracy budget is judged against, on the same backend: fp32 for a
-        static build. A dynamic build at a profile point: the fp32 dynamic build (the mode table's
-        variant of fp32, ``dynamic``) at the same point when the recipe measures it; else static
-        fp32 when the point's input differs only in the batch (the same samples, computed the same
-        way); else the fp32 dynamic build at that point, measured for the purpose (another H / W
-        changes what the model computes)."""
-        if not case.dynamic:
-            return case.with_mode("fp32")
-        recipe = self.recipes[case.recipe]
-        variant = next((m for m, s in MODE_SPECS.items() if s.variant_of == "fp32"), None)
-        same_input = tuple(self.shape(case)[1:]) == tuple(recipe.input.shape[1:])
-        if variant is None or (same_input and variant not in recipe.modes):
-            return case.with_mode("fp32")
-        return case.with_mode(variant, keep_shape=True)
+        """The fp32 case ``case``'s accuracy budget is judged against (:func:`qatcheck.cases.budget_reference`)."""
+        return cases.budget_reference(self.recipes[case.recipe], case)
 
     def check_accuracy(self, case: Case) -> Verdict:
         recipe = self.recipes[case.recipe]
@@ -417,13 +403,7 @@ class QatcheckSession:
             value_rel=recipe.tolerances.value_metric_rel))
 
     def parity_thresholds(self, case: Case) -> ParityThresholds | None:
-        ref = parity_reference(case.mode, case.backend)
-        if ref is None or self.reference_case(case) is None:
-            return None
-        tol = self.recipes[case.recipe].tolerances
-        if ref[1] == "quantization":
-            return tol.quant_parity
-        return tol.export_parity.get(case.mode, tol.quant_parity)
+        return cases.parity_thresholds(self.recipes[case.recipe], case)
 
     def check_parity(self, case: Case) -> Verdict:
         tol = self.recipes[case.recipe].tolerances
@@ -500,6 +480,24 @@ class QatcheckSession:
             if m.output_shapes:  # a later run whose outputs swapped places is told so by name
                 self.store.stage_meta(verdict.case.recipe, "outputs", m.output_shapes)
         return verdict
+
+    # ---- finishing ----------------------------------------------------------------------------
+    def finish(self) -> report.Summary:
+        """End of session: the tables and report files (:mod:`qatcheck.report` renders them from
+        the measurements), then - under ``--update-baselines`` - the one baseline write of the
+        session, reported change by change. A write that fails records nothing, and says so
+        (``Summary.baselines_not_written``: the run must not pass)."""
+        summary = report.render(self)
+        if self.options.update_baselines:
+            created = not self.store.root.is_dir()
+            try:
+                summary.baseline_changes = self.store.commit()
+            except BaselineError as exc:
+                summary.baselines_not_written = str(exc)
+            summary.text += report.baselines_text(summary, self.store.root if created else None, self.refused)
+        summary.text += report.footer_text(summary.files, self.cache)
+        self.summary = summary
+        return summary
 
 
 def _speed(stats) -> float:

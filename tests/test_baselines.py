@@ -22,7 +22,6 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from qatcheck import baselines, fingerprint as fpr, judges
-from qatcheck.artifacts import RecipeState
 from qatcheck.backends.base import Runner, TimedCall
 from qatcheck.baselines import BaselineStore, Update, dumps, load, merge
 from qatcheck.data.base import ArrayDataset
@@ -432,7 +431,6 @@ def make_session(root: Path, *, update: bool = False, tolerances: Tolerances | N
     session.register(recipe)
     case = Case("r", "fp32", "onnxruntime")
     if latency_ms is not None:
-        session._states["r"] = RecipeState(recipe)
         session._runners[("r", "fp32", "onnxruntime", False)] = FakeRunner(latency_ms)
     return session, case
 
@@ -712,8 +710,6 @@ def test_update_records_only_passing_checks_and_says_what_it_refused(tmp_path):
     """A case that fails a floor under --update-baselines is not recorded (the other checks are,
     but not the new settings: the entry keeps values of the old ones); --qatcheck-force-update
     records it anyway."""
-    from qatcheck.report import finish
-
     floors = Tolerances(export_parity={"fp32": ParityThresholds(min_cosine=0.999, min_top1_agreement=0.99)})
     for force in (False, True):
         root = tmp_path / str(force)
@@ -725,7 +721,7 @@ def test_update_records_only_passing_checks_and_says_what_it_refused(tmp_path):
             parity={"cosine": 0.5, "max_abs": 1.0, "mean_abs": 0.1, "top1_agreement": 0.4})
         assert session.check_accuracy(case).ok
         assert not session.check_parity(case).ok
-        summary = finish(session)
+        summary = session.finish()
         stored = load(root / "baselines" / "r.json", "r")["cases"]["fp32-onnxruntime"]
         assert stored["metrics"]["top1"]["value"] == 0.75
         if force:
@@ -736,6 +732,30 @@ def test_update_records_only_passing_checks_and_says_what_it_refused(tmp_path):
             assert "settings" not in stored
             assert "NOT recorded for 1 failing check" in summary.text
             assert "fp32-onnxruntime parity: cosine 0.500000" in summary.text
+
+
+def test_the_session_finish_writes_the_baselines_and_the_report_only_renders(tmp_path):
+    """report.render writes the tables and files and no baseline; QatcheckSession.finish() commits
+    them - under --update-baselines only, and never from a failing case (a non-finite metric)."""
+    from qatcheck import report
+
+    runs = {"passing": (True, 0.75), "not recording": (False, 0.75), "failing": (True, math.nan)}
+    for name, (update, top1) in runs.items():
+        root = tmp_path / name.replace(" ", "-")
+        session, case = make_session(root, update=update)
+        session.options.reports_dir = root / "reports"
+        session.measurements[case] = evaluated(case, metrics={"top1": top1})
+        session.check_accuracy(case)
+        baseline = root / "baselines" / "r.json"
+        rendered = report.render(session)
+        assert (root / "reports" / "r.json") in rendered.files and not baseline.exists(), name
+        summary = session.finish()
+        assert session.summary is summary
+        if name == "passing":
+            assert load(baseline, "r")["cases"]["fp32-onnxruntime"]["metrics"]["top1"]["value"] == 0.75
+            assert f"baselines updated: {baseline} (" in summary.text and summary.baseline_changes
+        else:
+            assert not baseline.exists() and not summary.baseline_changes and "baselines updated" not in summary.text, name
 
 
 def test_non_finite_metric_fails_and_is_never_recorded(tmp_path):

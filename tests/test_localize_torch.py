@@ -10,10 +10,9 @@ import pytest
 from qatcheck.__main__ import main
 from qatcheck.analysis import localize as L
 from qatcheck.analysis import localize_torch as LT  # imported before pytester runs (conftest.py)
-from qatcheck.artifacts import ArtifactBuilder, RecipeState
-from qatcheck.cache import ArtifactCache
 from qatcheck.data.batching import eval_batches
 from qatcheck.quantize import torch_quant
+from qatcheck.workspace import RecipeWorkspace
 
 DIGITS = "qatcheck.zoo.recipes:digits_recipe"
 #: the QuantConv2d planted on: its input quantizer's amax is scaled (x64: most inputs round to 0;
@@ -44,8 +43,8 @@ def _plant_on_load(monkeypatch, layer: str = PLANT, factor: float = 64.0) -> Non
 class _Models:
     def __init__(self, recipe, cache) -> None:
         self.recipe, self.cache = recipe, cache
-        self.state = RecipeState(recipe)
-        self.builder = ArtifactBuilder(self.state, ArtifactCache(cache))
+        ws = RecipeWorkspace(recipe, cache)
+        self.state, self.builder = ws.state, ws.builder
 
     def localize(self, factor: float | None = None, layer: str = PLANT, mode: str = "torch_ptq",
                  max_samples: int = 64):
@@ -184,18 +183,26 @@ def test_rule_quantizers_are_rows(tmp_path_factory):
     assert loc.named == "layer1._qdq_add_residual" and loc.row(loc.named_tensor).rank == 1
 
 
-def test_which_failed_cases_are_localized():
+def test_which_failed_cases_are_localized(tmp_path):
     """torch_ptq / qat / fp8 on the torch backend are judged against fp32: localized. Their export
     on another backend is judged against the PyTorch module (export parity): one line saying so.
     Dynamic cases are not localized (their static twin is); fp32 never is (fp16:
     tests/test_fp16.py)."""
     from qatcheck.measurement import Case
+    from qatcheck.workspace import CaseView
+    from qatcheck.zoo.recipes import digits_recipe
+
+    ws = RecipeWorkspace(digits_recipe(), tmp_path)  # nothing is built or loaded: none of these runs
+
+    def view(*case):
+        return CaseView.of(Case("digits", *case), ws, tmp_path)
 
     for mode in ("torch_ptq", "fp8"):
-        [line] = L.for_failed_case(None, Case("digits", mode, "onnxruntime"))
+        [line] = L.for_failed_case(view(mode, "onnxruntime"))
         assert line.startswith("(no localization:") and f"digits-{mode}-torch" in line
-    assert L.for_failed_case(None, Case("digits", "qat", "torch", "opt")) == []
-    assert L.for_failed_case(None, Case("digits", "fp32", "torch")) == []
+    assert L.for_failed_case(view("qat", "torch", "opt")) == []
+    assert L.for_failed_case(view("fp32", "torch")) == []
+    assert not list(tmp_path.iterdir())
 
 
 def test_qat_reference_is_fp32(digits):

@@ -451,35 +451,34 @@ def calibrator_of(recipe, mode: str) -> str | None:
 def localize(recipe, mode: str = "trt_ptq", *, quantized_onnx: str | Path | None = None,
              max_samples: int | None = 64, floor: float = 0.99,
              cache_dir: str | Path = ".qatcheck_cache", calibrator: str | None = None,
-             device: str = "cpu", path: str | None = None) -> Localization:
-    """Localize ``recipe``'s ``mode`` against fp32 on the first ``max_samples`` eval samples, on
+             device: str | None = None, path: str | None = None) -> Localization:
+    """Localize ``recipe``'s ``mode`` (a Recipe, or a :class:`~qatcheck.workspace.RecipeWorkspace`:
+    its cache and device) against fp32 on the first ``max_samples`` eval samples, on
     ``path`` (:func:`path_for`: ``onnx`` for the modes made from the fp32 export, else ``torch``).
     ``onnx``: the mode's graph (from the artifact builder, or ``quantized_onnx`` when given: e.g. a
     planted graph) vs the fp32 ONNX on ONNX Runtime, at the opt shape. ``torch``: the mode's
-    PyTorch module vs the recipe's fp32 model, on ``device``
+    PyTorch module vs the recipe's fp32 model, on ``device`` (None: the workspace's; cpu)
     (:func:`qatcheck.analysis.localize_torch.localize_torch`)."""
-    from qatcheck.analysis.sensitivity import SensitivityRunner
-    from qatcheck.data.batching import eval_batches
+    from qatcheck.workspace import workspace_of
 
-    path = path_for(recipe, mode, path)
+    ws = workspace_of(recipe, cache_dir, device=device)
+    path = path_for(ws.recipe, mode, path)
     if max_samples is not None and max_samples < 1:
         raise ConfigError(f"max_samples must be >= 1; got {max_samples}")
     check_floor(floor)
-    recipe = with_mode_calibrator(recipe, mode, calibrator)
+    ws = ws.derive(with_mode_calibrator(ws.recipe, mode, calibrator))
+    recipe = ws.recipe
     if path == "torch":
         if quantized_onnx is not None:
             raise ConfigError(f"localize: --onnx gives a graph for the onnx path "
                               f"({' / '.join(onnx_modes())}); {mode} is localized on its PyTorch module here")
         from qatcheck.analysis.localize_torch import localize_torch
 
-        return localize_torch(recipe, mode, max_samples=max_samples, floor=floor,
-                              cache_dir=cache_dir, device=device)
-    runner = SensitivityRunner(recipe, "onnx", cache_dir, progress=False)
-    builder = runner.builder
+        return localize_torch(ws, mode, max_samples=max_samples, floor=floor)
+    builder = ws.builder
     qpath = Path(quantized_onnx) if quantized_onnx is not None else builder.onnx_artifact(mode).path
     fpath = builder.onnx_artifact("fp32").path
-    batches = eval_batches(runner.state.eval_data, recipe.input.profile()["opt"], pad=True,
-                           max_samples=max_samples)
+    batches = ws.eval_batches(pad=True, max_samples=max_samples)
     return localize_graphs(qpath, fpath, batches, input_name=recipe.input.name, floor=floor,
                            recipe=recipe.name, mode=mode, calibrator=calibrator_of(recipe, mode))
 
@@ -534,19 +533,20 @@ class AutoLocalization:
         return lines
 
 
-def localize_command(session, case, max_samples: int, floor: float, *extra: str) -> str:
-    """``python -m qatcheck localize ...`` for a failed case, where pytest did not localize it."""
+def localize_command(view, max_samples: int, floor: float, *extra: str) -> str:
+    """``python -m qatcheck localize ...`` for a failed case (a CaseView), where pytest did not localize it."""
     import shlex
 
-    o = session.options
+    case = view.case
     args = ["python", "-m", "qatcheck", "localize", "--recipe", f"<module:function returning Recipe({case.recipe})>",
             "--mode", case.mode, *extra, "--max-samples", str(max_samples), "--floor-cosine", f"{floor:g}",
-            "--cache", str(o.cache_dir), "--reports", str(o.reports_dir)]
+            "--cache", str(view.cache_dir), "--reports", str(view.reports_dir)]
     return " ".join(shlex.quote(a) for a in args)
 
 
-def for_failed_case(session, case, max_samples: int = 32, auto: AutoLocalization | None = None) -> list[str]:
-    """Localization run automatically when ``case``'s parity fails (the plugin calls it): the
+def for_failed_case(view, max_samples: int = 32, auto: AutoLocalization | None = None) -> list[str]:
+    """Localization run automatically when a case's parity fails (the plugin calls it with the
+    case's :class:`~qatcheck.workspace.CaseView`): the
     case's own low-precision model vs the recipe's fp32 model on its first ``max_samples`` eval
     samples, the case's parity floor as the per-layer floor; reports written next to the recipe's.
     Returns the lines the failure message adds: nothing for modes it cannot localize or dynamic
@@ -558,26 +558,24 @@ def for_failed_case(session, case, max_samples: int = 32, auto: AutoLocalization
     from qatcheck.backends import executes
 
     auto = auto or AutoLocalization()
+    case = view.case
     if case.shape:
         return []
     if case.mode in torch_modes() and (executes(case.backend) == "torch" or case.mode not in onnx_modes()):
         from qatcheck.analysis import localize_torch
 
-        return localize_torch.for_failed_case(session, case, max_samples, auto)
+        return localize_torch.for_failed_case(view, max_samples, auto)
     if case.mode not in onnx_modes():
         return []
-    runner = session.runner(case)
+    runner = view.runner
     qpath = getattr(runner, "artifact_path", None)
     if qpath is None:
         return []
-    recipe = session.recipes[case.recipe]
-    builder = session.builder(case.recipe)
-    floor = failure_floor(session, case)
-    from qatcheck.data.batching import eval_batches
-
-    batches = eval_batches(session._states[case.recipe].eval_data, recipe.input.profile()["opt"],
-                           max_samples=max_samples)
-    debug = getattr(session.backend(case.backend), "debug_tensors", None)
+    recipe = view.recipe
+    builder = view.builder
+    floor = failure_floor(view)
+    batches = view.workspace.eval_batches(max_samples=max_samples)
+    debug = view.debug_tensors
     if debug is not None:  # TensorRT: the engine's own intermediate values (debug tensors)
         qpath = builder.onnx_artifact(case.mode).path  # own SQNR: the mode's graph's nodes
         path = f"{case.backend} debug tensors"
@@ -588,19 +586,19 @@ def for_failed_case(session, case, max_samples: int = 32, auto: AutoLocalization
     fp32 = builder.onnx_artifact("fp32")
 
     def localize(until):
-        kwargs = dict(quantized_tensors=debug(session.context(case)), path=path) if debug is not None else {}
+        kwargs = dict(quantized_tensors=debug(), path=path) if debug is not None else {}
         return localize_graphs(qpath, fp32.path, until(batches), input_name=recipe.input.name,
                                floor=floor, recipe=recipe.name, mode=case.mode,
                                calibrator=calibrator_of(recipe, case.mode), **kwargs)
 
     return auto.lines(case.id, (path, quantized, fp32.digest, floor, max_samples), localize,
-                      session.options.reports_dir,
-                      localize_command(session, case, max_samples, floor, "--path", "onnx", "--onnx", str(qpath)))
+                      view.reports_dir,
+                      localize_command(view, max_samples, floor, "--path", "onnx", "--onnx", str(qpath)))
 
 
-def failure_floor(session, case) -> float:
+def failure_floor(view) -> float:
     """The per-layer floor of an automatic localization: the case's parity cosine floor."""
-    thresholds = session.parity_thresholds(case)
+    thresholds = view.thresholds
     return thresholds.min_cosine if thresholds is not None else 0.99
 
 

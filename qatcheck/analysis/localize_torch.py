@@ -607,39 +607,37 @@ def _described(artifact, mode: str) -> str:
 
 def localize_torch(recipe, mode: str = "torch_ptq", *, max_samples: int | None = 64,
                    floor: float = 0.99, cache_dir: str | Path = ".qatcheck_cache",
-                   calibrator: str | None = None, device: str = "cpu") -> Localization:
+                   calibrator: str | None = None, device: str | None = None) -> Localization:
     """Localize ``recipe``'s ``mode`` module (fp16: the fp32 model in half; torch_ptq / qat / fp8:
     the fake-quant module from the artifact cache, built there on ``device`` when missing) against
-    its fp32 model on the first ``max_samples`` eval samples."""
-    from qatcheck.artifacts import ArtifactBuilder, RecipeState
-    from qatcheck.cache import ArtifactCache
-    from qatcheck.data.batching import eval_batches
+    its fp32 model on the first ``max_samples`` eval samples. ``recipe``: a Recipe, or a
+    :class:`~qatcheck.workspace.RecipeWorkspace` (its cache; its device unless ``device`` is given)."""
+    from qatcheck.workspace import workspace_of
 
     if mode not in torch_modes():
         raise ConfigError(f"localize_torch: mode {mode!r} has no low-precision PyTorch module; "
                           f"choose one of {', '.join(torch_modes())}")
-    recipe = with_mode_calibrator(recipe, mode, calibrator)
-    state = RecipeState(recipe)
-    builder = ArtifactBuilder(state, ArtifactCache(cache_dir), progress=False, device=device)
+    ws = workspace_of(recipe, cache_dir, device=device)
+    ws = ws.derive(with_mode_calibrator(ws.recipe, mode, calibrator))
+    recipe, builder = ws.recipe, ws.builder
     qa = builder.torch_artifact(mode)
-    batches = eval_batches(state.eval_data, recipe.input.profile()["opt"], pad=False,
-                           max_samples=max_samples)
+    batches = ws.eval_batches(pad=False, max_samples=max_samples)
     return localize_modules(low_precision_module(qa), builder.torch_artifact("fp32").module, batches,
                             floor=floor, recipe=recipe.name, mode=mode,
                             calibrator=calibrator_of(recipe, mode), quantized=_described(qa, mode),
-                            device=device)
+                            device=ws.device)
 
 
-def for_failed_case(session, case, max_samples: int = 32, auto=None) -> list[str]:
+def for_failed_case(view, max_samples: int = 32, auto=None) -> list[str]:
     """The automatic localization of a failed parity case of a mode with a low-precision PyTorch
     module (fp16, torch_ptq, qat, fp8; static shape): the mode's module vs the recipe's fp32 model,
-    where the session builds and runs them. A case
+    where the run built them (``view``: the case's :class:`~qatcheck.workspace.CaseView`). A case
     judged against its own PyTorch model (an exported graph on another backend: export parity)
     gets one line saying why there is none - its quantization is the PyTorch case's. ``auto``: the
     session's :class:`~qatcheck.analysis.localize.AutoLocalization` (budget, reuse)."""
-    from qatcheck.data.batching import eval_batches
     from qatcheck.modes import parity_reference, spec as mode_spec
 
+    case = view.case
     if case.mode not in torch_modes() or case.shape:
         return []
     ref = parity_reference(case.mode, case.backend)
@@ -649,12 +647,11 @@ def for_failed_case(session, case, max_samples: int = 32, auto=None) -> list[str
         return [f"(no localization: {case.backend} runs the export of {case.mode} and is compared "
                 f"with {ref[0]} in PyTorch; where quantization damage enters is localized on the "
                 f"{case.recipe}-{case.mode}-torch case)"]
-    recipe = session.recipes[case.recipe]
-    builder = session.builder(case.recipe)
+    recipe = view.recipe
+    builder = view.builder
     qa, fp32 = builder.torch_artifact(case.mode), builder.torch_artifact("fp32")
-    floor = failure_floor(session, case)
-    batches = eval_batches(session._states[case.recipe].eval_data, recipe.input.profile()["opt"],
-                           pad=False, max_samples=max_samples)
+    floor = failure_floor(view)
+    batches = view.workspace.eval_batches(pad=False, max_samples=max_samples)
 
     def localize(until):
         return localize_modules(low_precision_module(qa), fp32.module, until(batches), floor=floor,
@@ -664,5 +661,5 @@ def for_failed_case(session, case, max_samples: int = 32, auto=None) -> list[str
     # fp16's module is fp32's weights run in half: the precision is part of what was localized
     key = ("torch", mode_spec(case.mode).precision, qa.digest, fp32.digest, floor, max_samples, builder.device)
     return (auto or AutoLocalization()).lines(
-        case.id, key, localize, session.options.reports_dir,
-        localize_command(session, case, max_samples, floor, "--path", "torch", "--device", builder.device))
+        case.id, key, localize, view.reports_dir,
+        localize_command(view, max_samples, floor, "--path", "torch", "--device", builder.device))

@@ -298,14 +298,14 @@ class CrossCheck:
 
 def build_graphs(recipe, calibrator: str, mode: str = "trt_ptq", cache_dir: str | Path = ".qatcheck_cache",
                  use_cache: bool = True):
-    """(builder, {"fp32", "ours", "modelopt"} -> path): the recipe's fp32 ONNX and its ``mode``
+    """(workspace, {"fp32", "ours", "modelopt"} -> path): the recipe's fp32 ONNX and its ``mode``
     graph written by each quantizer from it with the same calibration batches and ``calibrator``:
-    two artifact builders that differ only in ``onnx_quantizer``, so both graphs land in the cache
-    under the keys a pytest session uses (with and without ``--qatcheck-trt-ptq modelopt``)."""
+    two workspaces that differ only in ``onnx_quantizer``, so both graphs land in the cache
+    under the keys a pytest session uses (with and without ``--qatcheck-trt-ptq modelopt``).
+    ``recipe``: a Recipe, or a :class:`~qatcheck.workspace.RecipeWorkspace` (its cache)."""
     from qatcheck.analysis.sensitivity import with_calibrator
-    from qatcheck.artifacts import ArtifactBuilder, RecipeState
-    from qatcheck.cache import ArtifactCache
     from qatcheck.quantize import modelopt_onnx
+    from qatcheck.workspace import workspace_of
 
     if calibrator not in CALIBRATORS:
         raise ConfigError(f"crosscheck: calibrator {calibrator!r}: choose {' or '.join(CALIBRATORS)} "
@@ -315,30 +315,27 @@ def build_graphs(recipe, calibrator: str, mode: str = "trt_ptq", cache_dir: str 
     reason = modelopt_onnx.unavailable_reason()
     if reason:
         raise ConfigError(f"crosscheck: {reason}")
-    recipe = with_calibrator(recipe, calibrator, "onnx")
+    ws = workspace_of(recipe, cache_dir, use_cache=use_cache)
+    recipe = with_calibrator(ws.recipe, calibrator, "onnx")
     recipe.quant.validate()
     if mode == "partial" and not recipe.quant.keep_precision:
         raise ConfigError(f"crosscheck --mode {mode}: Recipe({recipe.name}).quant.keep_precision is empty")
-    state, cache = RecipeState(recipe), ArtifactCache(cache_dir, enabled=use_cache)
-    ours, theirs = (ArtifactBuilder(state, cache, progress=False, onnx_quantizer=q) for q in ("qatcheck", "modelopt"))
+    ws = ws.derive(recipe, onnx_quantizer="qatcheck")
+    ours, theirs = ws.builder, ws.derive(onnx_quantizer="modelopt").builder  # one loaded model, one cache
     paths = {"fp32": ours.onnx_artifact("fp32").path, OURS: ours.onnx_artifact(mode).path,
              MODELOPT: theirs.onnx_artifact(mode).path}
-    return ours, paths
+    return ws, paths
 
 
-def evaluate_graphs(builder, paths: dict[str, Path], max_samples: int | None = None) -> dict:
+def evaluate_graphs(ws, paths: dict[str, Path], max_samples: int | None = None) -> dict:
     """Each graph's primary metric on the recipe's eval set (ONNX Runtime, CPU), its output cosine
-    vs fp32, and ModelOpt's outputs vs ours."""
+    vs fp32, and ModelOpt's outputs vs ours (``ws``: the recipe's RecipeWorkspace)."""
     from qatcheck import evaluate as evaluation
     from qatcheck.backends.onnxruntime_backend import OrtRunner
-    from qatcheck.data.batching import eval_batches
-    from qatcheck.tasks import make_task
     from qatcheck.tasks.base import metric_spec
 
-    recipe, state = builder.recipe, builder.state
-    task = make_task(recipe, lambda: state.eval_data)
-    batches = list(eval_batches(state.eval_data, recipe.input.profile()["opt"], pad=True,
-                                max_samples=max_samples))
+    recipe, task = ws.recipe, ws.task
+    batches = list(ws.eval_batches(pad=True, max_samples=max_samples))
     outputs: dict[str, list] = {}
     metrics, cosine = {}, {}
     samples = 0
@@ -367,14 +364,14 @@ def crosscheck(recipe, calibrator: str, *, mode: str = "trt_ptq", cache_dir: str
 
     if max_samples is not None and max_samples < 1:
         raise ConfigError(f"max_samples must be >= 1; got {max_samples}")
-    builder, paths = build_graphs(recipe, calibrator, mode, cache_dir, use_cache)
-    check = CrossCheck(recipe=builder.recipe.name, mode=mode, calibrator=calibrator,
+    ws, paths = build_graphs(recipe, calibrator, mode, cache_dir, use_cache)
+    check = CrossCheck(recipe=ws.recipe.name, mode=mode, calibrator=calibrator,
                        modelopt_method=modelopt_onnx.MODELOPT_METHODS[calibrator],
                        modelopt_version=modelopt_onnx.version(),
                        graphs={k: str(v) for k, v in paths.items()},
                        scales=compare_scales(paths[OURS], paths[MODELOPT], threshold))
     if evaluate:
-        ev = evaluate_graphs(builder, paths, max_samples)
+        ev = evaluate_graphs(ws, paths, max_samples)
         check.metric_name, check.metrics, check.samples = ev["metric_name"], ev["metrics"], ev["samples"]
         check.metric_is_fraction, check.agreement = ev["fraction"], ev["agreement"]
         check.cosine_vs_fp32 = ev["cosine_vs_fp32"]

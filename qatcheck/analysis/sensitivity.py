@@ -66,7 +66,7 @@ from qatcheck.fsutil import write_text_atomic
 from qatcheck.modes import spec
 from qatcheck.quantize.qdq_edit import quantized_layers, strip_qdq
 from qatcheck.recipe import Recipe
-from qatcheck.tasks import make_task
+from qatcheck.workspace import RecipeWorkspace, workspace_of
 
 __all__ = ["Budget", "BudgetResult", "BudgetStep", "LayerSensitivity", "Profile", "PATHS",
            "PATH_MODE", "profile", "choose_layers", "check_keep_precision", "with_calibrator",
@@ -377,23 +377,21 @@ def _progress(iterable, total: int, desc: str, enabled: bool):
 class SensitivityRunner:
     """Builds what both operations need for one recipe and one path, and counts evaluations.
 
-    ``cache_dir`` is the artifact cache (the fp32 / Q/DQ ONNX and calibrated torch models come from
-    there too, so a profile after a pytest session reuses its artifacts).
+    ``recipe``: a Recipe, or a :class:`~qatcheck.workspace.RecipeWorkspace` (a session's, or one
+    made without one). ``cache_dir`` is the artifact cache of a Recipe's workspace (the fp32 / Q/DQ
+    ONNX and calibrated torch models come from there too, so a profile after a pytest session reuses
+    its artifacts).
     """
 
-    def __init__(self, recipe: Recipe, path: str = "onnx", cache_dir: str | Path = ".qatcheck_cache",
-                 use_cache: bool = True, progress: bool = True) -> None:
-        from qatcheck.artifacts import ArtifactBuilder, RecipeState
-        from qatcheck.cache import ArtifactCache
-
+    def __init__(self, recipe: Recipe | RecipeWorkspace, path: str = "onnx",
+                 cache_dir: str | Path = ".qatcheck_cache", use_cache: bool = True, progress: bool = True) -> None:
         _check_path(path)
-        self.recipe = recipe
+        self.workspace = workspace_of(recipe, cache_dir, use_cache=use_cache)
+        self.recipe = self.workspace.recipe
         self.path_name = path
-        self.cache = ArtifactCache(cache_dir, enabled=use_cache)
-        self.state = RecipeState(recipe)
-        self.builder = ArtifactBuilder(self.state, self.cache, progress=False)
+        self.cache, self.state, self.builder = self.workspace.cache, self.workspace.state, self.workspace.builder
         self.progress = progress
-        self.task = make_task(recipe, lambda: self.state.eval_data)
+        self.task = self.workspace.task
         self.evaluations = 0  # subset + full evaluations run by this object
         self._path = None
 
