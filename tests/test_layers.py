@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def lint(root: Path) -> subprocess.CompletedProcess:
     """lint-imports on ``root``'s pyproject.toml, importing ``root``'s qatcheck (a subprocess: grimp
     reads the package from sys.path, and the planted copy must shadow the installed one)."""
-    env = {**os.environ, "PYTHONPATH": str(root)}
+    env = {**os.environ, "PYTHONPATH": str(root), "COLUMNS": "200"}
     return subprocess.run([sys.executable, "-c", "import sys; from importlinter.cli import lint_imports_command as c; "
                            "sys.exit(c(['--no-cache', '--no-logo', 'pyproject.toml']))"],
                           cwd=root, env=env, capture_output=True, text=True, timeout=300)
@@ -57,3 +57,13 @@ def test_a_cycle_within_a_layer_breaks_the_contract(copy):
     assert out.returncode != 0
     assert "no import cycles among qatcheck's modules, at any depth BROKEN" in out.stdout, out.stdout
     assert "No cycles are allowed in qatcheck." in out.stdout and ".fsutil" in out.stdout, out.stdout
+
+
+def test_naming_a_quantizing_library_outside_its_implementation_breaks_the_contract(copy):
+    """Plant: an analysis imports ModelOpt itself instead of asking the quantizer table."""
+    sens = copy / "qatcheck" / "analysis" / "sensitivity.py"
+    sens.write_text(sens.read_text() + "\n\ndef _planted():\n    import modelopt.torch.quantization  # noqa\n")
+    out = lint(copy)
+    assert out.returncode != 0
+    assert "quantizing libraries are imported only by their implementations BROKEN" in out.stdout, out.stdout
+    assert "qatcheck.analysis.sensitivity -> modelopt" in out.stdout, out.stdout
