@@ -40,8 +40,6 @@ DISAGREE_RATIO = 1.10
 #: value-preserving ops an activation site is traced back through
 PASS_THROUGH_OPS = ("Flatten", "Reshape", "Squeeze", "Unsqueeze", "Transpose", "Identity")
 CALIBRATORS = ("minmax", "entropy")
-#: the modes whose graph both quantizers can write: int8 Q/DQ inserted into the fp32 ONNX (mode table)
-MODES = of_family("int8_graph")
 OURS, MODELOPT = "ours", "modelopt"
 
 
@@ -310,8 +308,9 @@ def build_graphs(recipe, calibrator: str, mode: str = "trt_ptq", cache_dir: str 
     if calibrator not in CALIBRATORS:
         raise ConfigError(f"crosscheck: calibrator {calibrator!r}: choose {' or '.join(CALIBRATORS)} "
                           "(ModelOpt's int8 ONNX PTQ has max and entropy only)")
-    if mode not in MODES:
-        raise ConfigError(f"crosscheck: mode {mode!r}: choose one of {', '.join(MODES)}")
+    graph_modes = of_family("int8_graph")  # the graphs both quantizers write: int8 Q/DQ in the fp32 ONNX
+    if mode not in graph_modes:
+        raise ConfigError(f"crosscheck: mode {mode!r}: choose one of {', '.join(graph_modes)}")
     reason = modelopt_onnx.unavailable_reason()
     if reason:
         raise ConfigError(f"crosscheck: {reason}")
