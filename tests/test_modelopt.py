@@ -318,7 +318,7 @@ def test_a_failed_fp8_parity_case_is_localized(pytester, builder, cache_dir, sin
     module's cache) fails its parity check vs fp32, and the failure names layer1.conv1 where the
     damage enters, with the per-layer table; the clean fp8 graph on ONNX Runtime, compared with
     that module (export parity), fails too and gets the line saying why it is not localized. The
-    clean artifacts: parity green, nothing localized."""
+    clean artifacts first: parity green (recorded), nothing localized."""
     import shutil
 
     for m in ("fp32", "fp8"):  # built once, into the module's cache (the plant happens on load)
@@ -336,6 +336,10 @@ def test_a_failed_fp8_parity_case_is_localized(pytester, builder, cache_dir, sin
             qm.layer1.conv1.input_quantizer.amax = qm.layer1.conv1.input_quantizer.amax / 64
         return qm
 
+    clean = pytester.runpytest_inprocess(*args, "--update-baselines")
+    clean.assert_outcomes(passed=2)
+    assert "per-layer table" not in clean.stdout.str()
+
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(modelopt_quant, "load", planted)
         result = pytester.runpytest_inprocess(*args)
@@ -350,7 +354,3 @@ def test_a_failed_fp8_parity_case_is_localized(pytester, builder, cache_dir, sin
                                  "digits_modelopt-fp8-torch case)*"])
     data = json.loads((pytester.path / "reports" / "digits_modelopt-localize-fp8.json").read_text())
     assert data["named"] == "layer1.conv1" and data["path"] == "torch"
-
-    clean = pytester.runpytest_inprocess(*args)
-    clean.assert_outcomes(passed=2)
-    assert "localize" not in clean.stdout.str()
