@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Sequence
 
 from qatcheck.errors import ConfigError, QatcheckError
+from qatcheck.modes import of_family
 
 
 def load_recipe(spec: str):
@@ -286,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--recipe", required=True, help="'module:callable' returning a Recipe")
     x.add_argument("--calibrator", choices=("minmax", "entropy", "both"), default="both",
                    help="minmax (ModelOpt max) or entropy (ModelOpt entropy); default both")
-    x.add_argument("--mode", choices=("trt_ptq", "partial"), default="trt_ptq",
+    x.add_argument("--mode", choices=of_family("int8_graph"), default="trt_ptq",
                    help="the graph to build both ways (partial keeps QuantSettings.keep_precision)")
     x.add_argument("--max-samples", type=int, default=0,
                    help="eval samples the metrics run on (default 0 = all)")

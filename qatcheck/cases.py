@@ -53,7 +53,7 @@ def reference_case(recipe: Recipe, case: Case) -> Case | None:
     recipe, the fp32 graph on ONNX Runtime (the dynamic build at a profile point)."""
     if is_onnx_only(recipe):
         ref = Case(case.recipe, "dynamic" if case.shape else "fp32", "onnxruntime", case.shape)
-        same = ref == case or (case.backend == "onnxruntime" and case.mode in ("fp32", "dynamic"))
+        same = ref == case or (case.backend == "onnxruntime" and spec(case.mode).is_reference)
         return None if same else ref
     rel = parity_reference(case.mode, case.backend)
     return None if rel is None else case.with_mode(rel[0], "torch", keep_shape=True)

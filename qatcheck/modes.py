@@ -101,6 +101,9 @@ class ModeSpec:
     latency_skip: Any = None
     #: a note the report shows once when the mode's latency was measured (what the figure is)
     latency_note: str = ""
+    #: the sensitivity path (qatcheck.analysis.sensitivity) that profiles this mode, layer by
+    #: layer: ``onnx`` (its graph on ONNX Runtime) or ``torch`` (its PyTorch module); one mode each
+    sensitivity_path: str | None = None
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
@@ -166,6 +169,7 @@ for _spec in (
     ModeSpec("trt_ptq", "int8_graph", "int8", f"{_A}:onnx_ptq", None,
              calibrator_field="calibrator", calibrated=True,
              key_fields=("fp32_onnx", "quant.calibrator", *_PTQ_KEYS), trt_native_ptq=True,
+             sensitivity_path="onnx",
              description="PTQ on the plain ONNX: explicit TensorRT-style Q/DQ (or TensorRT's calibrator)"),
     ModeSpec("partial", "int8_graph", "int8", f"{_A}:onnx_ptq", None,
              calibrator_field="calibrator", calibrated=True,
@@ -176,6 +180,7 @@ for _spec in (
     ModeSpec("torch_ptq", "int8_torch", "int8", f"{_A}:torch_qdq_onnx", f"{_A}:ptq_module",
              calibrator_field="torch_calibrator", calibrated=True,
              key_fields=("quant.torch_calibrator", *_PTQ_KEYS, "quant.qdq_rules", "device", *_TORCH_Q_KEYS),
+             sensitivity_path="torch",
              description="Q/DQ inserted in PyTorch (pytorch-quantization, or ModelOpt: "
                          "QuantSettings.torch_quantizer), calibrated, exported"),
     ModeSpec("qat", "int8_torch", "int8", f"{_A}:torch_qdq_onnx", f"{_A}:qat_module",
@@ -257,6 +262,17 @@ def parity_reference(mode: str, backend: str) -> tuple[str, str] | None:
     if not s.has_torch:
         return ("fp32", "quantization")
     return (mode, "export")
+
+
+def of_family(family: str) -> tuple[str, ...]:
+    """The modes of ``family`` (table order), e.g. ``int8_graph``: the graphs an ONNX-level
+    quantizer writes from the fp32 export."""
+    return tuple(n for n, s in MODE_SPECS.items() if s.family == family)
+
+
+def sensitivity_modes() -> dict[str, str]:
+    """sensitivity path -> the mode it profiles (the rows' ``sensitivity_path``)."""
+    return {s.sensitivity_path: n for n, s in MODE_SPECS.items() if s.sensitivity_path}
 
 
 def localization_paths(mode: str) -> tuple[str, ...]:

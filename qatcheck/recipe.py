@@ -495,8 +495,9 @@ class Recipe:
             for need in mode_spec(m).requires:
                 if not self._field(need):
                     raise ConfigError(self._requires_message(m, need))
-        if "qat" in self.modes and self.task == "detection" and self.loss is None:
-            raise ConfigError(f"Recipe({self.name}) lists mode 'qat' for a detection task but sets "
+        trained = [m for m in self.modes if mode_spec(m).trained]
+        if trained and self.task == "detection" and self.loss is None:
+            raise ConfigError(f"Recipe({self.name}) lists mode {trained[0]!r} for a detection task but sets "
                               "no Recipe.loss (the training loss QAT fine-tunes with)")
         if not self.output_names:
             raise ConfigError(f"Recipe({self.name}).output_names must name the model outputs")

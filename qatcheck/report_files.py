@@ -1,5 +1,6 @@
 """A recipe's report files (``reports/<recipe>.md`` and ``.json``), written atomically under a lock
-and merged with the rows of any run that overlapped this one.
+and merged with the rows of any run that overlapped this one; and the one writer of the analyses'
+report bundles (:func:`write_bundle`: JSON, Markdown, PNG).
 
 Two runs of one recipe at once (two CI shards on one machine, ``-k fp32`` beside ``-k trt_ptq``)
 each used to replace the other's report: the last one to finish won and the other's rows were
@@ -16,7 +17,9 @@ import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from qatcheck.fsutil import locked, write_text_atomic
+from typing import Any, Callable, Sequence
+
+from qatcheck.fsutil import atomic_path, locked, write_text_atomic
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,55 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     def line(cells) -> str:
         return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
     return "\n".join([line(header), "|" + "|".join("---" for _ in header) + "|", *map(line, rows)]) + "\n"
+
+
+def write_json(path: str | Path, doc: Any, *, indent: int = 1, default: Callable | None = None,
+               end: str = "") -> Path:
+    """``doc`` as JSON in ``path``, written atomically (whole or not at all)."""
+    write_text_atomic(path, json.dumps(doc, indent=indent, default=default) + end)
+    return Path(path)
+
+
+def write_bundle(stem: str | Path, *, json_doc: Any = None, markdown: str | None = None,
+                 plot: Callable[[Any], Any] | None = None, order: Sequence[str] = ("json", "md", "png"),
+                 indent: int = 1, default: Callable | None = None, json_end: str = "") -> list[Path]:
+    """An analysis report (localization, sensitivity, PTQ cross-check): ``<stem>.json``
+    (``json_doc``, see :func:`write_json`), ``<stem>.md`` (``markdown``) and ``<stem>.png``
+    (``plot(plt)`` draws with matplotlib's pyplot and returns the figure, or None for no picture),
+    each written atomically, the directory made when missing. Returns the files written, in
+    ``order``."""
+    stem = Path(stem)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    written: dict[str, Path] = {}
+    for kind in order:
+        path = stem.parent / f"{stem.name}.{kind}"
+        if kind == "json" and json_doc is not None:
+            written[kind] = write_json(path, json_doc, indent=indent, default=default, end=json_end)
+        elif kind == "md" and markdown is not None:
+            write_text_atomic(path, markdown)
+            written[kind] = path
+        elif kind == "png" and plot is not None and _write_png(path, plot):
+            written[kind] = path
+    return list(written.values())
+
+
+def _write_png(path: Path, plot: Callable[[Any], Any]) -> bool:
+    """``plot(plt)``'s figure as a PNG at 110 dpi (headless: matplotlib's Agg backend); False
+    when it drew nothing."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig = plot(plt)
+    if fig is None:
+        return False
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=110, format="png")
+    finally:
+        plt.close(fig)
+    return True
 
 
 def write(reports: Path, name: str, header: list[str], rows: list[list[str]], records: list[dict],

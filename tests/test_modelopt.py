@@ -310,3 +310,47 @@ def test_the_table_says_which_tool_quantized():
     assert calibrator_of("trt_ptq", pq, Options(trt_ptq="modelopt")) == f"{pq.calibrator} (modelopt)"
     assert calibrator_of("partial", pq, Options(trt_ptq="qdq")) == pq.calibrator
     assert calibrator_of("fp32", mo, Options(trt_ptq="modelopt")) == "-"
+
+
+def test_a_failed_fp8_parity_case_is_localized(pytester, builder, cache_dir, single_thread_module):
+    """fp8 is localized because the mode table says where (issue 22: no mode list to fall through):
+    ModelOpt's fp8 module with layer1.conv1's input amax / 64 (planted on load, on a copy of the
+    module's cache) fails its parity check vs fp32, and the failure names layer1.conv1 where the
+    damage enters, with the per-layer table; the clean fp8 graph on ONNX Runtime, compared with
+    that module (export parity), fails too and gets the line saying why it is not localized. The
+    clean artifacts first: parity green (recorded), nothing localized."""
+    import shutil
+
+    for m in ("fp32", "fp8"):  # built once, into the module's cache (the plant happens on load)
+        builder.torch_artifact(m), builder.onnx_artifact(m)
+    cache = pytester.path / "cache"
+    shutil.copytree(cache_dir, cache)
+    pytester.makepyfile(test_suite=SUITE)
+    args = ("-p", "no:cacheprovider", f"--rootdir={pytester.path}", "--qatcheck-cache", str(cache),
+            "--qatcheck-no-progress", "-k", "parity and fp8")
+    real = modelopt_quant.load
+
+    def planted(model, path, quant, fp8=False):
+        qm = real(model, path, quant, fp8=fp8)
+        if fp8:
+            qm.layer1.conv1.input_quantizer.amax = qm.layer1.conv1.input_quantizer.amax / 64
+        return qm
+
+    clean = pytester.runpytest_inprocess(*args, "--update-baselines")
+    clean.assert_outcomes(passed=2)
+    assert "per-layer table" not in clean.stdout.str()
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(modelopt_quant, "load", planted)
+        result = pytester.runpytest_inprocess(*args)
+    result.assert_outcomes(failed=2)
+    result.stdout.fnmatch_lines(["*digits_modelopt-fp8-torch parity check failed:*",
+                                 "*localize digits_modelopt fp8 (32 samples, floor cosine 0.98): damage "
+                                 "enters at layer1.conv1: own SQNR *",
+                                 "*per-layer table: *digits_modelopt-localize-fp8.md*"])
+    result.stdout.fnmatch_lines(["*digits_modelopt-fp8-onnxruntime parity check failed:*",
+                                 "*(no localization: onnxruntime runs the export of fp8 and is compared with fp8 "
+                                 "in PyTorch; where quantization damage enters is localized on the "
+                                 "digits_modelopt-fp8-torch case)*"])
+    data = json.loads((pytester.path / "reports" / "digits_modelopt-localize-fp8.json").read_text())
+    assert data["named"] == "layer1.conv1" and data["path"] == "torch"

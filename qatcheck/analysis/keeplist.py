@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from qatcheck.errors import ConfigError
-from qatcheck.fsutil import write_text_atomic
+from qatcheck.report_files import write_json
 
 if TYPE_CHECKING:
     from qatcheck.analysis.sensitivity import BudgetResult, Profile
@@ -73,9 +73,7 @@ def keep_list(prof: Profile, result: BudgetResult) -> KeepList:
 
 
 def write_keep_list(keep: KeepList, path: str | Path) -> Path:
-    path = Path(path)
-    write_text_atomic(path, json.dumps(keep.to_json(), indent=1) + "\n")
-    return path
+    return write_json(path, keep.to_json(), end="\n")
 
 
 def load_keep_list(path: str | Path) -> KeepList:

@@ -1,11 +1,12 @@
 """Localize where low precision (int8, fp16, fp8) departs from fp32 in a model (issue #13, item 2;
 issue 21, item 9).
 
-This module holds what both paths share - the result types (:class:`LayerRow`,
-:class:`Localization`), the naming rule (:func:`conclude`), the JSON / Markdown / PNG writers and
-the entry points that dispatch on the mode (:func:`localize`, :func:`for_failed_case`) - and the
-ONNX Runtime path for the graphs made from the fp32 export (:func:`onnx_modes`: ``fp16``,
-``trt_ptq``, ``partial``). The PyTorch path for the modes with a PyTorch form (:func:`torch_modes`:
+This module holds the entry points that dispatch on the mode (:func:`localize`,
+:func:`for_failed_case`) and the ONNX Runtime path for the graphs made from the fp32 export
+(:func:`onnx_modes`: ``fp16``, ``trt_ptq``, ``partial``). What both paths share - the result types
+(:class:`LayerRow`, :class:`Localization`), the naming rule (:func:`conclude`), the accumulators,
+the JSON / Markdown / PNG reports - is the kernel, :mod:`qatcheck.analysis.localize_kernel`
+(its names are re-exported here). The PyTorch path for the modes with a PyTorch form (:func:`torch_modes`:
 ``fp16`` in half, ``torch_ptq`` / ``qat`` / ``fp8`` fake-quant; module outputs through forward
 hooks, each layer's own SQNR from its low-precision module on the fp32 module's input) is
 :mod:`qatcheck.analysis.localize_torch`. Which modes take which path comes from the mode table.
@@ -22,7 +23,7 @@ Conv / Gemm / Relu / Add output of the quantized graph has its fp32 twin; the fp
 them too (fp16 tensors; a BatchNorm folded into its conv leaves the BN's output name to the conv).
 Each compared tensor is one row (named by the fp32 graph's node that produces it; the PyTorch
 module from :func:`~qatcheck.quantize.onnx_ptq.module_name_of`), in the low-precision graph's
-topological order, with its SQNR (dB, :func:`~qatcheck.analysis.sensitivity.sqnr_db`) and cosine
+topological order, with its SQNR (dB, :meth:`qatcheck.parity.ParityAccumulator.sqnr_db`) and cosine
 vs fp32.
 
 The rule (what is named)
@@ -53,10 +54,7 @@ own SQNR are reported either way.
 """
 from __future__ import annotations
 
-import json
-import math
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -65,111 +63,21 @@ import onnx
 import onnx.utils
 from onnx import helper, shape_inference
 
+from qatcheck.analysis.localize_kernel import (  # noqa: F401 (the kernel's names, re-exported)
+    _CAP_DB, PATHS, RULE, AutoLocalization, LayerRow, Localization, calibrator_of, check_floor, conclude,
+    failure_floor, failure_lines, layer_row, localization, localize_command, markdown_report, modes,
+    onnx_modes, path_for, table_rows, torch_modes, verdict, with_mode_calibrator, worst_line, write_reports)
 from qatcheck.errors import ConfigError, DataError
-from qatcheck.fsutil import file_digest, write_text_atomic
-from qatcheck.modes import MODE_SPECS, localization_paths, spec as mode_spec
+from qatcheck.fsutil import file_digest
+from qatcheck.parity import ParityAccumulator
 from qatcheck.quantize.onnx_ptq import module_name_of
-from qatcheck.report_files import markdown_table
 
 __all__ = ["LayerRow", "Localization", "localize", "localize_graphs", "write_reports",
            "table_rows", "verdict", "expose_tensors", "conclude", "for_failed_case", "AutoLocalization", "RULE",
            "onnx_modes", "torch_modes", "modes", "PATHS"]
 
-#: where a mode is localized: its ONNX graph on ONNX Runtime, or its PyTorch module
-PATHS = ("onnx", "torch")
-
-
-def onnx_modes() -> tuple[str, ...]:
-    """Modes localized on their ONNX graph (ONNX Runtime), from the mode table
-    (:func:`qatcheck.modes.localization_paths`): low precision and made from the fp32 export (the
-    fp16 conversion, the ONNX-level PTQ graphs), so every compared tensor keeps its name AND its
-    meaning."""
-    return tuple(n for n in MODE_SPECS if "onnx" in localization_paths(n))
-
-
-def torch_modes() -> tuple[str, ...]:
-    """Modes localized in PyTorch (:mod:`qatcheck.analysis.localize_torch`), from the mode table:
-    low precision with a PyTorch form. The exports of the quantized ones keep BatchNorm unfused,
-    so ``/stem/conv/Conv_output_0`` there is the pre-BN conv output while the fp32 export's (BN
-    folded) is post-BN - same name and shape, different values (measured on digits: cosine 0.93 at
-    stem.conv against 0.99995 at stem.relu right after it). Their modules keep the fp32 model's
-    module names instead, so they are compared module by module."""
-    return tuple(n for n in MODE_SPECS if "torch" in localization_paths(n))
-
-
-def modes() -> tuple[str, ...]:
-    """Every mode that can be localized (table order)."""
-    return tuple(n for n in MODE_SPECS if localization_paths(n))
-
-
-#: +-dB cap, like sqnr_db's
-_CAP_DB = 300.0
 _QDQ = ("QuantizeLinear", "DequantizeLinear")
 _FLOAT = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE)
-
-RULE = ("contribution = own SQNR: the layer of the low-precision graph (fp16, or with its input "
-        "and weight Q/DQ) run on fp32 inputs vs the fp32 output, lowest first; named = the lowest "
-        "own SQNR among the first layer whose cosine vs fp32 < floor and its ancestors; none when no layer "
-        "is below the floor")
-
-
-@dataclass
-class LayerRow:
-    index: int  # topological (ONNX) / execution (torch) position among the compared rows
-    tensor: str  # the row's key: the ONNX tensor, or the module name (``name#2``: second call)
-    node: str  # the ONNX node, or the module (or quantizer) name
-    op: str  # the ONNX op type, or the module's class
-    layer: str  # PyTorch module name (the node name for a top-level op)
-    sqnr_db: float  # end to end (cumulative) vs fp32
-    cosine: float  # end to end (cumulative) vs fp32
-    input_sqnr_db: float  # SQNR of the worst input (cap: exact input)
-    drop_db: float  # input_sqnr_db - sqnr_db
-    own_nsr: float  # 10^(-own_sqnr_db/10): the layer's own error energy / signal energy
-    own_sqnr_db: float  # the contribution (ranking key): the layer alone, on fp32 inputs
-    inputs: list[str] = field(default_factory=list)  # compared rows this one depends on directly
-    rank: int = 0  # by contribution, 1 = largest
-    #: torch path: own SQNR measured after this module (the BatchNorm right after a conv, fp32's:
-    #: deployment folds it into the conv), None when measured on the row's own output
-    own_after: str | None = None
-    #: torch path, a layer whose weights differ from fp32's (qat): its quantized output vs the SAME
-    #: module with its quantizers off, on the fp32 input - the quantization alone, without the
-    #: fine-tuning drift; None where the weights are fp32's (own SQNR already is that)
-    quant_only_sqnr_db: float | None = None
-
-
-@dataclass
-class Localization:
-    recipe: str
-    mode: str
-    calibrator: str | None
-    samples: int
-    floor: float
-    quantized: str  # the quantized artifact (Q/DQ ONNX, or the torch state file)
-    fp32: str  # the fp32 reference (ONNX, or the recipe's PyTorch model)
-    rows: list[LayerRow]
-    named: str | None  # the named layer (module name), None when no layer is below the floor
-    named_tensor: str | None
-    first_below_floor: str | None  # tensor of the first row with cosine < floor
-    worst: list[str]  # tensors of the worst five contributors
-    skipped: list[str]  # intermediate tensors (modules) present in one model only, or other shapes
-    seconds: float = 0.0
-    rule: str = RULE
-    path: str = "onnxruntime"  # onnxruntime | torch
-    order: str = "topological"  # the rows' order: topological (ONNX graph) | execution (torch)
-    #: how the rows were measured and what they are compared with (one or two sentences)
-    method: str = ""
-
-    def row(self, tensor: str) -> LayerRow:
-        for r in self.rows:
-            if r.tensor == tensor:
-                return r
-        raise KeyError(tensor)
-
-    def ranked(self) -> list[LayerRow]:
-        return sorted(self.rows, key=lambda r: r.rank)
-
-    def to_json(self) -> dict:
-        return asdict(self)
 
 
 # --------------------------------------------------------------------------------------------
@@ -231,68 +139,6 @@ def _feed_types(session) -> dict[str, np.dtype]:
     an fp16 node is fed the fp32 graph's values rounded to fp16)."""
     return {i.name: np.float16 if i.type == "tensor(float16)" else np.float64 if i.type == "tensor(double)"
             else np.float32 for i in session.get_inputs()}
-
-
-class _Acc:
-    __slots__ = ("sig", "err", "dot", "oo")
-
-    def __init__(self) -> None:
-        self.sig = self.err = self.dot = self.oo = 0.0
-
-    def update(self, r: np.ndarray, o: np.ndarray) -> None:
-        r64, o64 = r.astype(np.float64).ravel(), o.astype(np.float64).ravel()
-        d = r64 - o64
-        self.sig += float(r64 @ r64)
-        self.err += float(d @ d)
-        self.dot += float(r64 @ o64)
-        self.oo += float(o64 @ o64)
-
-    def sqnr_db(self) -> float:
-        if not all(math.isfinite(v) for v in (self.sig, self.err)):
-            return -_CAP_DB
-        if self.err <= 0.0:
-            return _CAP_DB
-        if self.sig <= 0.0:
-            return -_CAP_DB
-        return max(-_CAP_DB, min(_CAP_DB, 10.0 * math.log10(self.sig / self.err)))
-
-    def cosine(self) -> float:
-        if not all(math.isfinite(v) for v in (self.sig, self.dot, self.oo)):
-            return 0.0
-        denom = math.sqrt(self.sig) * math.sqrt(self.oo)
-        return self.dot / denom if denom > 0 else (1.0 if self.sig == self.oo else 0.0)
-
-
-def _nsr(db: float) -> float:
-    return 10.0 ** (-db / 10.0)
-
-
-def check_floor(floor: float) -> None:
-    if not 0.0 < floor <= 1.0:
-        raise ConfigError(f"floor cosine must be in (0, 1]; got {floor}")
-
-
-def conclude(rows: list[LayerRow], floor: float
-             ) -> tuple[LayerRow | None, LayerRow | None, list[str]]:
-    """The rule, on rows in topological / execution order whose ``inputs`` name the rows they
-    depend on directly: ranks them by own SQNR (in place; ties: the earlier row first) and returns
-    (the named row or None, the first row below the floor or None, the worst five's tensors)."""
-    for rank, r in enumerate(sorted(rows, key=lambda r: (r.own_sqnr_db, r.index)), start=1):
-        r.rank = rank
-    by_tensor = {r.tensor: r for r in rows}
-    first = next((r for r in rows if r.cosine < floor), None)
-    named = None
-    if first is not None:
-        cone, stack = set(), [first.tensor]
-        while stack:
-            t = stack.pop()
-            if t in cone or t not in by_tensor:
-                continue
-            cone.add(t)
-            stack.extend(by_tensor[t].inputs)
-        named = min((by_tensor[t] for t in cone), key=lambda r: r.rank)
-    worst = [r.tensor for r in sorted(rows, key=lambda r: r.rank)[:5]]
-    return named, first, worst
 
 
 # --------------------------------------------------------------------------------------------
@@ -357,8 +203,8 @@ def localize_graphs(quantized: str | Path | onnx.ModelProto, fp32: str | Path | 
             sess = OrtRunner(sub, provider="CPUExecutionProvider").session
             isolated[t] = (sess, _feed_types(sess))
 
-    accs = {t: _Acc() for t in tensors}
-    own = {t: _Acc() for t in isolated}
+    accs = {t: ParityAccumulator() for t in tensors}
+    own = {t: ParityAccumulator() for t in isolated}
     samples = 0
     for x, _, n in batches:
         qo = quantized_values(x)
@@ -386,66 +232,16 @@ def localize_graphs(quantized: str | Path | onnx.ModelProto, fp32: str | Path | 
         # named by the fp32 graph's node: the fp16 conversion's casts (graph outputs, nodes kept
         # in fp32) take over the names of the tensors they convert
         node = fproducer.get(t, node)
-        sq = accs[t].sqnr_db()
-        sq_in = min((accs[d].sqnr_db() for d in deps), default=_CAP_DB)
-        own_db = own[t].sqnr_db() if t in own else _CAP_DB
-        rows.append(LayerRow(index=idx, tensor=t, node=node.name, op=node.op_type,
-                             layer=module_name_of(node.name) or node.name, sqnr_db=sq,
-                             cosine=accs[t].cosine(), input_sqnr_db=sq_in, drop_db=sq_in - sq,
-                             own_nsr=_nsr(own_db), own_sqnr_db=own_db, inputs=deps))
-    named, first, worst = conclude(rows, floor)
-    return Localization(recipe=recipe, mode=mode, calibrator=calibrator, samples=samples,
-                        floor=floor, quantized=qpath, fp32=fpath, rows=rows,
-                        named=named.layer if named else None,
-                        named_tensor=named.tensor if named else None,
-                        first_below_floor=first.tensor if first else None, worst=worst,
-                        skipped=list(dict.fromkeys(skipped)),
-                        seconds=time.perf_counter() - t0, path=path, order="topological",
+        rows.append(layer_row(idx, t, node.name, node.op_type, module_name_of(node.name) or node.name,
+                              accs[t], own.get(t), min((accs[d].sqnr_db() for d in deps), default=_CAP_DB),
+                              deps))
+    return localization(rows, floor, skipped, t0, recipe=recipe, mode=mode, calibrator=calibrator,
+                        samples=samples, quantized=qpath, fp32=fpath, path=path, order="topological",
                         method=(f"Quantized graph `{qpath}` vs fp32 `{fpath}` on ONNX Runtime (CPU) "
                                 "at the opt shape" if path == "onnxruntime" else
                                 f"Quantized side from {path} (the case's engine, the compared tensors "
                                 f"marked as debug tensors; own SQNR: `{qpath}`'s node on ONNX Runtime) "
                                 f"vs fp32 `{fpath}` on ONNX Runtime (CPU) at the opt shape"))
-
-
-def path_for(recipe, mode: str, path: str | None = None) -> str:
-    """Where ``mode`` is localized: ``path`` when given and possible, else its graph where it is
-    made from the fp32 export (and always for an ONNX-only recipe), else its PyTorch module."""
-    from qatcheck.recipe import NO_TORCH, is_onnx_only
-
-    if mode not in modes():
-        raise ConfigError(f"localize: mode {mode!r} is not a low-precision mode; choose one of "
-                          f"{', '.join(modes())}")
-    if path is not None and path not in PATHS:
-        raise ConfigError(f"localize: path {path!r}: choose one of {', '.join(PATHS)}")
-    can = list(localization_paths(mode))
-    if recipe is not None and is_onnx_only(recipe):
-        can = [p for p in can if p == "onnx"]
-        if not can:
-            raise ConfigError(f"localize: mode {mode!r} of Recipe({recipe.name}): {NO_TORCH}")
-    if path is None:
-        return can[0]
-    if path not in can:
-        raise ConfigError(f"localize: mode {mode!r} cannot be localized on the {path} path; it can on "
-                          f"{' / '.join(can)}")
-    return path
-
-
-def with_mode_calibrator(recipe, mode: str, calibrator: str | None):
-    """The recipe with ``mode``'s calibrator (its row's ``calibrator_field``) replaced."""
-    from dataclasses import replace
-
-    if calibrator is None:
-        return recipe
-    field_ = mode_spec(mode).calibrator_field
-    if field_ is None:
-        raise ConfigError(f"localize: mode {mode!r} is not calibrated; --calibrator does not apply")
-    return replace(recipe, quant=replace(recipe.quant, **{field_: calibrator}))
-
-
-def calibrator_of(recipe, mode: str) -> str | None:
-    field_ = mode_spec(mode).calibrator_field
-    return getattr(recipe.quant, field_) if field_ else None
 
 
 def localize(recipe, mode: str = "trt_ptq", *, quantized_onnx: str | Path | None = None,
@@ -481,67 +277,6 @@ def localize(recipe, mode: str = "trt_ptq", *, quantized_onnx: str | Path | None
     batches = ws.eval_batches(pad=True, max_samples=max_samples)
     return localize_graphs(qpath, fpath, batches, input_name=recipe.input.name, floor=floor,
                            recipe=recipe.name, mode=mode, calibrator=calibrator_of(recipe, mode))
-
-
-class AutoLocalization:
-    """The automatic localizations of one test session (one process; each pytest-xdist worker has
-    its own): each distinct artifact is localized once - a failed case whose artifact is
-    byte-identical to one already localized (``partial`` keeping nothing is ``trt_ptq``) gets the
-    first one's lines, saying so - and together they take at most ``budget_s`` seconds
-    (``--qatcheck-localize-budget``; None: no limit). A localization stops reading eval batches
-    when the budget runs out (the batch under way finishes); once it is spent, a failure gets the
-    command that localizes its case instead."""
-
-    def __init__(self, budget_s: float | None = None) -> None:
-        self.budget_s = budget_s
-        self.spent = 0.0
-        #: key (what the localization compared: the artifacts' digests, floor, samples) -> (the
-        #: case it was made for, its lines)
-        self.done: dict[tuple, tuple[str, list[str]]] = {}
-
-    def lines(self, case_id: str, key: tuple, localize, reports_dir: str | Path, command: str) -> list[str]:
-        """The failure message's lines for ``case_id``: ``localize(until)`` runs the localization
-        over ``until(batches)`` (the budget's cut), unless ``key`` was localized already or the
-        budget is spent; ``command`` localizes the case outside pytest."""
-        if key in self.done:
-            first, lines = self.done[key]
-            return [f"(the localization of {first}: this case's artifact is byte-identical, so it was "
-                    "not localized again)", *lines]
-        left = None if self.budget_s is None else self.budget_s - self.spent
-        if left is not None and left <= 0:
-            return [f"(not localized: this run's --qatcheck-localize-budget of {self.budget_s:g} s is spent; "
-                    f"localize it with: {command})"]
-        t0 = time.monotonic()
-        cut: list[int] = []
-
-        def until(batches):
-            for i, batch in enumerate(batches):
-                if i and left is not None and time.monotonic() - t0 > left:
-                    cut.append(i)
-                    return
-                yield batch
-
-        try:
-            loc = localize(until)
-            lines = failure_lines(loc, reports_dir)
-        finally:
-            self.spent += time.monotonic() - t0
-        if cut:
-            lines.append(f"(localized on its first {loc.samples} samples only: the "
-                         f"--qatcheck-localize-budget of {self.budget_s:g} s ran out; all of them: {command})")
-        self.done[key] = (case_id, lines)
-        return lines
-
-
-def localize_command(view, max_samples: int, floor: float, *extra: str) -> str:
-    """``python -m qatcheck localize ...`` for a failed case (a CaseView), where pytest did not localize it."""
-    import shlex
-
-    case = view.case
-    args = ["python", "-m", "qatcheck", "localize", "--recipe", f"<module:function returning Recipe({case.recipe})>",
-            "--mode", case.mode, *extra, "--max-samples", str(max_samples), "--floor-cosine", f"{floor:g}",
-            "--cache", str(view.cache_dir), "--reports", str(view.reports_dir)]
-    return " ".join(shlex.quote(a) for a in args)
 
 
 def for_failed_case(view, max_samples: int = 32, auto: AutoLocalization | None = None) -> list[str]:
@@ -596,125 +331,3 @@ def for_failed_case(view, max_samples: int = 32, auto: AutoLocalization | None =
                       localize_command(view, max_samples, floor, "--path", "onnx", "--onnx", str(qpath)))
 
 
-def failure_floor(view) -> float:
-    """The per-layer floor of an automatic localization: the case's parity cosine floor."""
-    thresholds = view.thresholds
-    return thresholds.min_cosine if thresholds is not None else 0.99
-
-
-def failure_lines(loc: Localization, reports_dir: str | Path) -> list[str]:
-    """Write the reports; the lines a failed parity check adds to its message."""
-    files = write_reports(loc, reports_dir)
-    return [verdict(loc), f"per-layer table: {files[1] if len(files) > 1 else files[0]}"]
-
-
-# --------------------------------------------------------------------------------------------
-# reports
-# --------------------------------------------------------------------------------------------
-
-def _where(r: LayerRow) -> str:
-    """``layer (tensor)``, or just the layer when the row's key is its name (torch path)."""
-    return r.layer if r.tensor == r.layer else f"{r.layer} ({r.tensor})"
-
-
-def verdict(loc: Localization) -> str:
-    head = f"localize {loc.recipe} {loc.mode} ({loc.samples} samples, floor cosine {loc.floor:g}): "
-    worst = loc.row(loc.worst[0]) if loc.worst else None
-    if loc.named is None:
-        w = (f"; largest contribution {_where(worst)}: own SQNR {worst.own_sqnr_db:.1f} dB"
-             if worst else "")
-        return head + "no layer below the floor" + w
-    r = loc.row(loc.named_tensor)
-    f = loc.row(loc.first_below_floor)
-    return (head + f"damage enters at {_where(r)}: own SQNR {r.own_sqnr_db:.1f} dB, "
-            f"SQNR {r.input_sqnr_db:.1f} -> {r.sqnr_db:.1f} dB, cosine {r.cosine:.4f}; first "
-            f"below the floor: {_where(f)}, cosine {f.cosine:.4f}")
-
-
-def worst_line(loc: Localization) -> str:
-    return "worst five by contribution: " + ", ".join(
-        f"{loc.row(t).layer} ({loc.row(t).own_sqnr_db:.1f} dB)" for t in loc.worst)
-
-
-def table_rows(loc: Localization) -> tuple[list[str], list[list[str]]]:
-    quant_only = any(r.quant_only_sqnr_db is not None for r in loc.rows)
-    header = ["#", "layer", "tensor" if loc.path == "onnxruntime" else "call", "op", "SQNR dB",
-              "cosine", "in SQNR dB", "drop dB", "own SQNR dB"]
-    header += ["quant-only dB"] if quant_only else []
-    header += ["rank", ""]
-    rows = []
-    for r in loc.rows:
-        mark = []
-        if r.tensor == loc.named_tensor:
-            mark.append("NAMED")
-        if r.tensor == loc.first_below_floor:
-            mark.append("first < floor")
-        elif r.cosine < loc.floor:
-            mark.append("< floor")
-        if r.own_after:
-            mark.append(f"own after {r.own_after}")
-        row = [str(r.index), r.layer, r.tensor, r.op, f"{r.sqnr_db:.2f}", f"{r.cosine:.5f}",
-               f"{r.input_sqnr_db:.2f}", f"{r.drop_db:.2f}", f"{r.own_sqnr_db:.2f}"]
-        if quant_only:
-            row.append("" if r.quant_only_sqnr_db is None else f"{r.quant_only_sqnr_db:.2f}")
-        rows.append(row + [str(r.rank), ", ".join(mark)])
-    return header, rows
-
-
-def markdown_report(loc: Localization) -> str:
-    out = [f"# {loc.recipe}: {loc.mode} damage localization\n",
-           f"{loc.method}.\n", f"First {loc.samples} eval samples"
-           + (f", calibrator {loc.calibrator}" if loc.calibrator else "") + f"; rows in {loc.order} order.\n",
-           f"Rule: {loc.rule}.\n", f"**{verdict(loc)}**\n", markdown_table(*table_rows(loc))]
-    worst = [loc.row(t) for t in loc.worst]
-    out.append("\nWorst five by contribution: " + ", ".join(
-        f"{r.layer} ({r.own_sqnr_db:.1f} dB)" for r in worst) + "\n")
-    if loc.skipped:
-        what = "tensors" if loc.path == "onnxruntime" else "module calls"
-        out.append(f"\nNot compared (in one model only, or another shape): {len(loc.skipped)} {what}"
-                   + (f": {', '.join(loc.skipped[:12])}" if loc.path != "onnxruntime" else "") + ".\n")
-    return "\n".join(out)
-
-
-def _plot(loc: Localization, out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from qatcheck.fsutil import atomic_path
-
-    rows = loc.rows
-    xs = np.arange(len(rows))
-    colors = ["tab:red" if r.tensor == loc.named_tensor else "tab:blue" for r in rows]
-    fig, (a1, a2) = plt.subplots(2, 1, figsize=(max(6.0, 0.45 * len(rows) + 2), 7), sharex=True)
-    a1.bar(xs, [r.sqnr_db for r in rows], color=colors)
-    a1.plot(xs, [r.input_sqnr_db if r.input_sqnr_db < _CAP_DB else np.nan for r in rows],
-            "k.--", lw=0.8, label="worst input SQNR")
-    a1.set_ylabel("SQNR vs fp32 (dB)")
-    a1.legend(loc="upper right", fontsize=8)
-    a1.set_title(verdict(loc), fontsize=8, wrap=True)
-    # exact layers (no Q/DQ of their own: ReLU, pooling...) have no bar
-    a2.bar(xs, [r.own_sqnr_db if r.own_sqnr_db < _CAP_DB else np.nan for r in rows], color=colors)
-    a2.set_ylabel("own SQNR (dB, lower = adds more;\nno bar: exact)")
-    a2.set_xticks(xs)
-    a2.set_xticklabels([r.layer or r.node for r in rows], rotation=75, ha="right", fontsize=7)
-    a2.set_xlabel(f"{loc.order} order")
-    fig.tight_layout()
-    with atomic_path(out) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-
-
-def write_reports(loc: Localization, reports_dir: str | Path) -> list[Path]:
-    """``<recipe>-localize-<mode>.json``, ``.md`` and ``.png`` in ``reports_dir`` (``-torch`` after
-    the mode for the PyTorch path of a mode that has both)."""
-    d = Path(reports_dir)
-    d.mkdir(parents=True, exist_ok=True)
-    # a mode localized on both paths (fp16) keeps the torch path's reports apart
-    both = loc.path == "torch" and loc.mode in onnx_modes()
-    stem = f"{loc.recipe}-localize-{loc.mode}" + ("-torch" if both else "")
-    j, m, p = d / f"{stem}.json", d / f"{stem}.md", d / f"{stem}.png"
-    write_text_atomic(j, json.dumps({**loc.to_json(), "verdict": verdict(loc)}, indent=1))
-    write_text_atomic(m, markdown_report(loc))
-    _plot(loc, p)
-    return [j, m, p]

@@ -41,7 +41,7 @@ input": quantization and fine-tuning drift together, which is what the parity ch
 sees. Layers whose weights differ also get ``quant_only_sqnr_db``: the same quantized layer vs
 itself with its quantizers off, on the same input - the quantization alone.
 
-The rule (:func:`qatcheck.analysis.localize.conclude`) is the ONNX path's: the first row whose
+The rule (:func:`qatcheck.analysis.localize_kernel.conclude`) is the ONNX path's: the first row whose
 cosine vs fp32 is below the floor, and the lowest own SQNR among it and its ancestors. Ancestors
 are the data flow, not the execution order: one traced forward of the quantized model on one
 sample, with autograd on, links each row's inputs back through functional ops (``+``,
@@ -64,13 +64,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from qatcheck.analysis.localize import (_CAP_DB, AutoLocalization, LayerRow, Localization, _Acc, _nsr,
-                                        calibrator_of, check_floor, conclude, failure_floor, localize_command,
-                                        torch_modes, with_mode_calibrator)
+from qatcheck.analysis.localize_kernel import (_CAP_DB, AutoLocalization, Localization, calibrator_of,
+                                               check_floor, failure_floor, layer_row, localization,
+                                               localize_command, torch_modes, with_mode_calibrator)
 from qatcheck.errors import ConfigError, DataError
 # a fake-quant module of any registered TorchQuantizer; its own implementation answers the rest
 from qatcheck.quantize.torch_common import is_enabled as _enabled, is_quantizer as _is_quantizer, \
     set_enabled as _set_enabled
+from qatcheck.parity import ParityAccumulator
 
 __all__ = ["localize_modules", "localize_torch", "for_failed_case", "leaf_modules", "RULE"]
 
@@ -196,16 +197,6 @@ def _clone(obj: Any) -> Any:
     if isinstance(obj, dict):
         return {k: _clone(v) for k, v in obj.items()}
     return obj
-
-
-def _update(acc: _Acc, r: torch.Tensor, o: torch.Tensor) -> None:
-    """_Acc.update on torch tensors (float64 sums, on their device)."""
-    r64, o64 = r.double(), o.double()
-    d = r64 - o64
-    acc.sig += float(r64 @ r64)
-    acc.err += float(d @ d)
-    acc.dot += float(r64 @ o64)
-    acc.oo += float(o64 @ o64)
 
 
 # --------------------------------------------------------------------------------------------
@@ -449,10 +440,10 @@ def localize_modules(qmodel: nn.Module, fmodel: nn.Module, batches, *, floor: fl
         plan[r.key] = (quant or not same or lowp, quant and not same)
     chunk = max(1, ACTIVATION_BUDGET // per_sample)
 
-    cum = {k: _Acc() for k in keys}
-    own = {k: _Acc() for k in keys}
-    qonly = {k: _Acc() for k, (_, quant_only) in plan.items() if quant_only}
-    ins: dict[str, list[_Acc]] = defaultdict(list)
+    cum = {k: ParityAccumulator() for k in keys}
+    own = {k: ParityAccumulator() for k in keys}
+    qonly = {k: ParityAccumulator() for k, (_, quant_only) in plan.items() if quant_only}
+    ins: dict[str, list[ParityAccumulator]] = defaultdict(list)
     seen: set[str] = set()
     samples = 0
 
@@ -498,9 +489,9 @@ def localize_modules(qmodel: nn.Module, fmodel: nn.Module, batches, *, floor: fl
                     if r_ is None or o_ is None or r_.shape != o_.shape:
                         raise ConfigError(f"{name}: the quantized module's output does not match "
                                           "the fp32 module's")
-                    _update(own[key], r_, o_)
+                    own[key].update(r_, o_)
                     if key in qonly:
-                        _update(qonly[key], _flat(yf), o_)
+                        qonly[key].update(_flat(yf), o_)
 
             with _Calls(fleaves, {}, f_pre, f_post) as fcalls:
                 fmodel(xb)
@@ -515,7 +506,7 @@ def localize_modules(qmodel: nn.Module, fmodel: nn.Module, batches, *, floor: fl
                 with _quantizers_off(all_q), _Calls(qleaves, free_q, t_pre, None):
                     qmodel(xb.to(qdtype))
                 for key, v in twin.items():
-                    _update(own[key], v.reshape(-1).float(), _flat(free_q[row_of[key].name](v)))
+                    own[key].update(v.reshape(-1).float(), _flat(free_q[row_of[key].name](v)))
                     ref_out[key] = v.reshape(-1).float()
                     ref_in[key] = [v.reshape(-1).float()]
 
@@ -528,11 +519,11 @@ def localize_modules(qmodel: nn.Module, fmodel: nn.Module, batches, *, floor: fl
                     return
                 accs = ins[key]
                 while len(accs) < len(cur):
-                    accs.append(_Acc())
+                    accs.append(ParityAccumulator())
                 for acc, r_, t in zip(accs, ref_in[key], cur):
                     o_ = t.detach().reshape(-1).float()
                     if r_.shape == o_.shape:
-                        _update(acc, r_, o_)
+                        acc.update(r_, o_)
 
             def q_post(key, name, module, args, kwargs, output):
                 if key not in keys or ref_out.get(key) is None:
@@ -542,7 +533,7 @@ def localize_modules(qmodel: nn.Module, fmodel: nn.Module, batches, *, floor: fl
                 if o_ is None or o_.shape != r_.shape:
                     raise ConfigError(f"{key}: output of {0 if o_ is None else o_.numel()} values "
                                       f"in the quantized model and {r_.numel()} in the fp32 model")
-                _update(cum[key], r_, o_)
+                cum[key].update(r_, o_)
                 seen.add(key)
 
             with _Calls(qleaves, free_q, q_pre, q_post):
@@ -554,28 +545,19 @@ def localize_modules(qmodel: nn.Module, fmodel: nn.Module, batches, *, floor: fl
     skipped += [r.key for r in rows if r.key not in seen]
     kept_keys = {r.key for r in kept}
     for idx, r in enumerate(kept):
-        sq = cum[r.key].sqnr_db()
-        sq_in = min((a.sqnr_db() for a in ins.get(r.key, [])), default=_CAP_DB)
         run_own = r.quantizer or plan[r.key][0]
-        own_db = own[r.key].sqnr_db() if run_own else _CAP_DB
-        out_rows.append(LayerRow(
-            index=idx, tensor=r.key, node=r.name, op=r.op, layer=r.name, sqnr_db=sq,
-            cosine=cum[r.key].cosine(), input_sqnr_db=sq_in, drop_db=sq_in - sq,
-            own_nsr=_nsr(own_db), own_sqnr_db=own_db,
-            inputs=[p for p in r.producers if p in kept_keys],
+        out_rows.append(layer_row(
+            idx, r.key, r.name, r.op, r.name, cum[r.key], own[r.key] if run_own else None,
+            min((a.sqnr_db() for a in ins.get(r.key, [])), default=_CAP_DB),
+            [p for p in r.producers if p in kept_keys],
             own_after=row_of[bn_after[r.key]].name if r.key in bn_after else None,
             quant_only_sqnr_db=qonly[r.key].sqnr_db() if r.key in qonly else None))
     if not out_rows:
         raise ConfigError("localize: no module of the quantized model ran in both models")
-    named, first_below, worst = conclude(out_rows, floor)
-    return Localization(
-        recipe=recipe, mode=mode, calibrator=calibrator, samples=samples, floor=floor,
-        quantized=quantized, fp32=fp32, rows=out_rows, named=named.layer if named else None,
-        named_tensor=named.tensor if named else None,
-        first_below_floor=first_below.tensor if first_below else None, worst=worst,
-        skipped=list(dict.fromkeys(skipped)), seconds=time.perf_counter() - t0, rule=RULE,
-        path="torch", order="execution", method=_method(mode, quantized, fp32, device, moved,
-                                          any(r.quantizer for r in kept)))
+    return localization(
+        out_rows, floor, skipped, t0, recipe=recipe, mode=mode, calibrator=calibrator, samples=samples,
+        quantized=quantized, fp32=fp32, rule=RULE, path="torch", order="execution",
+        method=_method(mode, quantized, fp32, device, moved, any(r.quantizer for r in kept)))
 
 
 def _method(mode: str, quantized: str, fp32: str, device: str, drift: bool, rule_q: bool) -> str:

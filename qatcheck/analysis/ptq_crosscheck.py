@@ -22,7 +22,6 @@ the planted calibration bugs the tests use are x2 and more.
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,15 +32,14 @@ import onnx
 from onnx import numpy_helper
 
 from qatcheck.errors import ArtifactError, ConfigError
-from qatcheck.fsutil import write_text_atomic
+from qatcheck.modes import of_family, spec as mode_spec
+from qatcheck.report_files import markdown_table, write_bundle
 
 #: |ratio| beyond this (either way) is a disagreement; see the module docstring
 DISAGREE_RATIO = 1.10
 #: value-preserving ops an activation site is traced back through
 PASS_THROUGH_OPS = ("Flatten", "Reshape", "Squeeze", "Unsqueeze", "Transpose", "Identity")
 CALIBRATORS = ("minmax", "entropy")
-#: the modes whose graph both quantizers can write
-MODES = ("trt_ptq", "partial")
 OURS, MODELOPT = "ours", "modelopt"
 
 
@@ -310,15 +308,16 @@ def build_graphs(recipe, calibrator: str, mode: str = "trt_ptq", cache_dir: str 
     if calibrator not in CALIBRATORS:
         raise ConfigError(f"crosscheck: calibrator {calibrator!r}: choose {' or '.join(CALIBRATORS)} "
                           "(ModelOpt's int8 ONNX PTQ has max and entropy only)")
-    if mode not in MODES:
-        raise ConfigError(f"crosscheck: mode {mode!r}: choose one of {', '.join(MODES)}")
+    graph_modes = of_family("int8_graph")  # the graphs both quantizers write: int8 Q/DQ in the fp32 ONNX
+    if mode not in graph_modes:
+        raise ConfigError(f"crosscheck: mode {mode!r}: choose one of {', '.join(graph_modes)}")
     reason = modelopt_onnx.unavailable_reason()
     if reason:
         raise ConfigError(f"crosscheck: {reason}")
     ws = workspace_of(recipe, cache_dir, use_cache=use_cache)
     recipe = with_calibrator(ws.recipe, calibrator, "onnx")
     recipe.quant.validate()
-    if mode == "partial" and not recipe.quant.keep_precision:
+    if mode_spec(mode).keeps_layers and not recipe.quant.keep_precision:
         raise ConfigError(f"crosscheck --mode {mode}: Recipe({recipe.name}).quant.keep_precision is empty")
     ws = ws.derive(recipe, onnx_quantizer="qatcheck")
     ours, theirs = ws.builder, ws.derive(onnx_quantizer="modelopt").builder  # one loaded model, one cache
@@ -417,8 +416,6 @@ def summary_lines(check: CrossCheck) -> list[str]:
 
 
 def markdown_report(check: CrossCheck) -> str:
-    from qatcheck.report_files import markdown_table
-
     comp = check.scales
     out = [f"# PTQ cross-check: {check.recipe} {check.mode}, calibrator {check.calibrator}", "",
            f"qatcheck's ONNX PTQ (`qatcheck.quantize.onnx_ptq`, {check.calibrator}) vs NVIDIA ModelOpt "
@@ -454,16 +451,10 @@ def markdown_report(check: CrossCheck) -> str:
     return "\n".join(out)
 
 
-def _plot(check: CrossCheck, out: Path) -> bool:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
+def _plot(check: CrossCheck, plt):
     rows = check.scales.rows
     if not rows:
-        return False
+        return None
     fig, ax = plt.subplots(figsize=(6.4, 5.2))
     for kind, marker in (("activation", "o"), ("weight", ".")):
         sel = [r for r in rows if r.kind == kind]
@@ -487,23 +478,14 @@ def _plot(check: CrossCheck, out: Path) -> bool:
     ax.set_title(f"{check.recipe} {check.mode}, {check.calibrator}: ModelOpt vs ours", fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return True
+    return fig
 
 
 def write_reports(check: CrossCheck, reports_dir: str | Path) -> list[Path]:
     """``<recipe>-<mode>-<calibrator>.{json,md,png}`` under ``reports_dir``."""
-    d = Path(reports_dir)
-    d.mkdir(parents=True, exist_ok=True)
-    stem = f"{check.recipe}-{check.mode}-{check.calibrator}"
-    paths = [d / f"{stem}.json", d / f"{stem}.md"]
-    write_text_atomic(paths[0], json.dumps(check.to_json(), indent=2, default=float) + "\n")
-    write_text_atomic(paths[1], markdown_report(check))
-    png = d / f"{stem}.png"
-    if _plot(check, png):
-        paths.append(png)
-    return paths
+    return write_bundle(Path(reports_dir) / f"{check.recipe}-{check.mode}-{check.calibrator}",
+                        json_doc=check.to_json(), markdown=markdown_report(check),
+                        plot=lambda plt: _plot(check, plt), indent=2, default=float, json_end="\n")
 
 
 def table_rows(check: CrossCheck, top: int | None = 12) -> tuple[list[str], list[list[str]]]:

@@ -63,7 +63,8 @@ from qatcheck.backends.torch_backend import TorchRunner
 from qatcheck.data.batching import eval_batches
 from qatcheck.errors import ConfigError, DataError
 from qatcheck.fsutil import write_text_atomic
-from qatcheck.modes import spec
+from qatcheck.modes import sensitivity_modes, spec
+from qatcheck.parity import SQNR_CAP_DB, sqnr_db
 from qatcheck.quantize.qdq_edit import quantized_layers, strip_qdq
 from qatcheck.recipe import Recipe
 from qatcheck.workspace import RecipeWorkspace, workspace_of
@@ -80,11 +81,11 @@ PATHS = ("onnx", "torch")
 _PROFILE_VERSION = 3
 #: what a profile is ranked by (stored in the profile and its reports)
 RANKED_BY = "excluded_sqnr_db"
-#: SQNR is clamped to +-this many dB: outputs equal to fp32 have an infinite SQNR, non-finite
-#: outputs (NaN / inf) read as the floor; both stay valid JSON
-_SQNR_CAP_DB = 300.0
-#: modes each path profiles
-PATH_MODE = {"onnx": "trt_ptq", "torch": "torch_ptq"}
+#: SQNR's clamp (qatcheck.parity.SQNR_CAP_DB): outputs equal to fp32 have an infinite SQNR,
+#: non-finite outputs (NaN / inf) read as the floor; both stay valid JSON
+_SQNR_CAP_DB = SQNR_CAP_DB
+#: the mode each path profiles, from the mode table (ModeSpec.sensitivity_path)
+PATH_MODE = sensitivity_modes()
 
 
 # --------------------------------------------------------------------------------------------
@@ -502,40 +503,6 @@ def profile(recipe: Recipe | SensitivityRunner, path: str = "onnx", *, max_sampl
                        only_quantized=only_quantized, progress=progress)
     prof.cached = True
     return prof
-
-
-def sqnr_db(reference: Sequence[Sequence[np.ndarray]],
-            outputs: Sequence[Sequence[np.ndarray]]) -> float:
-    """SQNR in dB of ``outputs`` vs ``reference`` (one list of output arrays per batch, as
-    :func:`qatcheck.evaluate.evaluate` keeps them): 10 log10(signal energy / error energy) over all
-    batches, per output, clamped to +-_SQNR_CAP_DB; non-finite outputs give the floor.
-
-    With several outputs, the mean of the per-output SQNRs (dB), unlike the cosine, which reports
-    the worst output: as a ranking key the worst output alone ties every layer that only feeds
-    another head (measured on digitdet: ``size.out`` and ``heatmap.out`` tied to the last bit,
-    both equal to the all-quantized model's worst output). The mean moves with every output."""
-    if len(reference) != len(outputs):
-        raise ValueError(f"sqnr: {len(outputs)} output batches vs {len(reference)} reference batches")
-    if not reference:
-        return _SQNR_CAP_DB
-    n_out = len(reference[0])
-    signal, error = np.zeros(n_out), np.zeros(n_out)
-    for refs, outs in zip(reference, outputs):
-        for j, (r, o) in enumerate(zip(refs, outs)):
-            r64, o64 = np.asarray(r, np.float64).ravel(), np.asarray(o, np.float64).ravel()
-            signal[j] += float(r64 @ r64)
-            d = r64 - o64
-            error[j] += float(d @ d)
-    per_output = []
-    for sig, err in zip(signal, error):
-        if not (np.isfinite(sig) and np.isfinite(err)):
-            return -_SQNR_CAP_DB
-        if err <= 0.0:
-            db = _SQNR_CAP_DB  # equal to the reference
-        else:
-            db = 10.0 * math.log10(sig / err) if sig > 0 else -_SQNR_CAP_DB
-        per_output.append(max(-_SQNR_CAP_DB, min(_SQNR_CAP_DB, db)))
-    return float(np.mean(per_output))
 
 
 def _rank(rows: list[LayerSensitivity], samples: int | None = None) -> list[LayerSensitivity]:

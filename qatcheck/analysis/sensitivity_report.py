@@ -7,12 +7,10 @@ budget, the reports state the chosen layers' figures on the profile's subset AND
 set (which decides), side by side."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from qatcheck.fsutil import write_text_atomic
-from qatcheck.report_files import markdown_table
+from qatcheck.report_files import markdown_table, write_bundle
 
 if TYPE_CHECKING:
     from qatcheck.analysis.sensitivity import BudgetResult, Profile
@@ -28,18 +26,12 @@ def report_stem(recipe_name: str, path: str) -> str:
 def write_reports(prof: Profile, reports_dir: str | Path,
                   budget: BudgetResult | None = None) -> list[Path]:
     """``<recipe>-sensitivity[-torch].json``, ``.png`` and ``.md`` in ``reports_dir``."""
-    reports_dir = Path(reports_dir)
-    stem = report_stem(prof.recipe, prof.path)
     payload = {"profile": prof.to_json(), "budget": budget.to_json() if budget else None,
                "budget_check": _budget_check(budget),
                "keep_precision": list(budget.layers) if budget and budget.met else None}
-    jpath = reports_dir / f"{stem}.json"
-    write_text_atomic(jpath, json.dumps(payload, indent=1))
-    ppath = reports_dir / f"{stem}.png"
-    _plot(prof, ppath, budget)
-    mpath = reports_dir / f"{stem}.md"
-    write_text_atomic(mpath, markdown_report(prof, budget))
-    return [jpath, ppath, mpath]
+    return write_bundle(Path(reports_dir) / report_stem(prof.recipe, prof.path), json_doc=payload,
+                        markdown=markdown_report(prof, budget), plot=lambda plt: _plot(prof, plt, budget),
+                        order=("json", "png", "md"))
 
 
 def _budget_check(budget: BudgetResult | None) -> dict | None:
@@ -97,13 +89,7 @@ def markdown_report(prof: Profile, budget: BudgetResult | None = None) -> str:
     return "\n".join(out)
 
 
-def _plot(prof: Profile, out: Path, budget: BudgetResult | None) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from qatcheck.fsutil import atomic_path
-
+def _plot(prof: Profile, plt, budget: BudgetResult | None):
     rows = prof.layers
     labels = [r.layer for r in rows][::-1]
     panels = 4 if any(r.only_metric is not None for r in rows) else 3
@@ -139,9 +125,7 @@ def _plot(prof: Profile, out: Path, budget: BudgetResult | None) -> None:
     fig.suptitle(f"{prof.recipe}: {prof.mode} sensitivity ({prof.calibrator}, {prof.samples} samples)"
                  + ("; red = kept for budget" if chosen else ""), fontsize=10)
     fig.tight_layout()
-    with atomic_path(out) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    return fig
 
 
 def table_rows(prof: Profile, top: int | None = None) -> tuple[list[str], list[list[str]]]:
