@@ -1,6 +1,6 @@
 """Are two runs' figures identical? Compares the per-case figures of two reports directories (the
 JSON each suite writes): metrics, parity (overall and per output), quantization structure, artifact
-digests, eval fingerprints, verdicts. Latency is not compared (it is a measurement of the machine).
+digests, eval fingerprints, the checks' statuses. Latency is not compared (it is a measurement of the machine).
 
     python benchmarks/compare_figures.py BEFORE_REPORTS AFTER_REPORTS
 
@@ -12,7 +12,9 @@ import sys
 from pathlib import Path
 
 FIELDS = ("metrics", "parity", "output_parity", "structure", "artifact", "eval_fingerprint",
-          "eval_samples", "calibrator", "parity_reference", "verdict")
+          "eval_samples", "calibrator", "parity_reference", "checks")
+#: checks whose status is compared (latency's is the machine's)
+CHECKS = ("accuracy", "parity", "structure", "precision")
 
 
 def figures(reports: Path) -> dict[str, dict]:
@@ -22,7 +24,9 @@ def figures(reports: Path) -> dict[str, dict]:
         if not isinstance(data, dict) or "cases" not in data:
             continue  # a localize / sensitivity report
         for rec in data["cases"]:
-            out[rec["case"]["id"]] = {f: rec.get(f) for f in FIELDS}
+            figs = {f: rec.get(f) for f in FIELDS}
+            figs["checks"] = {c: (v or {}).get("status") for c, v in (rec.get("checks") or {}).items() if c in CHECKS}
+            out[rec["case"]["id"]] = figs
     return out
 
 

@@ -47,6 +47,14 @@ class Table:
             impl = self.entries[name] = resolve(impl)
         return impl
 
+    def instance(self, name: str) -> Any:
+        """``name``'s implementation as one object: a class is made once (no arguments) and named."""
+        impl = self.get(name)
+        if isinstance(impl, type):
+            impl = self.entries[name] = impl()
+            impl.name = name
+        return impl
+
     def __contains__(self, name: object) -> bool:
         return name in self.entries
 
@@ -143,13 +151,8 @@ def unregister_torch_quantizer(name: str) -> None:
     _TORCH_QUANTIZER_LIBRARIES.pop(name, None)
 
 
-def torch_quantizer(name: str) -> Any:
-    """The TorchQuantizer registered as ``name`` (one instance, made on first use)."""
-    impl = TORCH_QUANTIZERS.get(name)
-    if isinstance(impl, type):
-        impl = TORCH_QUANTIZERS.entries[name] = impl()
-        impl.name = name
-    return impl
+#: the TorchQuantizer registered as a name (one instance, made on first use)
+torch_quantizer = TORCH_QUANTIZERS.instance
 
 
 def torch_quantizer_library(name: str) -> str | None:
@@ -175,10 +178,5 @@ def register_onnx_quantizer(name: str, impl: Any, *, replace: bool = False) -> N
     ONNX_QUANTIZERS.register(name, impl, replace=replace)
 
 
-def onnx_quantizer(name: str) -> Any:
-    """The OnnxQuantizer registered as ``name`` (one instance, made on first use)."""
-    impl = ONNX_QUANTIZERS.get(name)
-    if isinstance(impl, type):
-        impl = ONNX_QUANTIZERS.entries[name] = impl()
-        impl.name = name
-    return impl
+#: the OnnxQuantizer registered as a name (one instance, made on first use)
+onnx_quantizer = ONNX_QUANTIZERS.instance

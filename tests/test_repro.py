@@ -7,6 +7,8 @@ import json
 import shlex
 import shutil
 import subprocess
+import sys
+from pathlib import Path
 
 import onnx
 import pytest
@@ -33,6 +35,14 @@ def _run(pytester, cache, *args):
                               "--qatcheck-baselines", str(pytester.path / "baselines"),
                               "--qatcheck-reports", str(pytester.path / "reports"), "--qatcheck-no-progress",
                               "--benchmark-disable", "-k", "trt_ptq", *args)
+
+
+def _polygraphy(command: str) -> list[str]:
+    """The bundle's command, its ``polygraphy`` the one installed beside this Python (the venv's,
+    also when it is not activated)."""
+    argv = shlex.split(command)
+    beside = Path(sys.executable).parent / argv[0]
+    return [str(beside) if beside.exists() else argv[0], *argv[1:]]
 
 
 def test_a_failing_parity_case_leaves_a_polygraphy_command_that_reproduces_it(pytester):
@@ -68,7 +78,7 @@ def test_a_failing_parity_case_leaves_a_polygraphy_command_that_reproduces_it(py
     assert settings["polygraphy_reproduces"] and settings["backend_args"] == ["--onnxrt"]
     assert settings["output_cosine_thresholds"] == {"": 0.98} and command.endswith("--cosine-similarity-threshold 0.98")
 
-    replay = subprocess.run(shlex.split(command), capture_output=True, text=True, timeout=300)
+    replay = subprocess.run(_polygraphy(command), capture_output=True, text=True, timeout=300)
     assert replay.returncode != 0, replay.stdout + replay.stderr
     assert "FAILED" in replay.stdout + replay.stderr
 
@@ -76,7 +86,7 @@ def test_a_failing_parity_case_leaves_a_polygraphy_command_that_reproduces_it(py
     [clean] = (pytester.path / "clean-cache").glob("digits-trt_ptq-*.onnx")
     shutil.copyfile(clean, bundle / "model.onnx")
     assert onnx.load(str(bundle / "model.onnx"))
-    replay = subprocess.run(shlex.split(command), capture_output=True, text=True, timeout=300)
+    replay = subprocess.run(_polygraphy(command), capture_output=True, text=True, timeout=300)
     assert replay.returncode == 0, replay.stdout + replay.stderr
 
 

@@ -190,17 +190,6 @@ def test_ort_runner_takes_in_memory_models(tmp_path):
         OrtRunner(b"not onnx", provider="CPUExecutionProvider")
 
 
-def test_old_import_path_reexports():
-    """Recipes written against ``qatcheck.sensitivity`` keep working."""
-    from qatcheck import sensitivity as old
-    from qatcheck.analysis import keeplist
-
-    assert old.load_keep_list is keeplist.load_keep_list and old.KeepList is keeplist.KeepList
-    assert old.SensitivityRunner is S.SensitivityRunner and old.PATH_MODE is PATH_MODE
-    assert old.strip_qdq is strip_qdq and old.write_reports is write_reports
-    assert all(hasattr(old, name) for name in old.__all__)
-
-
 def test_profile_cache_hit_and_reports(planted_recipe, tmp_path):
     cache = tmp_path / "cache"
     first = S.SensitivityRunner(planted_recipe, "onnx", cache, progress=False)
