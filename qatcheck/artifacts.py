@@ -26,16 +26,16 @@ import numpy as np
 import torch
 
 from qatcheck.backends.base import Artifact
+from qatcheck.backends.trt_plan import check_ptq_form
 from qatcheck.cache import ArtifactCache, library_versions
 from qatcheck.data.base import Dataset, inputs_fingerprint, require_float, shuffled_batches
 from qatcheck.data.batching import fixed_batches
 from qatcheck.errors import ArtifactError, ConfigError, DataError
 from qatcheck.fsutil import file_digest
 from qatcheck.modes import ModeSpec, resolve, spec as mode_spec
-from qatcheck.recipe import NO_TORCH, is_onnx_only
-from qatcheck.quantize.export import pin_shapes
 from qatcheck.quantize import export
-from qatcheck.recipe import Recipe
+from qatcheck.quantize.export import pin_shapes
+from qatcheck.recipe import NO_TORCH, Recipe, is_onnx_only
 from qatcheck.registry import (DEFAULT_ONNX_QUANTIZER, ONNX_QUANTIZERS, TORCH_QUANTIZERS, torch_quantizer)
 from qatcheck.registry import onnx_quantizer as onnx_quantizer_named
 
@@ -90,6 +90,21 @@ def source_digest(items: Iterable[str | Path]) -> str:
         h.update(str(f.relative_to(root) if f.is_relative_to(root) else f.name).encode())
         h.update(f.read_bytes())
     return h.hexdigest()[:16]
+
+
+def implementation_id(impl: Any) -> str | None:
+    """What of a registered quantizer shapes its artifacts, for their cache keys: its ``cache_id()``
+    and, for one defined outside qatcheck (a user's own), the digest of the file that defines it,
+    so an edit of that file rebuilds what it wrote. qatcheck's own implementations are part of its
+    build code, already in every key."""
+    cid = impl.cache_id()
+    try:
+        src = Path(inspect.getsourcefile(type(impl)) or "").resolve()
+    except TypeError:  # a class without a file (defined in a REPL): its cache_id alone
+        return cid
+    if not src.is_file() or src.is_relative_to(Path(__file__).resolve().parent):
+        return cid
+    return f"{cid or type(impl).__qualname__} {source_digest([src])}"
 
 
 def build_code_digest(spec: ModeSpec) -> str:
@@ -211,8 +226,9 @@ _MODEL_FIELDS = ("fp32_onnx", "modules", "train_graph")
 def onnx_quantizer_for(options: Any) -> str:
     """The session's choice (``--qatcheck-trt-ptq``): a registered ONNX quantizer's name has it
     write the graphs; every other form (auto / native / qdq) is about how TensorRT builds them,
-    from qatcheck's."""
-    form = getattr(options, "trt_ptq", "auto")
+    from qatcheck's. Checked here, not by the command line: a suite may register its quantizer
+    after the options are parsed."""
+    form = check_ptq_form(getattr(options, "trt_ptq", "auto"))
     return form if form in ONNX_QUANTIZERS else DEFAULT_ONNX_QUANTIZER
 
 
@@ -274,7 +290,7 @@ class ArtifactBuilder:
                 "device": lambda: self.device.split(":")[0], "loss": self._loss_id,
                 "fp32_onnx": lambda: self.onnx_artifact("fp32", dynamic).digest,
                 "modules": lambda: self.state.modules, "train_graph": lambda: self.state.train_graph,
-                "torch_quantizer": lambda: self.torch_quantizer().cache_id()}
+                "torch_quantizer": lambda: implementation_id(self.torch_quantizer())}
 
     def _field(self, name: str, dynamic: bool = False) -> Any:
         special = self._special(dynamic)
@@ -302,8 +318,8 @@ class ArtifactBuilder:
         if dynamic:
             parts["dynamic"] = True
         parts.update({f: self._field(f, dynamic) for f in spec.key_fields})
-        if spec.onnx_builder in (onnx_ptq, f"{__name__}:onnx_ptq") and self.onnx_ptq.cache_id() is not None:
-            parts["quantizer"] = self.onnx_ptq.cache_id()  # e.g. with its library's version
+        if spec.onnx_builder in (onnx_ptq, f"{__name__}:onnx_ptq") and (writer := implementation_id(self.onnx_ptq)):
+            parts["quantizer"] = writer  # e.g. with its library's version, or a user's file
         return parts
 
     def model_graph(self) -> str:

@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 CUDA_GRAPH_CHOICES = ("auto", "on", "off")
-TRT_PTQ_CHOICES = ("auto", "native", "qdq", "modelopt")
 LOCALIZE_CHOICES = ("auto", "off")
 
 
@@ -36,7 +35,8 @@ class Options:
     progress: bool = True
     #: CUDA timing: replay a captured CUDA graph (auto: fall back to eager events if capture fails)
     cuda_graph: str = "auto"
-    #: TensorRT int8 form for trt_ptq/partial: auto | native (TensorRT calibrator) | qdq
+    #: TensorRT int8 form for trt_ptq/partial: auto | native (TensorRT calibrator) | qdq | the name of
+    #: a registered ONNX quantizer (qatcheck.backends.trt_plan.check_ptq_form)
     trt_ptq: str = "auto"
     #: COCO folder for recipes that use qatcheck.data.coco.coco_val2017()
     coco_root: Path | None = None

@@ -27,7 +27,7 @@ from qatcheck.registry import backend_names
 from qatcheck.errors import QatcheckError
 from qatcheck.measurement import Case, Verdict
 from qatcheck.modes import modes
-from qatcheck.options import (CUDA_GRAPH_CHOICES, LOCALIZE_CHOICES, TRT_PTQ_CHOICES, Options, activate, deactivate,
+from qatcheck.options import (CUDA_GRAPH_CHOICES, LOCALIZE_CHOICES, Options, activate, deactivate,
                               physical_cores)
 
 OPTIONS_KEY = pytest.StashKey[Options]()
@@ -101,13 +101,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                      "(the baseline is stale: --update-baselines keeps the new value)")
     g.addoption("--qatcheck-benchmark-table", action="store_true", default=False,
                 help="also print pytest-benchmark's own table of the raw timings")
-    g.addoption("--qatcheck-trt-ptq", default="auto", choices=TRT_PTQ_CHOICES,
+    g.addoption("--qatcheck-trt-ptq", default="auto", metavar="FORM",
                 help="TensorRT trt_ptq/partial: native = TensorRT's own calibrator and per-layer "
                      "precision (TensorRT <= 10 only), qdq = build qatcheck's explicit Q/DQ ONNX, "
-                     "auto = native where TensorRT still has it, else qdq; modelopt = NVIDIA "
-                     "ModelOpt's ONNX PTQ writes the trt_ptq/partial Q/DQ ONNX (for ONNX Runtime "
-                     "too) and TensorRT builds it like qdq (minmax/entropy; pip install -e "
-                     "'.[modelopt]')")
+                     "auto = native where TensorRT still has it, else qdq; the name of a registered "
+                     "ONNX quantizer has it write the trt_ptq/partial Q/DQ ONNX (for ONNX Runtime "
+                     "too) and TensorRT builds it like qdq: modelopt = NVIDIA ModelOpt's ONNX PTQ "
+                     "(minmax/entropy; pip install -e '.[modelopt]'), or one a suite registers")
     g.addoption("--qatcheck-localize", default="auto", choices=LOCALIZE_CHOICES,
                 help="a failed parity check of a quantized case names the layer where the damage "
                      "enters (auto, the default), or not (off)")

@@ -1,8 +1,10 @@
 """A third PyTorch quantizer, registered from this file alone (qatcheck.registry.register_torch_quantizer),
 runs torch_ptq end to end through the real plugin: accuracy, parity, the structure check (a baseline
 recorded, then a planted change to one quantized layer fails naming it, then a clean rerun passes),
-automatic localization of the planted failure on the torch path, and the sensitivity profile. Also:
-ModelOpt's torch_ptq profile lists its quantizers, and an unknown torch_quantizer is one ConfigError.
+automatic localization of the planted failure on the torch path, and the sensitivity profile; an ONNX
+quantizer registered here writes trt_ptq when ``--qatcheck-trt-ptq`` names it. Also: ModelOpt's
+torch_ptq profile lists its quantizers, an unknown torch_quantizer is one ConfigError, and an edit of a
+registered quantizer's file rebuilds what it writes.
 
 The toy is plain PyTorch: per-tensor, max-calibrated, symmetric int8 fake quant of every Conv2d /
 Linear input and weight through ``torch.fake_quantize_per_tensor_affine`` (which the TorchScript
@@ -10,7 +12,6 @@ exporter writes as QuantizeLinear / DequantizeLinear)."""
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 from pathlib import Path
 
@@ -23,8 +24,10 @@ from torch import nn
 from qatcheck.errors import ArtifactError, ConfigError
 from qatcheck.fsutil import atomic_path
 from qatcheck.quantize.torch_common import TorchQuantizer, feed_calibration, quantizer_of
+from qatcheck.quantize.onnx_ptq import QatcheckPTQ
 from qatcheck.recipe import QuantSettings
-from qatcheck.registry import register_torch_quantizer, unregister_torch_quantizer
+from qatcheck.registry import (ONNX_QUANTIZERS, register_onnx_quantizer, register_torch_quantizer,
+                               unregister_torch_quantizer)
 
 pytestmark = pytest.mark.usefixtures("single_thread_module")
 
@@ -69,8 +72,8 @@ _SWAP = {nn.Conv2d: QuantToyConv2d, nn.Linear: QuantToyLinear}
 
 
 class ToyQuantizer(TorchQuantizer):
-    def version(self) -> str:  # its code is what shapes an artifact
-        return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:12]
+    def version(self) -> str:  # this file is keyed too (qatcheck.artifacts.implementation_id)
+        return "1"
 
     def _wrap(self, model: nn.Module) -> nn.Module:
         qmodel = copy.deepcopy(model)
@@ -134,13 +137,26 @@ class ToyQuantizer(TorchQuantizer):
         return out
 
 
+class ToyOnnxPTQ(QatcheckPTQ):
+    """An ONNX quantizer registered from here (qatcheck's PTQ under another name, counting its calls):
+    ``--qatcheck-trt-ptq toyonnx`` has it write the trt_ptq graph."""
+
+    calls = 0
+
+    def quantize(self, *args, **kwargs):
+        type(self).calls += 1
+        return super().quantize(*args, **kwargs)
+
+
 @pytest.fixture
 def toy():
     register_torch_quantizer("toy", ToyQuantizer)
+    register_onnx_quantizer("toyonnx", ToyOnnxPTQ)
     try:
         yield
     finally:
         unregister_torch_quantizer("toy")
+        ONNX_QUANTIZERS.unregister("toyonnx")
 
 
 def _val_head(n: int = 128):
@@ -155,9 +171,10 @@ def _toy_recipe():
     """digits, torch_ptq by the toy, on 128 eval samples (fast)."""
     from qatcheck.zoo.recipes import digits_recipe
 
-    return digits_recipe(name="toydigits", modes=("fp32", "torch_ptq"), backends=("torch", "onnxruntime"),
+    return digits_recipe(name="toydigits", modes=("fp32", "trt_ptq", "torch_ptq"), backends=("torch", "onnxruntime"),
                          dynamic_modes=(), eval_data=_val_head,
-                         quant=QuantSettings(torch_quantizer="toy", torch_calibrator="max", calib_batches=2))
+                         quant=QuantSettings(torch_quantizer="toy", torch_calibrator="max", calibrator="minmax",
+                                                       calib_batches=2))
 
 
 SUITE = '''
@@ -174,9 +191,12 @@ def test_toy_quantizer_runs_torch_ptq_through_the_plugin(toy, pytester, monkeypa
     monkeypatch.syspath_prepend(str(Path(__file__).parent))
     args = ("-p", "no:cacheprovider", "--qatcheck-cache", str(pytester.path / "cache"),
             "--qatcheck-baselines", str(pytester.path / "baselines"),
-            "--qatcheck-reports", str(pytester.path / "reports"), "--qatcheck-no-progress")
+            "--qatcheck-reports", str(pytester.path / "reports"), "--qatcheck-no-progress",
+            "--qatcheck-trt-ptq", "toyonnx")
     result = pytester.runpytest_inprocess(*args, "--update-baselines")
     assert result.ret == 0, result.stdout.str()
+    assert ToyOnnxPTQ.calls == 1  # the trt_ptq graph, once
+    result.stdout.fnmatch_lines(["*trt_ptq*onnxruntime*minmax (toyonnx)*"])
     report = json.loads((pytester.path / "reports" / "toydigits.json").read_text())
     rows = {c["case"]["key"]: c for c in report["cases"]}
     ptq = rows["torch_ptq-onnxruntime"]
@@ -241,3 +261,51 @@ def test_unknown_torch_quantizer_is_one_config_error_listing_the_registered_name
     with pytest.raises(ConfigError, match=r"QuantSettings.torch_quantizer 'tensorrt' is unknown; choose one "
                                           r"of pytorch-quantization, modelopt, toy \(or register one"):
         digits_recipe(quant=QuantSettings(torch_quantizer="tensorrt"))
+
+
+FILES = {"my_torch_q": "from test_toy_quantizer import ToyQuantizer\n\n\nclass Mine(ToyQuantizer):\n    pass\n",
+         "my_onnx_q": "from qatcheck.quantize.onnx_ptq import QatcheckPTQ\n\n\nclass Mine(QatcheckPTQ):\n    pass\n"}
+
+
+def test_an_edit_of_a_registered_quantizers_file_rebuilds_what_it_writes(tmp_path, monkeypatch):
+    """A quantizer defined outside qatcheck keys its artifacts on the file that defines it: an edit
+    of the torch quantizer's file changes torch_ptq's key (its artifacts rebuild), of the ONNX
+    quantizer's trt_ptq's, neither fp16's; qatcheck's own quantizers key on name and version only
+    (their code is qatcheck's build code, in every key already)."""
+    from qatcheck.artifacts import implementation_id
+    from qatcheck.modes import spec
+    from qatcheck.registry import onnx_quantizer, torch_quantizer
+    from qatcheck.workspace import RecipeWorkspace
+    from qatcheck.zoo.recipes import digits_recipe
+
+    for name, text in FILES.items():
+        (tmp_path / f"{name}.py").write_text(text)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    register_torch_quantizer("mytorch", "my_torch_q:Mine")
+    register_onnx_quantizer("myonnx", "my_onnx_q:Mine")
+    try:
+        recipe = digits_recipe(modes=("fp32", "fp16", "trt_ptq", "torch_ptq"), dynamic_modes=(),
+                               quant=QuantSettings(torch_quantizer="mytorch", torch_calibrator="max"))
+        b = RecipeWorkspace(recipe, tmp_path / "cache", onnx_quantizer="myonnx").builder
+
+        def keys():
+            return {m: b.key_parts(spec(m)) for m in ("fp16", "trt_ptq", "torch_ptq")}
+
+        def edit(name):
+            (tmp_path / f"{name}.py").write_text(FILES[name] + "# an edit\n")
+        before = keys()
+        assert keys() == before  # nothing edited: the same keys
+        edit("my_torch_q")
+        torch_edited = keys()
+        assert torch_edited["torch_ptq"] != before["torch_ptq"]
+        assert torch_edited["trt_ptq"] == before["trt_ptq"] and torch_edited["fp16"] == before["fp16"]
+        edit("my_onnx_q")
+        onnx_edited = keys()
+        assert onnx_edited["trt_ptq"] != before["trt_ptq"]
+        assert onnx_edited["torch_ptq"] == torch_edited["torch_ptq"] and onnx_edited["fp16"] == before["fp16"]
+    finally:
+        unregister_torch_quantizer("mytorch")
+        ONNX_QUANTIZERS.unregister("myonnx")
+    for builtin in (torch_quantizer("pytorch-quantization"), onnx_quantizer("qatcheck")):
+        assert implementation_id(builtin) == builtin.cache_id()

@@ -12,6 +12,7 @@ from qatcheck.backends.trt_audit import PrecisionAuditError, layer_kind, layer_p
 from qatcheck.errors import ConfigError
 from qatcheck.modes import MODES
 from qatcheck.recipe import InputSpec, QuantSettings
+from qatcheck.registry import ONNX_QUANTIZERS, register_onnx_quantizer
 
 SPEC = InputSpec(name="input", shape=(32, 3, 32, 32), dynamic={0: (1, 32, 64)})
 QUANT = QuantSettings(calibrator="entropy", keep_precision=("stem.conv", "fc"))
@@ -71,20 +72,30 @@ def test_qdq_form_uses_the_explicit_onnx_on_both(mode, version):
     assert p.onnx_mode == mode and p.quantization == "explicit" and p.calibration is None and not p.pins
 
 
+@pytest.fixture
+def mine():
+    """A user's ONNX quantizer, registered by name (qatcheck's own PTQ under another name)."""
+    register_onnx_quantizer("mine", "qatcheck.quantize.onnx_ptq:QatcheckPTQ")
+    yield "mine"
+    ONNX_QUANTIZERS.unregister("mine")
+
+
 @pytest.mark.parametrize("version", [V10, V11])
 @pytest.mark.parametrize("mode", ["trt_ptq", "partial"])
-def test_modelopt_form_builds_the_explicit_onnx_like_qdq(mode, version):
-    """--qatcheck-trt-ptq modelopt: ModelOpt wrote the mode's Q/DQ ONNX; TensorRT builds it as an
-    explicit graph exactly as qdq does (the graph's digest, not the form, tells the engines apart)."""
-    p, q = plan(mode, version, ptq_form="modelopt"), plan(mode, version, ptq_form="qdq")
-    assert tp.onnx_source(mode, version, "modelopt") == mode
+@pytest.mark.parametrize("writer", ["modelopt", "mine"])
+def test_a_registered_onnx_quantizer_builds_the_explicit_onnx_like_qdq(mode, version, writer, mine):
+    """--qatcheck-trt-ptq modelopt (or a user's registered ONNX quantizer): it wrote the mode's Q/DQ
+    ONNX; TensorRT builds it as an explicit graph exactly as qdq does (the graph's digest, not the
+    form, tells the engines apart)."""
+    p, q = plan(mode, version, ptq_form=writer), plan(mode, version, ptq_form="qdq")
+    assert tp.onnx_source(mode, version, writer) == mode
     assert p.onnx_mode == mode and p.quantization == "explicit" and p.calibration is None and not p.pins
     assert p.settings() == q.settings() and p.builder_flags == q.builder_flags
-    assert any("ModelOpt" in n for n in p.notes) and not any("ModelOpt" in n for n in q.notes)
-    other = plan(mode, version, ptq_form="modelopt", onnx_digests={**DIGESTS, mode: "sha-modelopt"})
+    assert any(f"ONNX quantizer {writer!r}" in n for n in p.notes) and not any("ONNX quantizer" in n for n in q.notes)
+    other = plan(mode, version, ptq_form=writer, onnx_digests={**DIGESTS, mode: "sha-other"})
     assert other.cache_key != p.cache_key
     # fp32 / torch_ptq plans do not depend on the form
-    assert plan("torch_ptq", version, ptq_form="modelopt").settings() == plan("torch_ptq", version).settings()
+    assert plan("torch_ptq", version, ptq_form=writer).settings() == plan("torch_ptq", version).settings()
 
 
 @pytest.mark.parametrize("calibrator,cls", [("entropy", "IInt8EntropyCalibrator2"),
@@ -127,7 +138,8 @@ def test_legacy_on_11_fails_saying_why(mode):
 
 def test_native_on_10_and_unknown_forms():
     assert plan("trt_ptq", V10, ptq_form="native").quantization == "implicit"
-    with pytest.raises(ConfigError, match="--qatcheck-trt-ptq 'fast' is unknown"):
+    with pytest.raises(ConfigError, match=r"--qatcheck-trt-ptq 'fast' is unknown; choose one of auto, native, "
+                                          r"qdq or a registered ONNX quantizer \(qatcheck, modelopt; "):
         plan("trt_ptq", V10, ptq_form="fast")
 
 

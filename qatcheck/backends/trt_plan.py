@@ -29,15 +29,30 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from qatcheck.errors import ConfigError
 from qatcheck.modes import FP8_MIN_CAPABILITY, MODE_SPECS, spec as mode_spec
+from qatcheck.registry import DEFAULT_ONNX_QUANTIZER, ONNX_QUANTIZERS
 
 #: how ``trt_ptq`` / ``partial`` are built: ``auto`` = TensorRT's own calibrator where the version
 #: has one (<= 10), else the Q/DQ ONNX; ``native`` = TensorRT's calibrator (legacy, <= 10 only);
-#: ``qdq`` = always the Q/DQ ONNX from qatcheck's ONNX-level PTQ; ``modelopt`` = the Q/DQ ONNX
-#: written by NVIDIA ModelOpt's ONNX PTQ instead (qatcheck.quantize.modelopt_onnx): built like qdq.
-TRT_PTQ_FORMS: tuple[str, ...] = ("auto", "native", "qdq", "modelopt")
-#: forms whose trt_ptq / partial engine is the explicit Q/DQ graph (which tool wrote it is the
-#: artifact's business: its digest keys the engine)
-EXPLICIT_PTQ_FORMS: tuple[str, ...] = ("qdq", "modelopt")
+#: ``qdq`` = always the Q/DQ ONNX from qatcheck's ONNX-level PTQ. Any other form names a registered
+#: ONNX quantizer (qatcheck.registry.ONNX_QUANTIZERS: ``modelopt``, a user's) that writes the Q/DQ
+#: ONNX instead: built like qdq (which tool wrote the graph is the artifact's business: its digest
+#: keys the engine).
+TRT_PTQ_FORMS: tuple[str, ...] = ("auto", "native", "qdq")
+
+
+def check_ptq_form(form: str) -> str:
+    """``form`` if it is a TensorRT form or a registered ONNX quantizer's name, else one error."""
+    if form in TRT_PTQ_FORMS or form in ONNX_QUANTIZERS:
+        return form
+    raise ConfigError(f"--qatcheck-trt-ptq {form!r} is unknown; choose one of {', '.join(TRT_PTQ_FORMS)} "
+                      f"or a registered ONNX quantizer ({', '.join(ONNX_QUANTIZERS.names())}; "
+                      "qatcheck.registry.register_onnx_quantizer adds one)")
+
+
+def _writer(form: str) -> str | None:
+    """The ONNX quantizer other than qatcheck's that a form has write the Q/DQ graph, if any."""
+    return form if form in ONNX_QUANTIZERS and form != DEFAULT_ONNX_QUANTIZER else None
+
 
 #: QuantSettings.calibrator -> TensorRT's implicit INT8 calibrator class (TensorRT <= 10).
 NATIVE_CALIBRATORS: Mapping[str, str] = {
@@ -214,12 +229,11 @@ def legacy_on_11_error(mode: str, version: Sequence[int], what: str) -> ConfigEr
 
 def resolve_ptq_form(form: str, version: Sequence[int], mode: str) -> str:
     """``native`` or ``qdq`` for trt_ptq / partial on this TensorRT version."""
-    if form not in TRT_PTQ_FORMS:
-        raise ConfigError(f"--qatcheck-trt-ptq {form!r} is unknown; choose one of {', '.join(TRT_PTQ_FORMS)}")
+    check_ptq_form(form)
     major = parse_version(version)[0]
     if form == "auto":
         return "native" if major < TRT_STRONGLY_TYPED_ONLY else "qdq"
-    if form in EXPLICIT_PTQ_FORMS:
+    if form in ONNX_QUANTIZERS:
         return "qdq"
     if form == "native" and major >= TRT_STRONGLY_TYPED_ONLY:
         what = ("per-layer precision constraints (the native 'partial')" if mode_spec(mode).keeps_layers
@@ -311,8 +325,9 @@ def plan_build(mode: str, trt_version: str | Sequence[int], quant, input_spec,
                          notes=("FP8 Q/DQ built strongly typed, every tensor's type from the graph "
                                 "(trtexec --stronglyTyped, as NVIDIA ModelOpt documents for FP8)",), **common)
     if not spec.trt_native_ptq or source == mode:  # explicit Q/DQ in the graph
-        writer = (("Q/DQ ONNX written by NVIDIA ModelOpt's ONNX PTQ (--qatcheck-trt-ptq modelopt)",)
-                  if spec.trt_native_ptq and ptq_form == "modelopt" else ())
+        writer = ((f"Q/DQ ONNX written by the ONNX quantizer {_writer(ptq_form)!r} "
+                   f"(--qatcheck-trt-ptq {ptq_form}), built like qdq",)
+                  if spec.trt_native_ptq and _writer(ptq_form) else ())
         if st_only:
             return BuildPlan(precision="int8", quantization="explicit", strongly_typed=True,
                              builder_flags=(), notes=writer, **common)
