@@ -12,6 +12,7 @@ from pathlib import Path
 
 CUDA_GRAPH_CHOICES = ("auto", "on", "off")
 LOCALIZE_CHOICES = ("auto", "off")
+LATENCY_CHOICES = ("judged", "always", "never")
 
 
 @dataclass
@@ -42,6 +43,9 @@ class Options:
     coco_root: Path | None = None
     #: under pytest-xdist: (this worker's index, the worker count); see qatcheck.parallel
     xdist_worker: tuple[int, int] | None = None
+    #: which cases are timed: judged (those a baseline, a recording or a speedup floor reads),
+    #: always, never
+    latency: str = "judged"
     #: why this process times nothing (xdist workers sharing a device); "" when it does
     latency_off: str = ""
     #: CPU intra-op threads for ONNX Runtime and PyTorch (None: each library's default)

@@ -27,7 +27,7 @@ from qatcheck.registry import backend_names
 from qatcheck.errors import QatcheckError
 from qatcheck.measurement import Case, Verdict
 from qatcheck.modes import modes
-from qatcheck.options import (CUDA_GRAPH_CHOICES, LOCALIZE_CHOICES, Options, activate, deactivate,
+from qatcheck.options import (CUDA_GRAPH_CHOICES, LATENCY_CHOICES, LOCALIZE_CHOICES, Options, activate, deactivate,
                               physical_cores)
 
 OPTIONS_KEY = pytest.StashKey[Options]()
@@ -91,6 +91,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g.addoption("--qatcheck-threads", default="auto", metavar="N",
                 help="CPU intra-op threads for ONNX Runtime and PyTorch (default auto: the physical "
                      "cores); part of the latency fingerprint")
+    g.addoption("--qatcheck-latency", default="judged", choices=LATENCY_CHOICES,
+                help="which cases are timed: judged = only those whose latency a verdict or a "
+                     "recording reads (a latency baseline for this device's fingerprint, "
+                     "--update-baselines, a speedup floor); always; never")
     g.addoption("--qatcheck-latency-retries", type=int, default=2, metavar="N",
                 help="re-measure a latency case that looks slower up to N times before judging it "
                      "(default 2)")
@@ -165,6 +169,7 @@ def pytest_configure(config: pytest.Config) -> None:
         trt_ptq=config.getoption("--qatcheck-trt-ptq"),
         coco_root=Path(coco_root).resolve() if coco_root else None,
         threads=physical_cores() if threads == "auto" else int(threads),
+        latency=config.getoption("--qatcheck-latency"),
         latency_retries=max(0, config.getoption("--qatcheck-latency-retries")),
         latency_strict=config.getoption("--qatcheck-latency-strict"),
         strict=config.getoption("--qatcheck-strict"),

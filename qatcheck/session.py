@@ -48,6 +48,11 @@ from qatcheck.workspace import CaseView, RecipeWorkspace
 __all__ = ["Options", "QatcheckSession"]
 
 
+#: the note under a table whose latency column is empty for want of a baseline
+UNTIMED_NOTE = ("latency: a case is timed only where its latency is judged or recorded (a baseline for "
+                "this device, --update-baselines, a speedup floor); --qatcheck-latency always times every case")
+
+
 class QatcheckSession:
     def __init__(self, options: Options, backends: dict[str, Backend] | None = None) -> None:
         self.options = options
@@ -276,6 +281,11 @@ class QatcheckSession:
         reason = resolve(gate)(runner.device) if gate is not None else None
         if reason:
             return dict(device=runner.device, latency=None, latency_skipped=reason)
+        fp = fpr.device_fingerprint(runner.device, runner.versions())
+        untimed = self._untimed_reason(case, fp)
+        if untimed:
+            return dict(device=runner.device, latency=None, latency_skipped=untimed, fingerprint=fp,
+                        fingerprint_id=fpr.fingerprint_id(fp), notes=(UNTIMED_NOTE,))
         shape = self.shape(case)
         call = runner.timed_call(self._latency_input(case))
         notes = [call.note] if getattr(call, "note", "") else []
@@ -290,7 +300,6 @@ class QatcheckSession:
         if probe:
             stats = dataclasses.replace(stats, probe_ms=float(np.median(probe)),
                                         probe_ci_rel=timing.median_ci_rel(probe))
-        fp = fpr.device_fingerprint(runner.device, runner.versions())
         if stats.noisy:  # a note, not a warning per case: the verdict already weighs the noise
             notes.append(f"latency CV above {timing.CV_WARNING:.1%}: the machine is noisy; the latency "
                          "verdicts account for it (a wider interval, inconclusive rather than red)")
@@ -301,6 +310,24 @@ class QatcheckSession:
                     fingerprint_id=fpr.fingerprint_id(fp), notes=tuple(notes), latency_attempts=1,
                     latency_host_bound=getattr(call, "host_bound", ""),
                     latency_attempt_medians=(stats.median_ms,), latency_artifact=self._timed_onnx(case, runner))
+
+    def _untimed_reason(self, case: Case, fp: dict) -> str:
+        """Why the case is not timed under --qatcheck-latency ("" when it is): ``never``; ``judged``
+        (the default) times only what a verdict or a recording will read - a latency baseline for
+        this device's fingerprint, --update-baselines, or a speedup floor the mode is in."""
+        policy = self.options.latency
+        if policy == "always" or (policy == "judged" and self.options.update_baselines):
+            return ""
+        if policy == "never":
+            return "latency not timed (--qatcheck-latency never)"
+        tol = self.recipes[case.recipe].tolerances
+        if tol.speedup_for(case.mode) or case.mode in {tol.speedup_for(m)[1] for m in tol.speedup_floor}:
+            return ""
+        fid = fpr.fingerprint_id(fp)
+        if self.store.get(case.recipe, case.key, "latency", "median_ms", fid) is not None:
+            return ""
+        return (f"no latency baseline for {case.key} on this device (fingerprint {fid}: {fpr.describe(fp)}): "
+                "not timed; record one with --update-baselines (--qatcheck-latency always times it anyway)")
 
     def _latency_input(self, case: Case) -> np.ndarray:
         """The batch every latency loop of the case times: the eval set's first, at the case's shape."""
