@@ -452,17 +452,32 @@ def test_planted_slowdown_in_one_case_fails_only_that_case(pytester, shared_cach
             return call
         return planted
 
+    def record_clean() -> None:
+        with pytest.MonkeyPatch.context() as quiet:
+            quiet.setattr(timing, "_busy_seconds", lambda: None)
+            run(pytester, shared_cache, *select, "--update-baselines")
+
+    seen = []
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(runner, "__init__", remember_path)
-        mp.setattr(runner, "timed_call", times(2))
-        result = run(pytester, shared_cache, *select)
-        assert outcomes(result) == {"passed": 2}, result.stdout.str()
-        # inconclusive either way: within the drift on quiet CPUs, or measured contention
-        said = [ln for ln in result.outlines if ln.startswith("inconclusive (trt_ptq-onnxruntime latency)")]
-        assert len(said) == 1 and (f"the artifact is byte-identical to the one the baseline was timed from "
-                                   f"({entry['artifact']})" in said[0] or "other processes kept" in said[0]), said
-        strict = run(pytester, shared_cache, *select, "--qatcheck-latency-strict")
-        assert list(failures(strict)) == ["test_suite.py::test_latency[digits-trt_ptq-onnxruntime]"]
+        for _ in range(3):
+            # a baseline timed in a slow moment of a shared machine makes x2 read as within the
+            # tolerance (passed, rightly): the plant is then re-measured against a fresh recording
+            mp.setattr(runner, "timed_call", timed_call)
+            record_clean()
+            mp.setattr(runner, "timed_call", times(2))
+            result = run(pytester, shared_cache, *select)
+            assert outcomes(result) == {"passed": 2}, result.stdout.str()  # never red by default
+            # inconclusive either way: within the drift on quiet CPUs, or measured contention
+            said = [ln for ln in result.outlines if ln.startswith("inconclusive (trt_ptq-onnxruntime latency)")]
+            assert all(f"the artifact is byte-identical to the one the baseline was timed from ({entry['artifact']})"
+                       in ln or "other processes kept" in ln for ln in said), said
+            strict = run(pytester, shared_cache, *select, "--qatcheck-latency-strict")
+            seen.append((len(said), list(failures(strict))))
+            if said and list(failures(strict)) == ["test_suite.py::test_latency[digits-trt_ptq-onnxruntime]"]:
+                break
+        else:
+            pytest.fail(f"x2 on the recorded bytes was never inconclusive by default and red under strict: {seen}")
         mp.setattr(runner, "timed_call", times(6))
         # the load unmeasured: under measured contention the same bytes are never red (covered by
         # tests/test_latency_verdicts.py), and a shared CI machine is seldom quiet; x6 is beyond
