@@ -17,6 +17,7 @@ import inspect
 import json
 import os
 import tempfile
+import time
 from collections.abc import Mapping
 from functools import cached_property
 from pathlib import Path
@@ -27,11 +28,11 @@ import torch
 
 from qatcheck.backends.base import Artifact
 from qatcheck.backends.trt_plan import check_ptq_form
-from qatcheck.cache import ArtifactCache, library_versions
+from qatcheck.cache import ArtifactCache, cache_key, library_versions
 from qatcheck.data.base import Dataset, inputs_fingerprint, require_float, shuffled_batches
 from qatcheck.data.batching import fixed_batches
 from qatcheck.errors import ArtifactError, ConfigError, DataError
-from qatcheck.fsutil import file_digest
+from qatcheck.fsutil import file_digest, outside_code_digest, source_digest
 from qatcheck.modes import ModeSpec, resolve, spec as mode_spec
 from qatcheck.quantize import export
 from qatcheck.quantize.export import pin_shapes
@@ -76,35 +77,14 @@ def module_digest(model: torch.nn.Module) -> str:
 _BUILD_CODE = ("artifacts.py", "quantize", "data/batching.py")
 
 
-def source_digest(items: Iterable[str | Path]) -> str:
-    """Digest of source files: ``items`` are paths inside the qatcheck package (a folder means
-    every ``.py`` under it) or absolute paths. What cached results depend on when qatcheck's own
-    code computed them (a local edit changes it; a version number would not)."""
-    root = Path(__file__).resolve().parent
-    files: set[Path] = set()
-    for item in items:
-        p = root / item
-        files.update(p.rglob("*.py") if p.is_dir() else [p])
-    h = hashlib.sha256()
-    for f in sorted(files):
-        h.update(str(f.relative_to(root) if f.is_relative_to(root) else f.name).encode())
-        h.update(f.read_bytes())
-    return h.hexdigest()[:16]
-
-
 def implementation_id(impl: Any) -> str | None:
     """What of a registered quantizer shapes its artifacts, for their cache keys: its ``cache_id()``
     and, for one defined outside qatcheck (a user's own), the digest of the file that defines it,
     so an edit of that file rebuilds what it wrote. qatcheck's own implementations are part of its
     build code, already in every key."""
     cid = impl.cache_id()
-    try:
-        src = Path(inspect.getsourcefile(type(impl)) or "").resolve()
-    except TypeError:  # a class without a file (defined in a REPL): its cache_id alone
-        return cid
-    if not src.is_file() or src.is_relative_to(Path(__file__).resolve().parent):
-        return cid
-    return f"{cid or type(impl).__qualname__} {source_digest([src])}"
+    outside = outside_code_digest(impl)
+    return cid if outside is None else f"{cid or type(impl).__qualname__} {outside}"
 
 
 def build_code_digest(spec: ModeSpec) -> str:
@@ -348,7 +328,9 @@ class ArtifactBuilder:
             # held while building, so another process opening the cache never takes it for the
             # orphan of a killed writer (fsutil.remove_orphans)
             fcntl.flock(fd, fcntl.LOCK_EX)
-            info = build(fresh)
+            start = time.perf_counter()
+            info = build(fresh)  # every session: its digest is the key (counted as building)
+            self.cache.build_seconds += time.perf_counter() - start
 
             def adopt(path: Path) -> dict:
                 os.replace(fresh, path)
@@ -418,6 +400,25 @@ class ArtifactBuilder:
         a = self._torch[spec.name]
         return Artifact(a.kind, a.precision, module=copy.deepcopy(a.module), path=a.path, digest=a.digest)
 
+    def torch_identity(self, mode: str) -> str:
+        """What the mode's torch module is, without loading it (qatcheck.results keys on it): what
+        its artifact's key holds (weights, traced graph, settings, library versions), the model's
+        modules and the source file of its class (code the trace may not show: a branch on the
+        input shape), and the digest of its cached state, where the mode has one ("none" before
+        it is built, so a result is stored only once it is)."""
+        spec, _ = self._variant(mode, False)
+        if not spec.has_torch:
+            raise ArtifactError(f"mode {mode!r} has no PyTorch form (it exists only as an ONNX graph)")
+        parts = self.key_parts(spec)
+        loaded = self._torch.get(spec.name)
+        if loaded is not None:  # this session's (built now, or rebuilt with --qatcheck-no-cache)
+            state = loaded.digest if loaded.path is not None else None
+        else:
+            state = self.cache.recorded_digest(_state_name(self.recipe, spec), parts, ".pt")
+        model_file = inspect.getsourcefile(type(self.state.model))
+        return cache_key({"torch": parts, "modules": self.state.modules, "state": state and state[:16],
+                          "code": source_digest([Path(model_file).resolve()]) if model_file else ""})
+
     def onnx_artifact(self, mode: str, dynamic: bool = False) -> Artifact:
         """The mode's ONNX file; with ``dynamic`` exported with the recipe's dynamic axes."""
         spec, dynamic = self._variant(mode, dynamic)
@@ -447,7 +448,7 @@ class ArtifactBuilder:
         return next((a for a in self._onnx.values() if a.path == Path(path)), None)
 
     def _cached_state(self, spec: ModeSpec, build) -> Path:
-        return self.cache.get_or_build(f"{self.recipe.name}-{spec.name}-state", self.key_parts(spec),
+        return self.cache.get_or_build(_state_name(self.recipe, spec), self.key_parts(spec),
                                        ".pt", fixed_threads(build))
 
     def _loss_id(self) -> str:
@@ -465,6 +466,11 @@ class ArtifactBuilder:
 
     def _save_quantized(self, qmodel: torch.nn.Module, path: Path, spec: ModeSpec | None = None) -> None:
         self.torch_quantizer(spec).save(qmodel, path, self.recipe.quant, fp8=_fp8(spec))
+
+
+def _state_name(recipe: Recipe, spec: ModeSpec) -> str:
+    """The cache name of a mode's calibrated / fine-tuned torch state."""
+    return f"{recipe.name}-{spec.name}-state"
 
 
 def _fp8(spec: ModeSpec | None) -> bool:

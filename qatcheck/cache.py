@@ -58,6 +58,8 @@ class ArtifactCache:
         self.enabled = enabled
         self.built: set[str] = set()
         self.reused: set[str] = set()
+        #: seconds spent building, this session (the per-case cost accounting reads it)
+        self.build_seconds = 0.0
         #: what was wrong with entries that had to be rebuilt (shown under the table)
         self.notes: list[str] = []
         #: file -> its manifest, for every entry this cache handed out (ArtifactCache.info)
@@ -86,7 +88,11 @@ class ArtifactCache:
                 return path
             if self.enabled and problem != "absent":
                 self.notes.append(f"cache entry {path} {problem}: rebuilt")
-            info = build(path)
+            start = time.perf_counter()
+            try:
+                info = build(path)
+            finally:
+                self.build_seconds += time.perf_counter() - start
             if not path.is_file():
                 raise RuntimeError(f"the builder of {name} wrote no {path}")
             write_text_atomic(manifest, json.dumps(
@@ -97,6 +103,16 @@ class ArtifactCache:
             self.built.add(path.name)
             self.reused.discard(path.name)
         return path
+
+    def recorded_digest(self, name: str, parts: dict[str, Any], suffix: str) -> str | None:
+        """The digest of the intact entry :meth:`get_or_build` would return for (name, parts),
+        without building it; None when there is none (never built, or damaged: it is rebuilt on
+        its next use)."""
+        key = cache_key({"artifact": name, **parts})
+        path, manifest = self.root / f"{name}-{key}{suffix}", self.root / f"{name}-{key}.json"
+        if not self.enabled or verify(path, manifest) is not None:
+            return None
+        return json.loads(manifest.read_text(encoding="utf-8"))["digest"]
 
     def info(self, path: Path) -> dict:
         """What the builder of ``path`` (a file :meth:`get_or_build` returned) said about it, from

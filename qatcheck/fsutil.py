@@ -7,7 +7,7 @@ import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 
 #: a writer's temp file next to its target: ``.<name>.<8 random characters of mkstemp>.tmp``
@@ -96,3 +96,39 @@ def file_digest(path: str | Path, length: int = 16) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()[:length]
+
+
+#: the qatcheck package: source_digest's relative items are inside it
+PACKAGE = Path(__file__).resolve().parent
+
+
+def source_digest(items: Iterable[str | Path]) -> str:
+    """Digest of source files: ``items`` are paths inside the qatcheck package (a folder means
+    every ``.py`` under it) or absolute paths. What cached artifacts and results depend on when
+    code computed them (a local edit changes it; a version number would not)."""
+    files: set[Path] = set()
+    for item in items:
+        p = PACKAGE / item
+        files.update(p.rglob("*.py") if p.is_dir() else [p])
+    h = hashlib.sha256()
+    for f in sorted(files):
+        h.update(str(f.relative_to(PACKAGE) if f.is_relative_to(PACKAGE) else f.name).encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def outside_code_digest(obj: object) -> str | None:
+    """The digest of the file that defines ``obj`` (a function, a class, or an instance's class)
+    when that file lies outside qatcheck - a user's quantizer, task or decoder, whose edit must
+    invalidate what it made; None for qatcheck's own code (keyed by its source elsewhere) and
+    for objects without a file (a REPL's, a builtin)."""
+    import inspect
+
+    target = obj if inspect.isfunction(obj) or inspect.isclass(obj) or inspect.ismethod(obj) else type(obj)
+    try:
+        src = Path(inspect.getsourcefile(target) or "").resolve()
+    except TypeError:
+        return None
+    if not src.is_file() or src.is_relative_to(PACKAGE):
+        return None
+    return source_digest([src])

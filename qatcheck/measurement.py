@@ -107,6 +107,12 @@ class Measurement:
     latency_paired: Any = None
     #: which PARTS this record holds
     parts: frozenset = frozenset()
+    #: the PARTS reused from the result cache (qatcheck.results): measured by an earlier run on
+    #: the same inputs
+    reused: frozenset = frozenset()
+    #: seconds this session spent on the case: per part measured (``eval``, ``latency``,
+    #: ``structure``; a reused part's lookup) and ``build`` (artifacts built while measuring it)
+    seconds: dict[str, float] = field(default_factory=dict)
     #: what a reader of the table should know (timing fell back to eager events, fake-quant
     #: latency on a CPU provider, a noisy machine); printed under the table and kept in the JSON
     notes: tuple[str, ...] = ()
@@ -117,6 +123,7 @@ class Measurement:
         d["latency"] = self.latency.to_dict() if self.latency else None
         d["latency_paired"] = self.latency_paired.to_dict() if self.latency_paired else None
         d["parts"] = sorted(self.parts)
+        d["reused"] = sorted(self.reused)
         d["notes"] = list(self.notes)
         if self.structure is not None:
             from qatcheck.quantize.structure import to_entries

@@ -23,6 +23,8 @@ class Options:
     #: where recorded latency-baseline artifacts are kept (None: <cache_dir>/latency-reference)
     latency_reference_dir: Path | None = None
     use_cache: bool = True
+    #: measure every case again, reusing no stored result (--qatcheck-remeasure; qatcheck.results)
+    remeasure: bool = False
     update_baselines: bool = False
     #: record a case's values even when it failed a floor or budget (--qatcheck-force-update)
     force_update: bool = False

@@ -68,7 +68,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                 help="where the artifacts latency baselines were recorded from are kept, to be timed "
                      "beside a changed artifact (default: <cache>/latency-reference; keep it between CI runs)")
     g.addoption("--qatcheck-no-cache", action="store_true", default=False,
-                help="rebuild every artifact (the cache is still written)")
+                help="rebuild every artifact and measure every case again (the cache is still written)")
+    g.addoption("--qatcheck-remeasure", action="store_true", default=False,
+                help="measure every case again, reusing no stored result (artifacts are still reused)")
     g.addoption("--qatcheck-device", default="auto", metavar="DEV",
                 help="torch device: auto (cuda if available), cpu, cuda, cuda:N")
     g.addoption("--qatcheck-ort-provider", default="auto", metavar="EP",
@@ -156,6 +158,7 @@ def pytest_configure(config: pytest.Config) -> None:
         latency_reference_dir=(opt_path("--qatcheck-latency-reference", "")
                                if config.getoption("--qatcheck-latency-reference") else None),
         use_cache=not config.getoption("--qatcheck-no-cache"),
+        remeasure=config.getoption("--qatcheck-remeasure"),
         update_baselines=config.getoption("--update-baselines"),
         force_update=config.getoption("--qatcheck-force-update"),
         require=_csv(config.getoption("--qatcheck-require")),

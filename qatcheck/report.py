@@ -15,7 +15,8 @@ from qatcheck.modes import PROFILE_POINTS, spec as mode_spec
 from qatcheck.tasks.base import metric_spec
 
 COLUMNS_HEAD = ("Mode", "Shape", "Backend", "Calibrator")
-COLUMNS_TAIL = ("Δ fp32 (pt)", "Δ baseline (pt)", "p50 ms", "Speedup", "Parity (cos / agree)", "Verdict")
+COLUMNS_TAIL = ("Δ fp32 (pt)", "Δ baseline (pt)", "p50 ms", "Speedup", "Parity (cos / agree)", "Measured",
+                "Verdict")
 
 
 @dataclass
@@ -78,6 +79,36 @@ def fp32_twin(session, case: Case):
     return twin
 
 
+def cost_label(m) -> str:
+    """What the row cost this session: ``reused`` (its measured parts came from the result cache,
+    qatcheck.results), plus the seconds spent on it - building, evaluating, timing."""
+    spent = sum(m.seconds.values())
+    if m.reused:
+        return "reused" + (f" +{spent:.1f}s" if spent >= 0.1 else "")
+    return f"{spent:.1f}s"
+
+
+def cost_text(session) -> str:
+    """One line per recipe: artifacts built, cases measured and reused, seconds by kind."""
+    lines = []
+    for name in sorted({c.recipe for c in session.measurements}):
+        ms = tested_cases(session, name)
+        if not ms:
+            continue
+        total: dict[str, float] = {}
+        for m in session.measurements.values():  # references measured for a row's parity count too
+            if m.case.recipe == name:
+                for k, v in m.seconds.items():
+                    total[k] = total.get(k, 0.0) + v
+        built = sum(1 for f in session.cache.built if f.startswith(f"{name}-"))
+        reused = sum(1 for m in ms if m.reused)
+        kinds = ", ".join(f"{k} {v:.1f}" for k, v in sorted(total.items(), key=lambda kv: -kv[1]) if v >= 0.05)
+        lines.append(f"{name}: {built} artifact(s) built, {len(ms) - reused} case(s) measured, {reused} reused "
+                     f"(--qatcheck-remeasure measures all); {sum(total.values()):.1f} s"
+                     + (f" ({kinds})" if kinds else ""))
+    return "".join(f"cost {line}\n" for line in lines)
+
+
 def rows_for(session, recipe_name: str) -> tuple[list[str], list[list[str]], list[dict]]:
     """Header, table rows and JSON records for one recipe, in case order."""
     task = session.task(recipe_name)
@@ -107,7 +138,7 @@ def rows_for(session, recipe_name: str) -> tuple[list[str], list[list[str]], lis
                      *[_fmt_metric(m.metrics.get(n), metric_spec(task, n).fraction) for n in task.metric_names],
                      "-" if d_fp32 is None else f"{d_fp32:+.2f}", "-" if d_base is None else f"{d_base:+.2f}",
                      "-" if lat is None else f"{lat:.3f}", "-" if speed is None else f"{speed:.2f}x",
-                     par, verdict])
+                     par, cost_label(m), verdict])
         checks = {chk: {"status": v.status, "failures": list(v.failures), "reason": v.reason,
                         "notes": list(v.notes)}
                   for (case, chk), v in session.verdicts.items() if case == c}

@@ -19,13 +19,14 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Iterable
 
 import numpy as np
 
 from qatcheck import fingerprint as fpr
-from qatcheck import cases, judges, report, timing
+from qatcheck import cases, judges, report, results, timing
 from qatcheck.artifacts import ArtifactBuilder, onnx_quantizer_for
 from qatcheck.backends import create_backend, executes
 from qatcheck.backends.base import Backend, BuildContext, Runner
@@ -61,6 +62,9 @@ class QatcheckSession:
         self._backends: dict[str, Backend] = dict(backends or {})
         self.store = BaselineStore(options.baselines_dir)
         self.cache = ArtifactCache(options.cache_dir, enabled=options.use_cache)
+        #: measured parts reused while nothing that determines them changed (qatcheck.results)
+        self.results = results.ResultCache(Path(options.cache_dir) / "results",
+                                           read=options.use_cache and not options.remeasure)
         self.references = ReferenceStore(options.latency_reference_dir or Path(options.cache_dir) / "latency-reference")
         self.recipes: dict[str, Recipe] = {}
         self._workspaces: dict[str, RecipeWorkspace] = {}
@@ -126,7 +130,7 @@ class QatcheckSession:
         b = self.builder(case.recipe)
         dynamic = case.dynamic
         return BuildContext(recipe=self.recipes[case.recipe], mode=case.mode, dynamic=dynamic,
-                            torch_artifact=b.torch_artifact,
+                            torch_artifact=b.torch_artifact, torch_identity=b.torch_identity,
                             onnx_artifact=lambda mode: b.onnx_artifact(mode, dynamic),
                             calib_batches=b.calib_batches, calib_id=b.calib_id(), options=self.options,
                             cache_dir=self.options.cache_dir, use_cache=self.options.use_cache)
@@ -184,15 +188,66 @@ class QatcheckSession:
                    "latency": lambda c: self._measure_latency(c, benchmark)}
         for part in PARTS:
             if part in parts and part not in m.parts:
-                m = self._extend(m, part, measure[part](case))
+                m = self._extend(m, part, self._measured(case, part, measure[part]))
         if m.settings is None:  # read once its artifact exists (a missing library has skipped by then)
             m = dataclasses.replace(m, settings=self.builder(case.recipe).settings(case.mode))
             self.measurements[case] = m
         return m
 
+    def _measured(self, case: Case, part: str, measure) -> dict:
+        """The part's values: reused from the result cache while every input of its key is
+        unchanged (qatcheck.results), else measured and stored for the next run; with the
+        seconds spent (building artifacts, measuring) and whether it was reused."""
+        start, built = time.perf_counter(), self.cache.build_seconds
+        cached = part in results.CACHED_PARTS
+        key, inputs = self._result_key(case, part) if cached else (None, None)
+        new = self.results.get(key, part) if key else None
+        reused = new is not None
+        if reused:
+            if part == "eval":  # what the session checks on the first batch of a measured run
+                self._check_outputs(case, new.get("output_shapes"))
+        else:
+            new = measure(case)
+            if cached:
+                key, inputs = self._result_key(case, part)  # the artifacts exist now
+                if key:
+                    self.results.put(key, part, inputs, new)
+        build = self.cache.build_seconds - built
+        seconds = {part: time.perf_counter() - start - build, **({"build": build} if build else {})}
+        return {**new, "seconds": seconds, "reused": frozenset({part} if reused else ())}
+
+    def _result_key(self, case: Case, part: str) -> tuple[str | None, dict | None]:
+        """The part's result-cache key and what it holds (qatcheck.results); (None, None) where
+        the case's backend (or its reference's) cannot name what it executes before building it."""
+        recipe = self.recipes[case.recipe]
+        try:
+            ident = self.backend(case.backend).identity(self.context(case))
+            if ident is None:
+                return None, None
+            inputs = {"part": part, "case": [case.recipe, case.mode, case.backend, case.shape],
+                      "shape": list(self.shape(case)), **ident}
+            if part == "eval":
+                ref = self.reference_case(case)
+                if ref is not None:
+                    rid = self.backend(ref.backend).identity(self.context(ref))
+                    if rid is None:
+                        return None, None
+                    inputs["reference"] = {"case": [ref.mode, ref.backend, ref.shape], **rid}
+                data = self.workspace(case.recipe).eval_data
+                # the dataset's class by its file where it is the user's (what batches() computes)
+                inputs.update(eval_data=[data.fingerprint(), inputs_fingerprint(data), results.code_identity(type(data))],
+                              task=results.task_identity(recipe), onnx_only=is_onnx_only(recipe))
+        except Exception:  # noqa: BLE001 - measured instead; measuring raises the cause where it is one
+            return None, None
+        return results.result_key(inputs), inputs
+
     def _extend(self, m: Measurement, part: str, new: dict) -> Measurement:
         notes = tuple(dict.fromkeys(m.notes + new.pop("notes", ())))
-        m = dataclasses.replace(m, **new, notes=notes, parts=m.parts | {part})
+        seconds = dict(m.seconds)
+        for k, v in new.pop("seconds", {}).items():
+            seconds[k] = seconds.get(k, 0.0) + v
+        reused = m.reused | new.pop("reused", frozenset())
+        m = dataclasses.replace(m, **new, notes=notes, parts=m.parts | {part}, seconds=seconds, reused=reused)
         self.measurements[m.case] = m
         return m
 
@@ -222,16 +277,10 @@ class QatcheckSession:
         def named(count: int) -> list[str]:
             return [recipe.output_names[i] if i < len(recipe.output_names) else f"output{i}" for i in range(count)]
 
-        # output shapes are recorded and compared at the recipe's own input shape only (a dynamic
-        # H/W profile point has other output shapes, and is right to)
-        at_opt = tuple(shape[1:]) == tuple(recipe.input.shape[1:])
-        stored = (self.store.data(case.recipe).get("outputs")
-                  if at_opt and not self.options.update_baselines else None)
+        at_opt = self._at_opt(case)
 
         def check_outputs(outs) -> None:
-            changed = judges.outputs_changed({n: o.shape[1:] for n, o in zip(named(len(outs)), outs)}, stored)
-            if changed:  # before a metric reads the wrong tensor (and fails obscurely, or quietly)
-                raise DataError(f"{case.id}: " + "; ".join(changed))
+            self._check_outputs(case, {n: o.shape[1:] for n, o in zip(named(len(outs)), outs)})
 
         with self._progress(-(-len(data) // shape[0]), case.id) as bar:
             batches = self.workspace(case.recipe).eval_batches(
@@ -254,6 +303,20 @@ class QatcheckSession:
             out.update(parity=combined_parity(ev), output_parity=dict(zip(names, ev.parity)),
                        parity_reference=f"{ref_case.backend} {ref_case.mode} ({kind})")
         return out
+
+    def _at_opt(self, case: Case) -> bool:
+        """Output shapes are recorded and compared at the recipe's own input shape only (a dynamic
+        H/W profile point has other output shapes, and is right to)."""
+        return tuple(self.shape(case)[1:]) == tuple(self.recipes[case.recipe].input.shape[1:])
+
+    def _check_outputs(self, case: Case, shapes: dict | None) -> None:
+        """Each output's per-sample shape vs the baseline's, before a metric reads the wrong tensor
+        (and fails obscurely, or quietly): a DataError naming the outputs that changed."""
+        if not shapes or not self._at_opt(case) or self.options.update_baselines:
+            return
+        changed = judges.outputs_changed(shapes, self.store.data(case.recipe).get("outputs"))
+        if changed:
+            raise DataError(f"{case.id}: " + "; ".join(changed))
 
     def _artifact_digest(self, case: Case, runner: Runner) -> str:
         """What was measured: the ONNX file's digest (TensorRT: the engine's plan key)."""
@@ -295,6 +358,8 @@ class QatcheckSession:
                                    self.options.warmup_s, benchmark, self.options.latency_duration_s)
         if stats is None:  # pytest-benchmark is disabled: nothing was timed
             return dict(device=runner.device, latency=None, notes=tuple(notes))
+        # what it was timed with (a CUDA-graph capture that failed timed eager events instead)
+        fp = fpr.device_fingerprint(runner.device, runner.versions())
         probe += self._time_probe(runner)  # before and after: drift during the loop hits both
         stats = dataclasses.replace(stats, foreign_load=load.load, cpus=os.cpu_count() or 0)
         if probe:
@@ -522,7 +587,7 @@ class QatcheckSession:
             except BaselineError as exc:
                 summary.baselines_not_written = str(exc)
             summary.text += report.baselines_text(summary, self.store.root if created else None, self.refused)
-        summary.text += report.footer_text(summary.files, self.cache)
+        summary.text += report.footer_text(summary.files, self.cache) + report.cost_text(self)
         self.summary = summary
         return summary
 

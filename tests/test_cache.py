@@ -377,13 +377,13 @@ def test_editing_a_registered_modes_builder_module_changes_its_key(tmp_path, mon
 
 
 def test_a_sensitivity_profile_keys_on_the_model_and_analysis_code(tmp_path, monkeypatch):
-    import qatcheck.artifacts as artifacts
+    import qatcheck.fsutil as fsutil
     from qatcheck.analysis.sensitivity import SensitivityRunner
 
     runner = SensitivityRunner(digits_recipe(), "onnx", tmp_path, True, False)
     parts = runner.profile_key_parts(256, False)
     assert parts["model"] == runner.builder.onnx_artifact("fp32").digest and parts["code"]
-    monkeypatch.setattr(artifacts, "source_digest", lambda items: "edited")
+    monkeypatch.setattr(fsutil, "source_digest", lambda items: "edited")
     assert runner.profile_key_parts(256, False)["code"] == "edited"
 
 

@@ -300,3 +300,31 @@ def test_one_import_brings_every_standard_check_and_the_readme_and_suites_use_it
         for line in path.read_text().splitlines():
             if "from qatcheck.standard import" in line:
                 assert "import *" in line, f"{path.name}: {line.strip()}"
+
+
+def test_a_rerun_reuses_results_and_says_so(pytester, tmp_path):
+    """The result cache through the plugin: the first run measures (the Measured column gives its
+    seconds), a rerun with nothing changed reuses every case's figures (the column and the JSON
+    say ``reused``; the cost line counts them), a recipe edit that changes what a case measures
+    (its calibrator) measures that mode's cases again and reuses the rest, and --qatcheck-remeasure
+    measures everything again."""
+    cache = tmp_path / "cache"
+
+    def rows(result) -> dict[str, list[str]]:
+        report = json.loads((pytester.path / "reports" / "digits.json").read_text())
+        return {c["case"]["key"]: c["reused"] for c in report["cases"]}
+
+    write_suite(pytester, modes=("fp32", "trt_ptq"), backends=("onnxruntime",))
+    first = run(pytester, cache, "-k", "accuracy or parity", "--update-baselines")
+    assert first.ret == 0 and rows(first) == {"fp32-onnxruntime": [], "trt_ptq-onnxruntime": []}
+    first.stdout.fnmatch_lines(["*cost digits: * artifact(s) built, 2 case(s) measured, 0 reused*"])
+    again = run(pytester, cache, "-k", "accuracy or parity")
+    assert again.ret == 0 and rows(again) == {"fp32-onnxruntime": ["eval"], "trt_ptq-onnxruntime": ["eval"]}
+    again.stdout.fnmatch_lines(["*│ fp32 *│ *reused* │ *pass │", "*│ trt_ptq *│ *reused* │ *pass │",
+                                "*cost digits: 0 artifact(s) built, 0 case(s) measured, 2 reused*"])
+    write_suite(pytester, modes=("fp32", "trt_ptq"), backends=("onnxruntime",),
+                overrides='{"quant": QuantSettings(calibrator="minmax")}')
+    edited = run(pytester, cache, "-k", "accuracy or parity", "--update-baselines")
+    assert edited.ret == 0 and rows(edited) == {"fp32-onnxruntime": ["eval"], "trt_ptq-onnxruntime": []}
+    fresh = run(pytester, cache, "-k", "accuracy or parity", "--qatcheck-remeasure")
+    assert fresh.ret == 0 and rows(fresh) == {"fp32-onnxruntime": [], "trt_ptq-onnxruntime": []}

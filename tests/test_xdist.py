@@ -34,14 +34,24 @@ def test_two_workers_one_table_per_recipe_every_row_same_figures(pytester, tmp_p
     cache = tmp_path / "cache"
     assert run(pytester, cache, tmp_path / "r0", "--update-baselines").ret == 0
     serial = run(pytester, cache, tmp_path / "r0")
-    parallel = run(pytester, cache, tmp_path / "r2", "-n", "2")
+    # measured afresh by the workers (at one thread each), not taken from the serial run's results
+    parallel = run(pytester, cache, tmp_path / "r2", "-n", "2", "--qatcheck-remeasure")
     assert parallel.ret == 0, parallel.stdout.str()
+    # and then reused by the workers from the results they stored, figures unchanged
+    reused = run(pytester, cache, tmp_path / "r3", "-n", "2")
+    assert reused.ret == 0, reused.stdout.str()
     out = parallel.stdout.str()
+
+    def figures(reports, name):
+        return {c["case"]["id"]: (c["metrics"], c["parity"], c["reused"])
+                for c in json.loads((reports / f"{name}.json").read_text())["cases"]}
     for name in ("one", "two"):  # each recipe's table once, from the one worker that ran it
         assert out.count(f"qatcheck: {name}") == 1, out
-        rows0 = {c["case"]["id"]: c["metrics"] for c in json.loads((tmp_path / "r0" / f"{name}.json").read_text())["cases"]}
-        rows2 = {c["case"]["id"]: c["metrics"] for c in json.loads((tmp_path / "r2" / f"{name}.json").read_text())["cases"]}
-        assert rows2 == rows0 and len(rows2) == 3  # fp32 on both backends, trt_ptq on onnxruntime
+        rows0, rows2, rows3 = (figures(tmp_path / r, name) for r in ("r0", "r2", "r3"))
+        assert len(rows2) == 3  # fp32 on both backends, trt_ptq on onnxruntime
+        assert {k: v[:2] for k, v in rows2.items()} == {k: v[:2] for k, v in rows0.items()}
+        assert {tuple(v[2]) for v in rows2.values()} == {()} and {tuple(v[2]) for v in rows3.values()} == {("eval",)}
+        assert {k: v[:2] for k, v in rows3.items()} == {k: v[:2] for k, v in rows0.items()}
     parallel.stdout.fnmatch_lines(["*latency not measured under pytest-xdist: 2 workers and no GPU*"])
     assert "--benchmark-disable" not in out
     # the same verdicts, less the latency checks the workers do not time: all 6 on a quiet machine;

@@ -455,7 +455,7 @@ class SensitivityRunner:
 
     # ---- cache --------------------------------------------------------------------------------
     def profile_key_parts(self, max_samples: int | None, only_quantized: bool) -> dict:
-        from qatcheck.artifacts import source_digest
+        from qatcheck.fsutil import source_digest
         from qatcheck.cache import library_versions
 
         # the model's traced graph and qatcheck's analysis, evaluation, metric and Q/DQ code shape

@@ -69,6 +69,8 @@ class BuildContext:
     dynamic: bool
     torch_artifact: Callable[[str], Artifact]
     onnx_artifact: Callable[[str], Artifact]
+    #: mode -> what its torch module is, without loading it (ArtifactBuilder.torch_identity)
+    torch_identity: Callable[[str], str] | None = None
     calib_batches: Callable[[], Iterable[np.ndarray]] | None = None
     calib_id: str = ""
     options: Any = None
@@ -87,6 +89,13 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def runner(self, context: BuildContext) -> Runner:
         """A runner for the context's mode: the backend takes the artifact it executes from it."""
+
+    def identity(self, context: BuildContext) -> dict[str, Any] | None:
+        """What a result measured on this backend depends on besides the data, the task and
+        qatcheck's code (qatcheck.results): ``{"artifact": <what it executes, by content>,
+        "runtime": {<versions, provider, device>}}``, known without building a runner. None (the
+        default): not known before the build, so its results are always measured again."""
+        return None
 
     def reference_runner(self, context: BuildContext, onnx_path: Path) -> Runner | None:
         """A runner for a recorded ONNX artifact (:mod:`qatcheck.reference_store`), set up exactly

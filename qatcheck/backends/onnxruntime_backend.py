@@ -129,5 +129,14 @@ class OrtBackend(Backend):
         artifact = context.onnx_artifact(context.mode)
         return OrtRunner(artifact.path, choose_provider(self.requested_provider), threads=self.threads)
 
+    def identity(self, context: BuildContext) -> dict:
+        """The ONNX file by content, ONNX Runtime's version and provider. Not the thread count:
+        every figure of the built-in suites was bit-identical at 1 and 2 intra-op threads, and
+        pytest-xdist workers run at 1 where a plain run uses all cores."""
+        import onnxruntime as ort
+
+        return {"artifact": context.onnx_artifact(context.mode).digest,
+                "runtime": {"onnxruntime": ort.__version__, "provider": choose_provider(self.requested_provider)}}
+
     def reference_runner(self, context: BuildContext, onnx_path) -> Runner:
         return OrtRunner(onnx_path, choose_provider(self.requested_provider), threads=self.threads)

@@ -47,7 +47,11 @@ class TorchRunner(Runner):
         self._torch = torch
         self._device = device
         self.cuda_graph = cuda_graph
-        self._clock = "wall"
+        # the clock it will time with, until a timed call says which it did (a failed CUDA-graph
+        # capture falls back to eager events): the session decides whether to time from it
+        from qatcheck.backends.cuda_timing import EAGER_CLOCK, GRAPH_CLOCK
+
+        self._clock = "wall" if not device.startswith("cuda") else EAGER_CLOCK if cuda_graph == "off" else GRAPH_CLOCK
         self.dtype = torch.float16 if precision == "fp16" else torch.float32
         self.module = module.to(device=device, dtype=self.dtype).eval()
         self._probe = None
@@ -151,6 +155,19 @@ class TorchBackend(Backend):
         except ImportError as exc:  # pragma: no cover - torch is a dependency
             return f"torch is not importable: {exc}"
         return None
+
+    def identity(self, context: BuildContext) -> dict | None:
+        """The torch module by its artifact's identity (cache key and file), torch's version and
+        the device (on CUDA: the GPU and CUDA version). Not the thread count (see OrtBackend.identity)."""
+        import torch
+
+        if context.torch_identity is None:
+            return None
+        device = resolve_device(self.requested_device)
+        runtime = {"torch": torch.__version__, "device": device.split(":")[0]}
+        if device.startswith("cuda"):
+            runtime.update(gpu=torch.cuda.get_device_name(torch.device(device)), cuda=str(torch.version.cuda))
+        return {"artifact": context.torch_identity(context.mode), "runtime": runtime}
 
     def runner(self, context: BuildContext) -> Runner:
         artifact = context.torch_artifact(context.mode)
