@@ -17,6 +17,7 @@ logic can be used (and tested) without pytest.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import sys
 import time
@@ -69,6 +70,10 @@ class QatcheckSession:
         self.recipes: dict[str, Recipe] = {}
         self._workspaces: dict[str, RecipeWorkspace] = {}
         self._runners: dict[tuple, Runner] = {}
+        #: a reference case's outputs per input batch, for the recipe being measured (_eval_infer)
+        self._outputs: dict[Case, dict[str, list[np.ndarray]]] = {}
+        self._reference_sets: dict[str, set[Case]] = {}
+        self._current = ""
         self.measurements: dict[Case, Measurement] = {}
         self.verdicts: dict[tuple[Case, str], Verdict] = {}
         #: pytest outcomes per case and test (filled by the plugin; the report's verdict column)
@@ -177,6 +182,7 @@ class QatcheckSession:
         """The case's measurement holding at least ``parts`` (``eval``: metrics and parity over
         the whole eval set; ``latency``: the timed loop, through ``benchmark`` when given). Each
         part is measured once per session; a later part makes a new record with both."""
+        self._focus(case.recipe)
         parts = set(parts)
         unknown = parts - set(PARTS)
         if unknown:
@@ -285,8 +291,8 @@ class QatcheckSession:
         with self._progress(-(-len(data) // shape[0]), case.id) as bar:
             batches = self.workspace(case.recipe).eval_batches(
                 case, resize_targets=getattr(task, "resize_targets", None))
-            ev = evaluate(runner.infer, batches, task,
-                          reference=ref_runner.infer if ref_runner else None, on_batch=bar.update,
+            ev = evaluate(self._eval_infer(case, runner), batches, task,
+                          reference=self._eval_infer(ref_case, ref_runner) if ref_runner else None, on_batch=bar.update,
                           source=f"Recipe({case.recipe}).eval_data ({data.name})", check_outputs=check_outputs)
         names = named(len(ev.output_shapes))
         out = dict(device=runner.device, metrics=ev.metrics, artifact=self._artifact_digest(case, runner),
@@ -303,6 +309,41 @@ class QatcheckSession:
             out.update(parity=combined_parity(ev), output_parity=dict(zip(names, ev.parity)),
                        parity_reference=f"{ref_case.backend} {ref_case.mode} ({kind})")
         return out
+
+    def _eval_infer(self, case: Case, runner: Runner):
+        """``runner.infer`` for an evaluation. A case that is another case's parity reference (torch
+        fp32 for every int8 graph at its shape, a torch twin for its export) keeps its outputs per
+        input batch while its recipe is measured, so it runs over the eval set once per session,
+        not once more for every case compared with it: the same outputs, since inference on the
+        same runner and input is deterministic. Each caller gets its own copy."""
+        if case not in self._references(case.recipe):
+            return runner.infer
+        memo = self._outputs.setdefault(case, {})
+
+        def infer(x: np.ndarray) -> list[np.ndarray]:
+            key = hashlib.blake2b(np.ascontiguousarray(x).tobytes(), digest_size=16).hexdigest() + str(x.shape)
+            if key not in memo:
+                memo[key] = [np.array(o, copy=True) for o in runner.infer(x)]
+            return [o.copy() for o in memo[key]]
+        return infer
+
+    def _references(self, recipe_name: str) -> set[Case]:
+        """The recipe's cases that are another planned case's parity reference."""
+        if recipe_name not in self._reference_sets:
+            recipe = self.recipes[recipe_name]
+            self._reference_sets[recipe_name] = {
+                r for c in cases.plan(recipe) if (r := cases.reference_case(recipe, c)) is not None}
+        return self._reference_sets[recipe_name]
+
+    def _focus(self, recipe_name: str) -> None:
+        """Measuring moves to ``recipe_name`` (pytest runs a suite module's tests together): the
+        other recipes' runners and kept reference outputs are let go - a later case of theirs makes
+        them again - so a session's memory is one recipe's, not every recipe's so far."""
+        if recipe_name == self._current:
+            return
+        self._current = recipe_name
+        self._runners = {k: r for k, r in self._runners.items() if k[0] == recipe_name}
+        self._outputs = {c: o for c, o in self._outputs.items() if c.recipe == recipe_name}
 
     def _at_opt(self, case: Case) -> bool:
         """Output shapes are recorded and compared at the recipe's own input shape only (a dynamic
