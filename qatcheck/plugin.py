@@ -393,9 +393,13 @@ def pytest_runtest_makereport(item: pytest.Item, call):
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
-    """One table: qatcheck prints its own; pytest-benchmark's table of the same timings only with
+    """The cases this run measures (the session keeps a parity reference's outputs only where two
+    of them read it). One table: qatcheck prints its own; pytest-benchmark's table of the same timings only with
     --qatcheck-benchmark-table (its --benchmark-json / --benchmark-save keep working)."""
     qs = _session(session.config, create=False)
+    if qs is not None:  # what the run measures: a parity reference read twice is run once
+        qs.selected = {item.callspec.params["qcase"] for item in session.items
+                       if "qcase" in getattr(getattr(item, "callspec", None), "params", {})}
     bs = getattr(session.config, "_benchmarksession", None)
     if qs is not None and bs is not None and not qs.options.benchmark_table:
         bs.quiet = True

@@ -55,6 +55,11 @@ UNTIMED_NOTE = ("latency: a case is timed only where its latency is judged or re
                 "this device, --update-baselines, a speedup floor); --qatcheck-latency always times every case")
 
 
+#: the most bytes of parity-reference outputs a session keeps at once (_eval_infer): a reference
+#: whose outputs for the whole eval set fit is run once; a larger one runs again for each case
+MEMO_BYTES = 256 << 20
+
+
 class QatcheckSession:
     def __init__(self, options: Options, backends: dict[str, Backend] | None = None) -> None:
         self.options = options
@@ -73,7 +78,11 @@ class QatcheckSession:
         #: a reference case's outputs per input batch, for the recipe being measured (_eval_infer)
         self._outputs: dict[Case, dict[str, list[np.ndarray]]] = {}
         self._reference_sets: dict[str, set[Case]] = {}
+        self._memo_bytes = 0
         self._current = ""
+        #: the cases this run measures (the plugin's collected ones): a parity reference's outputs
+        #: are kept where two of them read it; None: nothing is kept
+        self.selected: set[Case] | None = None
         self.measurements: dict[Case, Measurement] = {}
         self.verdicts: dict[tuple[Case, str], Verdict] = {}
         #: pytest outcomes per case and test (filled by the plugin; the report's verdict column)
@@ -316,23 +325,35 @@ class QatcheckSession:
         input batch while its recipe is measured, so it runs over the eval set once per session,
         not once more for every case compared with it: the same outputs, since inference on the
         same runner and input is deterministic. Each caller gets its own copy."""
-        if case not in self._references(case.recipe):
+        if case not in self._shared_references(case.recipe):
             return runner.infer
         memo = self._outputs.setdefault(case, {})
 
         def infer(x: np.ndarray) -> list[np.ndarray]:
             key = hashlib.blake2b(np.ascontiguousarray(x).tobytes(), digest_size=16).hexdigest() + str(x.shape)
-            if key not in memo:
-                memo[key] = [np.array(o, copy=True) for o in runner.infer(x)]
-            return [o.copy() for o in memo[key]]
+            if key in memo:
+                return [o.copy() for o in memo[key]]
+            outs = [np.array(o, copy=True) for o in runner.infer(x)]
+            size = sum(o.nbytes for o in outs)
+            if self._memo_bytes + size <= MEMO_BYTES:  # beyond it, run again: memory stays bounded
+                memo[key] = outs
+                self._memo_bytes += size
+                return [o.copy() for o in outs]
+            return outs
         return infer
 
-    def _references(self, recipe_name: str) -> set[Case]:
-        """The recipe's cases that are another planned case's parity reference."""
+    def _shared_references(self, recipe_name: str) -> set[Case]:
+        """The recipe's cases whose outputs this run reads at least twice: the parity reference of
+        two selected cases, or of one and a selected case itself (``selected``: the plugin's
+        collected cases; a session used without it keeps nothing)."""
         if recipe_name not in self._reference_sets:
-            recipe = self.recipes[recipe_name]
-            self._reference_sets[recipe_name] = {
-                r for c in cases.plan(recipe) if (r := cases.reference_case(recipe, c)) is not None}
+            recipe, readers = self.recipes[recipe_name], {}
+            for c in self.selected or ():
+                if c.recipe == recipe_name:
+                    readers[c] = readers.get(c, 0) + 1
+                    if (r := cases.reference_case(recipe, c)) is not None:
+                        readers[r] = readers.get(r, 0) + 1
+            self._reference_sets[recipe_name] = {c for c, n in readers.items() if n >= 2}
         return self._reference_sets[recipe_name]
 
     def _focus(self, recipe_name: str) -> None:
@@ -343,7 +364,8 @@ class QatcheckSession:
             return
         self._current = recipe_name
         self._runners = {k: r for k, r in self._runners.items() if k[0] == recipe_name}
-        self._outputs = {c: o for c, o in self._outputs.items() if c.recipe == recipe_name}
+        self._outputs = {}
+        self._memo_bytes = 0
 
     def _at_opt(self, case: Case) -> bool:
         """Output shapes are recorded and compared at the recipe's own input shape only (a dynamic

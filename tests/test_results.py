@@ -173,3 +173,25 @@ def test_reused_output_shapes_are_still_checked_against_the_baseline(cache):
     finally:
         (cache / "baselines" / "digits.json").unlink()
     assert np.isfinite(measured(cache).metrics["top1"])
+
+
+def test_a_parity_reference_read_by_two_cases_runs_once_with_the_same_figures(cache, monkeypatch):
+    """Within a run, torch fp32 - the reference of both fp32 and trt_ptq on ONNX Runtime - runs
+    over the eval set once when both are selected, and each case's figures are those of a run
+    that ran it for each (a session used without the plugin's selection keeps nothing)."""
+    from qatcheck.backends.torch_backend import TorchRunner
+
+    calls = []
+    infer = TorchRunner.infer
+    monkeypatch.setattr(TorchRunner, "infer", lambda self, x: (calls.append(len(x)), infer(self, x))[1])
+    pair = [Case("digits", "fp32", "onnxruntime"), Case("digits", "trt_ptq", "onnxruntime")]
+
+    def run(selected):
+        calls.clear()
+        s = session(cache, remeasure=True)
+        s.selected = selected
+        return [figures(s.measure(c)) for c in pair], len(calls)
+
+    alone, ran_alone = run(None)
+    shared, ran_shared = run(set(pair))
+    assert shared == alone and ran_shared * 2 == ran_alone > 0
