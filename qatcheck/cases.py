@@ -35,6 +35,16 @@ def input_shape(recipe: Recipe, case: Case) -> tuple[int, ...]:
     return recipe.input.profile()[case.point]
 
 
+def subset(recipe: Recipe, case: Case, eval_size: int) -> int | None:
+    """How many of the eval set's ``eval_size`` samples ``case`` is evaluated on, when not all: a
+    dynamic build at its min or max profile point checks runs, output shapes and parity on the
+    first ``Recipe.profile_samples`` (its accuracy is judged at opt). None: the whole set."""
+    n = recipe.profile_samples
+    if case.shape not in ("min", "max") or n is None or n >= eval_size:
+        return None
+    return n
+
+
 def skip_reason(recipe: Recipe, case: Case) -> str | None:
     """Why ``case`` cannot run by the recipe's nature (None when it can): an ONNX-only recipe has no
     PyTorch side to run or quantize."""

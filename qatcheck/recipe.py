@@ -463,6 +463,11 @@ class Recipe:
     #: checked like everything else. The ``dynamic`` mode is fp32's such variant. Entries not in
     #: ``modes`` are not measured (so overriding ``modes`` needs no second override).
     dynamic_modes: tuple[str, ...] = ()
+    #: the eval samples a dynamic build is checked on at its min and max profile points - what can
+    #: break at another shape: it runs, its output shapes, its parity against the reference at that
+    #: shape - the eval set's first N; its accuracy is judged at opt and in the static case, which
+    #: keep the whole set. None: the whole set at every point, accuracy judged there too
+    profile_samples: int | None = 128
 
     def __post_init__(self) -> None:
         self.validate()
@@ -485,6 +490,9 @@ class Recipe:
             if mode_spec(m).profile_only:
                 raise ConfigError(f"Recipe({self.name}).dynamic_modes lists {m!r}, which is already "
                                   "measured at min / opt / max")
+        if self.profile_samples is not None and (not isinstance(self.profile_samples, int) or self.profile_samples < 1):
+            raise ConfigError(f"Recipe({self.name}).profile_samples must be a positive number of samples or None "
+                              f"(the whole eval set at every profile point), got {self.profile_samples!r}")
         if set(self.dynamic_modes) & set(self.modes) and not self.input.dynamic:
             raise ConfigError(f"Recipe({self.name}).dynamic_modes needs InputSpec.dynamic axes "
                               "(e.g. {0: (1, 32, 64)} for the batch)")

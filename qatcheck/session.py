@@ -251,6 +251,7 @@ class QatcheckSession:
                 data = self.workspace(case.recipe).eval_data
                 # the dataset's class by its file where it is the user's (what batches() computes)
                 inputs.update(eval_data=[data.fingerprint(), inputs_fingerprint(data), results.code_identity(type(data))],
+                              samples=cases.subset(recipe, case, len(data)),
                               task=results.task_identity(recipe), onnx_only=is_onnx_only(recipe))
         except Exception:  # noqa: BLE001 - measured instead; measuring raises the cause where it is one
             return None, None
@@ -297,18 +298,25 @@ class QatcheckSession:
         def check_outputs(outs) -> None:
             self._check_outputs(case, {n: o.shape[1:] for n, o in zip(named(len(outs)), outs)})
 
-        with self._progress(-(-len(data) // shape[0]), case.id) as bar:
+        subset = cases.subset(recipe, case, len(data))
+        with self._progress(-(-(subset or len(data)) // shape[0]), case.id) as bar:
             batches = self.workspace(case.recipe).eval_batches(
-                case, resize_targets=getattr(task, "resize_targets", None))
+                case, max_samples=subset, resize_targets=getattr(task, "resize_targets", None))
             ev = evaluate(self._eval_infer(case, runner), batches, task,
                           reference=self._eval_infer(ref_case, ref_runner) if ref_runner else None, on_batch=bar.update,
                           source=f"Recipe({case.recipe}).eval_data ({data.name})", check_outputs=check_outputs)
         names = named(len(ev.output_shapes))
-        out = dict(device=runner.device, metrics=ev.metrics, artifact=self._artifact_digest(case, runner),
+        notes = self._artifact_notes(case, runner)
+        if subset:
+            notes += (f"checked on the eval set's first {subset} samples at the {case.shape} profile point "
+                      "(Recipe.profile_samples): runs, output shapes and parity; accuracy is judged at opt",)
+        # a metric over a subset is not the model's accuracy: none is reported where it would be one
+        out = dict(device=runner.device, metrics={} if subset else ev.metrics,
+                   artifact=self._artifact_digest(case, runner),
                    eval_samples=ev.samples, eval_seconds=ev.seconds, eval_fingerprint=data.fingerprint(),
                    eval_inputs=inputs_fingerprint(data), eval_targets=ev.targets,
                    nonfinite_outputs=ev.nonfinite_outputs, nonfinite_samples=ev.nonfinite_samples,
-                   notes=self._artifact_notes(case, runner),
+                   notes=notes,
                    output_shapes={n: list(sh) for n, sh in zip(names, ev.output_shapes)} if at_opt else None)
         if ref_runner is not None:
             if is_onnx_only(recipe):  # vs the fp32 graph: same precision is an export check
@@ -548,6 +556,12 @@ class QatcheckSession:
     def check_accuracy(self, case: Case) -> Verdict:
         recipe = self.recipes[case.recipe]
         task = self.task(case.recipe)
+        subset = cases.subset(recipe, case, len(self.workspace(case.recipe).eval_data))
+        if subset:  # checked on a subset there (runs, outputs, parity): accuracy is opt's
+            return self._conclude(Verdict("accuracy", case, status="skip", reason=(
+                f"accuracy is judged at opt and in the static case: at the {case.shape} profile point "
+                f"the build is checked on {subset} samples (runs, output shapes, parity; "
+                "Recipe.profile_samples=None evaluates the whole set at every point)")))
         m = self.measure(case, ("eval",))
         budget = recipe.tolerances.fp32_budget(case.mode)
         fp32 = self.measure(self.budget_reference(case), ("eval",)) if budget is not None else None

@@ -64,6 +64,7 @@ def test_a_valid_tiny_recipe_loads():
     (dict(input=InputSpec(dtype="int8", shape=(2, 1, 4, 4))), ["InputSpec.dtype", "'int8'"]),
     (dict(output_names=()), ["Recipe(tiny).output_names"]),
     (dict(tolerances=Tolerances(metric_points=-1)), ["Tolerances.metric_points"]),
+    (dict(profile_samples=0), ["Recipe(tiny).profile_samples", "got 0"]),
 ])
 def test_bad_recipe_is_one_config_error_naming_the_field(overrides, needles):
     with pytest.raises(ConfigError) as ei:

@@ -328,3 +328,40 @@ def test_a_rerun_reuses_results_and_says_so(pytester, tmp_path):
     assert edited.ret == 0 and rows(edited) == {"fp32-onnxruntime": ["eval"], "trt_ptq-onnxruntime": []}
     fresh = run(pytester, cache, "-k", "accuracy or parity", "--qatcheck-remeasure")
     assert fresh.ret == 0 and rows(fresh) == {"fp32-onnxruntime": [], "trt_ptq-onnxruntime": []}
+
+
+def test_min_and_max_are_checked_on_a_subset_and_a_break_there_is_caught(pytester, shared_cache):
+    """A dynamic build at its min / max profile points is checked on the eval set's first
+    Recipe.profile_samples samples - it runs, its output shapes, its parity against PyTorch at that
+    shape - and its accuracy is judged at opt (whole set). Plant: the graph's outputs negated at
+    batch 128 only (a break at the max shape): parity fails there and nowhere else; clean: green."""
+    from qatcheck.backends import onnxruntime_backend
+
+    write_suite(pytester, modes=("fp32", "trt_ptq"), backends=("torch", "onnxruntime"),
+                overrides='{"dynamic_modes": ("trt_ptq",)}')
+    select = ("-k", "trt_ptq and onnxruntime and (accuracy or parity)", "-rs")
+    first = run(pytester, shared_cache, *select, "--update-baselines")
+    assert first.ret == 0, first.stdout.str()
+    first.stdout.fnmatch_lines(["*accuracy is judged at opt and in the static case: at the max profile point the "
+                                "build is checked on 128 samples (runs, output shapes, parity*"])
+    rows = {c["case"]["key"]: c for c in json.loads((pytester.path / "reports" / "digits.json").read_text())["cases"]}
+    assert rows["trt_ptq_max-onnxruntime"]["eval_samples"] == 128 and rows["trt_ptq_max-onnxruntime"]["metrics"] == {}
+    assert rows["trt_ptq_opt-onnxruntime"]["eval_samples"] == rows["trt_ptq-onnxruntime"]["eval_samples"] > 128
+    assert rows["trt_ptq_max-onnxruntime"]["parity"]["cosine"] > 0.999
+    assert set(baseline(pytester)["cases"]["trt_ptq_max-onnxruntime"]) >= {"parity"}
+    assert "metrics" not in baseline(pytester)["cases"]["trt_ptq_max-onnxruntime"]
+
+    infer = onnxruntime_backend.OrtRunner.infer
+
+    def broken_at_max(self, x):
+        outs = infer(self, x)
+        return [-o for o in outs] if len(x) == 128 else outs
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(onnxruntime_backend.OrtRunner, "infer", broken_at_max)
+        # planted in memory: no input of the result cache's key moved, so measured on demand
+        planted = run(pytester, shared_cache, *select, "--qatcheck-remeasure")
+    failed = [r.nodeid for r in planted.reprec.getreports("pytest_runtest_logreport") if r.failed]
+    assert failed == ["test_suite.py::test_parity[digits-trt_ptq_max-onnxruntime]"], planted.stdout.str()
+    planted.stdout.fnmatch_lines(["*digits-trt_ptq_max-onnxruntime parity check failed:*", "*cosine -0.99*"])
+    clean = run(pytester, shared_cache, *select, "--qatcheck-remeasure")
+    assert clean.ret == 0, clean.stdout.str()
