@@ -201,8 +201,10 @@ def cmd_reference(args) -> int:
 def cmd_cache(args) -> int:
     """List the artifact cache's entries (size, age, intact or what is wrong), or prune them."""
     from qatcheck.cache import ArtifactCache
+    from qatcheck.results import ResultCache
 
     cache = ArtifactCache(args.cache)
+    results = ResultCache(cache.root / "results")
     if not cache.root.is_dir():
         raise ConfigError(f"no artifact cache at {cache.root} (--cache DIR)")
     if args.action == "prune":
@@ -212,12 +214,14 @@ def cmd_cache(args) -> int:
         for tmp in cache.orphans:
             print(f"removed {tmp.relative_to(cache.root)} (temp file of a writer that died mid-write)")
         print(f"{len(gone)} entr{'y' if len(gone) == 1 else 'ies'} removed, {sum(e.size for e in gone) / 1e6:.1f} MB")
+        stale = results.prune(everything=args.all, older_than_days=args.older_than)
+        print(f"{len(stale)} stored result(s) removed (qatcheck.results: measured again when next needed)")
         return 0
     entries = cache.entries()
     rows = [(e.path.name, f"{e.size / 1e6:.2f}", f"{e.age_days:.1f}", e.problem or "ok") for e in entries]
     print(_render(("entry", "MB", "age (days)", "state"), rows, f"artifact cache {cache.root}"), end="")
     print(f"{len(entries)} entries, {sum(e.size for e in entries) / 1e6:.1f} MB, "
-          f"{sum(e.problem is not None for e in entries)} damaged")
+          f"{sum(e.problem is not None for e in entries)} damaged; {len(results.entries())} stored results")
     return 0
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 from functools import lru_cache
 from importlib import metadata
 from pathlib import Path
@@ -151,6 +152,19 @@ class ResultCache:
             return decode(part, entry["values"])
         except (OSError, ValueError, KeyError, TypeError):  # absent, or unreadable: measured again
             return None
+
+    def entries(self) -> list[Path]:
+        return sorted(self.root.glob("*.json")) if self.root.is_dir() else []
+
+    def prune(self, *, everything: bool = False, older_than_days: float | None = None) -> list[Path]:
+        """Remove stored results: all of them, or those written more than ``older_than_days`` ago
+        (an entry is only ever measured again, never wrong: pruning costs time, not correctness)."""
+        now, gone = time.time(), []
+        for path in self.entries():
+            if everything or (older_than_days is not None and (now - path.stat().st_mtime) / 86400 > older_than_days):
+                path.unlink(missing_ok=True)
+                gone.append(path)
+        return gone
 
     def put(self, key: str, part: str, inputs: dict[str, Any], values: dict[str, Any]) -> None:
         self.root.mkdir(parents=True, exist_ok=True)

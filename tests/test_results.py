@@ -195,3 +195,21 @@ def test_a_parity_reference_read_by_two_cases_runs_once_with_the_same_figures(ca
     alone, ran_alone = run(None)
     shared, ran_shared = run(set(pair))
     assert shared == alone and ran_shared * 2 == ran_alone > 0
+
+
+def test_the_cache_command_counts_and_prunes_stored_results(cache, tmp_path, capsys):
+    import shutil
+
+    from qatcheck.__main__ import main as cli
+
+    measured(cache)
+    copy = tmp_path / "copy"
+    shutil.copytree(cache, copy)
+    stored = len(list((copy / "results").glob("*.json")))
+    assert stored and cli(["cache", "--cache", str(copy)]) == 0
+    assert f"{stored} stored results" in capsys.readouterr().out
+    assert cli(["cache", "prune", "--older-than", "1", "--cache", str(copy)]) == 0  # all fresh: kept
+    assert len(list((copy / "results").glob("*.json"))) == stored
+    assert cli(["cache", "prune", "--all", "--cache", str(copy)]) == 0
+    assert f"{stored} stored result(s) removed" in capsys.readouterr().out
+    assert not list((copy / "results").glob("*.json"))
