@@ -108,8 +108,9 @@ def result_key(parts: dict[str, Any]) -> str:
 
 # ---- (de)serialising a measured part ------------------------------------------------------------
 
-def encode(part: str, values: dict[str, Any]) -> dict[str, Any]:
-    """A part's measured values (the dict QatcheckSession._measure_* returns) as JSON."""
+def encode(values: dict[str, Any]) -> dict[str, Any]:
+    """A part's measured values (the dict QatcheckSession._measure_* returns) as JSON; a symmetric
+    pair with :func:`decode` (notes as a list, the quantization structure as plain objects)."""
     out = dict(values)
     if "notes" in out:
         out["notes"] = list(out["notes"])
@@ -120,7 +121,7 @@ def encode(part: str, values: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def decode(part: str, stored: dict[str, Any]) -> dict[str, Any]:
+def decode(stored: dict[str, Any]) -> dict[str, Any]:
     out = dict(stored)
     if "notes" in out:
         out["notes"] = tuple(out["notes"])
@@ -149,7 +150,7 @@ class ResultCache:
             return None
         try:
             entry = json.loads(self.path(key).read_text(encoding="utf-8"))
-            return decode(part, entry["values"])
+            return decode(entry["values"])
         except (OSError, ValueError, KeyError, TypeError):  # absent, or unreadable: measured again
             return None
 
@@ -169,7 +170,7 @@ class ResultCache:
     def put(self, key: str, part: str, inputs: dict[str, Any], values: dict[str, Any]) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         write_text_atomic(self.path(key), json.dumps(
-            {"part": part, "inputs": inputs, "values": encode(part, values)}, sort_keys=True, indent=1,
+            {"part": part, "inputs": inputs, "values": encode(values)}, sort_keys=True, indent=1,
             default=_plain))
 
 
