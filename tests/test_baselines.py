@@ -1000,3 +1000,39 @@ def test_two_runs_recording_at_once_both_land(tmp_path):
     assert [p.wait(60) for p in procs] == [0, 0]
     assert set(load(tmp_path / "r.json", "r")["cases"]["fp32-torch"]["metrics"]) == {"top1", "top5"}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]
+
+
+class ClockRunner(FakeRunner):
+    """A runner whose latency fingerprint names its clock, known before timing (``before``) and
+    what the timed call really used (``after``): a CUDA-graph capture that fails times events."""
+
+    def __init__(self, ms: float, before: str, after: str) -> None:
+        super().__init__(ms)
+        self.clock, self.after = before, after
+
+    def timed_call(self, x) -> TimedCall:
+        self.clock = self.after
+        return super().timed_call(x)
+
+    def versions(self):
+        return {"onnxruntime": "test", "timing": self.clock}
+
+
+@pytest.mark.parametrize("before, after, timed, status", [
+    ("cuda-graph", "cuda-graph", True, "pass"),     # the baseline's clock, known up front: timed, judged
+    ("cuda-graph", "cuda-events", True, "skip"),    # capture failed: timed, but no baseline for events
+    ("wall", "cuda-graph", False, "skip"),          # planted: the clock unknown before timing (the old
+])                                                  # runner said wall until timed): never timed at all
+def test_judged_latency_finds_its_baseline_by_the_clock_known_before_timing(tmp_path, monkeypatch, before, after,
+                                                                              timed, status):
+    monkeypatch.setattr(timing, "gc_paused", contextlib.nullcontext)
+    session, case = make_session(tmp_path, latency_ms=2.0)
+    session._runners[("r", "fp32", "onnxruntime", False)] = ClockRunner(2.0, before, after)
+    session.measurements[case] = evaluated(case)
+    fid = fpr.fingerprint_id(fpr.device_fingerprint("CPUExecutionProvider", {"onnxruntime": "test", "timing": "cuda-graph"}))
+    write_baseline(tmp_path, {case.key: {"latency": {fid: {"device": "x", "median_ms": {"value": 2.0, "tolerance": 0.1}}}}})
+    res = session.check_latency(case)
+    m = session.measurements[case]
+    assert (m.latency is not None) == timed and res.status == status, (res, m.latency_skipped)
+    if timed:
+        assert m.fingerprint["timing"] == after  # what the loop used, read after it
