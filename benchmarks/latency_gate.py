@@ -53,6 +53,8 @@ def verdicts(reports: Path) -> dict[str, dict]:
             said = chk["failures"] or chk.get("notes") or [chk["reason"]]
             out[c["case"]["id"]] = {"status": chk["status"], "message": said[0],
                                     "median_ms": lat.get("median_ms"), "ci_rel": lat.get("ci_rel"),
+                                    "iterations": lat.get("iterations"),
+                                    "latency_s": (c.get("seconds") or {}).get("latency"),
                                     "probe_ms": lat.get("probe_ms"), "attempts": c.get("latency_attempts"),
                                     "paired_ratio": (c.get("latency_paired") or {}).get("ratio")}
     return out
@@ -168,6 +170,11 @@ def summarize(runs, planted) -> dict:
                                            if x["status"] == "fail" and c not in planted}),
          "planted_other_inconclusive": sum(x["status"] == "inconclusive" for r in plant
                                            for c, x in r["verdicts"].items() if c not in planted)}
+    # what the timing costs: pytest's wall time per clean run, the timed cases' seconds and samples
+    timed = [x for r in clean for x in r["verdicts"].values() if x.get("iterations")]
+    s["clean_run_seconds"] = round(sum(r["seconds"] for r in clean) / max(1, len(clean)), 1)
+    s["clean_latency_seconds"] = round(sum(x.get("latency_s") or 0.0 for x in timed) / max(1, len(clean)), 1)
+    s["clean_mean_iterations"] = round(sum(x["iterations"] for x in timed) / max(1, len(timed)), 1)
     return s
 
 
@@ -177,7 +184,9 @@ def markdown(s: dict) -> str:
              f"| clean reruns | {s['clean_runs']} runs, {s['clean_checks']} latency checks |",
              f"| false alarms (failed checks in clean reruns) | {s['clean_failures']} "
              f"({s['clean_runs_red']} of {s['clean_runs']} runs red) {s['clean_failed_cases'] or ''} |",
-             f"| inconclusive in clean reruns | {s['clean_inconclusive']} |"]
+             f"| inconclusive in clean reruns | {s['clean_inconclusive']} |",
+             f"| clean run: pytest seconds / seconds in latency measurement / samples per case | "
+             f"{s['clean_run_seconds']} / {s['clean_latency_seconds']} / {s['clean_mean_iterations']} |"]
     for case, n in s["caught"].items():
         lines.append(f"| planted {case} caught | {n} / {s['planted_runs']} |")
     if s["planted_runs"]:

@@ -132,8 +132,10 @@ def plant_repeat(runner, factor: float) -> None:
     runner.timed_call = timed_call
 
 
-def slower_graph(src, dst, factor: float, shape, threads=None) -> None:
-    """``src`` with extra MatMul work costing ``factor`` x its median latency, written to ``dst``."""
+def slower_graph(src, dst, factor: float, shape, threads=None, matmuls: int | None = None) -> None:
+    """``src`` with extra MatMul work costing ``factor`` x its median latency, written to ``dst``
+    (sized by timing here; ``matmuls``: that many extra MatMuls, untimed - a test that needs only
+    "much slower" need not pay the sizing's ~20 s)."""
     import onnx
     import onnxruntime as ort
     from onnx import helper, numpy_helper
@@ -182,6 +184,9 @@ def slower_graph(src, dst, factor: float, shape, threads=None) -> None:
         g.node.extend(nodes)
         return m
 
+    if matmuls is not None:
+        onnx.save(with_work(matmuls), dst)
+        return
     probe = 32
     matmuls = max(1, round(probe * factor / max(slowdown(with_work(probe)), 1e-3)))
     for _ in range(5):  # settle the size against what it actually costs here: at least the factor

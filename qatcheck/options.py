@@ -35,6 +35,9 @@ class Options:
     warmup_s: float = 0.2
     #: cap on the timed loop per case (seconds; None = always ``latency_iterations``)
     latency_duration_s: float | None = 3.0
+    #: stop a timed loop once its median's 95% interval is within this fraction of the case's latency
+    #: tolerance (0: always the whole loop, latency_iterations / latency_duration_s)
+    latency_precision: float = 0.25
     progress: bool = True
     #: CUDA timing: replay a captured CUDA graph (auto: fall back to eager events if capture fails)
     cuda_graph: str = "auto"

@@ -35,6 +35,8 @@ SESSION_KEY = pytest.StashKey["object"]()
 MISSING_KEY = pytest.StashKey[list]()
 #: the session's automatic localizations (qatcheck.analysis.localize.AutoLocalization)
 LOCALIZE_KEY = pytest.StashKey["object"]()
+#: test node id -> the recipes whose last collected test it is (the session lets them go after it)
+RELEASE_KEY = pytest.StashKey[dict]()
 
 
 def requirable() -> tuple[str, ...]:
@@ -80,6 +82,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                      "runs out first, at least 20)")
     g.addoption("--qatcheck-duration", type=float, default=3.0, metavar="SECONDS",
                 help="cap on each case's timed loop, like trtexec --duration (default 3 s; 0 = no cap)")
+    g.addoption("--qatcheck-latency-precision", type=float, default=0.25, metavar="FRACTION",
+                help="stop a case's timed loop once its median is known within this fraction of the "
+                     "latency tolerance (95%% interval; default 0.25: ±3.75%% at a 15%% tolerance), "
+                     "after at least 50 samples; 0 = always time the whole loop")
     g.addoption("--qatcheck-warmup", type=float, default=0.2, metavar="SECONDS",
                 help="warm-up time before timing (default 0.2 s, like trtexec)")
     g.addoption("--qatcheck-no-progress", action="store_true", default=False,
@@ -151,6 +157,9 @@ def pytest_configure(config: pytest.Config) -> None:
     localize_budget = config.getoption("--qatcheck-localize-budget")
     if not localize_budget >= 0:
         raise pytest.UsageError(f"--qatcheck-localize-budget: expected seconds >= 0, got {localize_budget!r}")
+    if not config.getoption("--qatcheck-latency-precision") >= 0:
+        raise pytest.UsageError("--qatcheck-latency-precision: expected a fraction of the tolerance >= 0 "
+                                f"(0: no early stop), got {config.getoption('--qatcheck-latency-precision')!r}")
     options = Options(
         baselines_dir=opt_path("--qatcheck-baselines", "baselines"),
         reports_dir=opt_path("--qatcheck-reports", "reports"),
@@ -167,6 +176,7 @@ def pytest_configure(config: pytest.Config) -> None:
         latency_iterations=config.getoption("--qatcheck-iterations"),
         warmup_s=config.getoption("--qatcheck-warmup"),
         latency_duration_s=config.getoption("--qatcheck-duration") or None,
+        latency_precision=config.getoption("--qatcheck-latency-precision"),
         progress=not config.getoption("--qatcheck-no-progress"),
         cuda_graph=config.getoption("--qatcheck-cuda-graph"),
         trt_ptq=config.getoption("--qatcheck-trt-ptq"),
@@ -398,11 +408,26 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     --qatcheck-benchmark-table (its --benchmark-json / --benchmark-save keep working)."""
     qs = _session(session.config, create=False)
     if qs is not None:  # what the run measures: a parity reference read twice is run once
-        qs.selected = {item.callspec.params["qcase"] for item in session.items
-                       if "qcase" in getattr(getattr(item, "callspec", None), "params", {})}
+        measured = [(item, case) for item in session.items if (case := _qcase(item)) is not None]
+        qs.selected = {case for _, case in measured}
+        last = {case.recipe: item.nodeid for item, case in measured}  # a recipe's last test
+        session.config.stash[RELEASE_KEY] = {n: [r for r, m in last.items() if m == n] for n in set(last.values())}
     bs = getattr(session.config, "_benchmarksession", None)
     if qs is not None and bs is not None and not qs.options.benchmark_table:
         bs.quiet = True
+
+
+def _qcase(item: pytest.Item):
+    return getattr(getattr(item, "callspec", None), "params", {}).get("qcase")
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem) -> None:
+    """After a recipe's last collected test, the session lets its model, data and runners go."""
+    done = item.config.stash.get(RELEASE_KEY, {}).get(item.nodeid)
+    qs = _session(item.config, create=False) if done else None
+    for recipe in done if qs is not None else ():
+        qs.release(recipe)
 
 
 class _Controller:

@@ -17,12 +17,13 @@ logic can be used (and tested) without pytest.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import hashlib
 import os
 import sys
 import time
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable
 
 import numpy as np
 
@@ -79,7 +80,8 @@ class QatcheckSession:
         self._outputs: dict[Case, dict[str, list[np.ndarray]]] = {}
         self._reference_sets: dict[str, set[Case]] = {}
         self._memo_bytes = 0
-        self._current = ""
+        #: each recipe's task, kept when its workspace is let go (the report reads it at the end)
+        self._tasks: dict[str, Any] = {}
         #: the cases this run measures (the plugin's collected ones): a parity reference's outputs
         #: are kept where two of them read it; None: nothing is kept
         self.selected: set[Case] | None = None
@@ -137,7 +139,9 @@ class QatcheckSession:
 
     def task(self, recipe_name: str):
         """The recipe's task, built once (detection needs the eval set's ground truth)."""
-        return self.workspace(recipe_name).task
+        if recipe_name not in self._tasks:
+            self._tasks[recipe_name] = self.workspace(recipe_name).task
+        return self._tasks[recipe_name]
 
     def context(self, case: Case) -> BuildContext:
         """The same build context for every backend: it takes the artifact it executes from it."""
@@ -191,7 +195,6 @@ class QatcheckSession:
         """The case's measurement holding at least ``parts`` (``eval``: metrics and parity over
         the whole eval set; ``latency``: the timed loop, through ``benchmark`` when given). Each
         part is measured once per session; a later part makes a new record with both."""
-        self._focus(case.recipe)
         parts = set(parts)
         unknown = parts - set(PARTS)
         if unknown:
@@ -364,16 +367,17 @@ class QatcheckSession:
             self._reference_sets[recipe_name] = {c for c, n in readers.items() if n >= 2}
         return self._reference_sets[recipe_name]
 
-    def _focus(self, recipe_name: str) -> None:
-        """Measuring moves to ``recipe_name`` (pytest runs a suite module's tests together): the
-        other recipes' runners and kept reference outputs are let go - a later case of theirs makes
-        them again - so a session's memory is one recipe's, not every recipe's so far."""
-        if recipe_name == self._current:
-            return
-        self._current = recipe_name
-        self._runners = {k: r for k, r in self._runners.items() if k[0] == recipe_name}
-        self._outputs = {}
-        self._memo_bytes = 0
+    def release(self, recipe_name: str) -> None:
+        """The run is done with ``recipe_name`` (the plugin says so after the recipe's last
+        collected test): its runners, kept reference outputs, model, data and builder are let go,
+        so a session holds the recipes it is measuring, not every recipe so far. Its measurements,
+        verdicts and task stay (the report reads them); a later use makes the rest again."""
+        self._runners = {k: r for k, r in self._runners.items() if k[0] != recipe_name}
+        for c in [c for c in self._outputs if c.recipe == recipe_name]:
+            self._memo_bytes -= sum(o.nbytes for outs in self._outputs.pop(c).values() for o in outs)
+        if self._workspaces.pop(recipe_name, None) is not None:
+            gc.collect()  # torch modules and ONNX Runtime sessions sit in reference cycles
+            _trim_heap()
 
     def _at_opt(self, case: Case) -> bool:
         """Output shapes are recorded and compared at the recipe's own input shape only (a dynamic
@@ -424,9 +428,11 @@ class QatcheckSession:
         call = runner.timed_call(self._latency_input(case))
         notes = [call.note] if getattr(call, "note", "") else []
         probe = self._time_probe(runner)
+        # known as tightly as the judge needs, more samples change no verdict (Options.latency_precision)
+        target = self.recipes[case.recipe].tolerances.latency_rel * self.options.latency_precision
         with timing.CpuLoad() as load:
-            stats = timing.measure(call, shape[0], self.options.latency_iterations,
-                                   self.options.warmup_s, benchmark, self.options.latency_duration_s)
+            stats = timing.measure(call, shape[0], self.options.latency_iterations, self.options.warmup_s,
+                                   benchmark, self.options.latency_duration_s, target or None)
         if stats is None:  # pytest-benchmark is disabled: nothing was timed
             return dict(device=runner.device, latency=None, notes=tuple(notes))
         # what it was timed with (a CUDA-graph capture that failed timed eager events instead)
@@ -673,3 +679,14 @@ def _speed(stats) -> float:
     """A latency attempt's figure for choosing the best one: its median, relative to its
     machine-speed probe when it has one."""
     return stats.median_ms / stats.probe_ms if stats.probe_ms else stats.median_ms
+
+
+def _trim_heap() -> None:
+    """Hand the C heap's free pages back to the system (glibc keeps them otherwise, and the next
+    recipe's arrays land among the last one's fragments); nothing where there is no glibc."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

@@ -2,7 +2,9 @@
 p99, mean and the coefficient of variation. Device-side times (CUDA events) win over wall-clock
 when a runner provides them.
 
-The timing loop itself runs through pytest-benchmark's ``pedantic`` so ``--benchmark-json``,
+The timed loop can stop early: once the median's 95% interval is as tight as the judge needs
+(``target_ci_rel``: a fraction of the case's tolerance), more samples would not change a verdict -
+they only cost time. Its samples go to pytest-benchmark's fixture so ``--benchmark-json``,
 ``--benchmark-save`` and ``--benchmark-disable`` keep working.
 """
 from __future__ import annotations
@@ -44,6 +46,11 @@ CV_WARNING = 0.025
 MIN_ITERATIONS = 20
 #: the timed loop is cut into this many consecutive blocks for the median's confidence interval
 CI_BLOCKS = 10
+#: an adaptive loop looks at its interval first after this many samples (ten blocks of five: fewer,
+#: and a block's median is one or two runs), then each time the samples grew by ADAPTIVE_GROWTH -
+#: looking rarely keeps the chance of stopping at a lucky moment small
+ADAPTIVE_MIN_ITERATIONS = 50
+ADAPTIVE_GROWTH = 1.5
 
 
 def _t95(dof: int) -> float:
@@ -176,12 +183,13 @@ def rounds_for(iterations: int, duration_s: float | None, seconds_per_call: floa
 
 
 def measure(call: TimedCall, batch_size: int, iterations: int, warmup_s: float,
-            benchmark=None, duration_s: float | None = None) -> LatencyStats | None:
-    """Time ``call``. With a pytest-benchmark fixture the loop is its ``pedantic`` run and its raw
-    per-round data are the samples; without one a plain perf_counter loop is used. Returns None
-    when pytest-benchmark is disabled (``--benchmark-disable``). ``duration_s`` caps the timed
-    loop's length (see :func:`rounds_for`); ``iterations`` is then the maximum."""
-    got = collect(call, iterations, warmup_s, benchmark, duration_s)
+            benchmark=None, duration_s: float | None = None,
+            target_ci_rel: float | None = None) -> LatencyStats | None:
+    """Time ``call``. Returns None when pytest-benchmark is disabled (``--benchmark-disable``).
+    ``duration_s`` caps the timed loop's length (see :func:`rounds_for`); ``iterations`` is then the
+    maximum. ``target_ci_rel``: stop as soon as the median's 95% interval is that tight (relative
+    half-width, :func:`median_ci_rel`; see :func:`collect`)."""
+    got = collect(call, iterations, warmup_s, benchmark, duration_s, target_ci_rel)
     return None if got is None else stats_from_samples(got[0], batch_size, got[1])
 
 
@@ -201,29 +209,66 @@ def gc_paused():
 
 
 def collect(call: TimedCall, iterations: int, warmup_s: float, benchmark=None,
-            duration_s: float | None = None) -> tuple[list[float], str] | None:
+            duration_s: float | None = None, target_ci_rel: float | None = None) -> tuple[list[float], str] | None:
     """The timed loop of :func:`measure`: (per-iteration milliseconds, clock), or None when
-    pytest-benchmark is disabled. Device times (CUDA events) win over wall-clock."""
+    pytest-benchmark is disabled. Device times (CUDA events) win over wall-clock.
+
+    Without ``target_ci_rel`` every one of the ``iterations`` (capped by ``duration_s``) is timed.
+    With it the loop stops early once the median's interval is within it - after at least
+    ADAPTIVE_MIN_ITERATIONS samples, looking again each time they grew by ADAPTIVE_GROWTH - and
+    runs to the same maximum where it never gets there (a noisy machine gets every sample it would
+    have had)."""
     with gc_paused():
-        return _collect(call, iterations, warmup_s, benchmark, duration_s)
+        return _collect(call, iterations, warmup_s, benchmark, duration_s, target_ci_rel)
 
 
 def _collect(call: TimedCall, iterations: int, warmup_s: float, benchmark=None,
-             duration_s: float | None = None) -> tuple[list[float], str] | None:
+             duration_s: float | None = None, target_ci_rel: float | None = None) -> tuple[list[float], str] | None:
     t0 = time.perf_counter()
     n = warm_up(call.run, warmup_s)
     iterations = rounds_for(iterations, duration_s, (time.perf_counter() - t0) / n)
     if call.device_times_ms is not None:
         call.device_times_ms.clear()
-    if benchmark is not None:
-        if getattr(benchmark, "disabled", False):
-            benchmark(call.run)
-            return None
+    if benchmark is not None and getattr(benchmark, "disabled", False):
+        benchmark(call.run)
+        return None
+    if target_ci_rel:
+        wall_ms = _until_tight(call, iterations, target_ci_rel)
+        if benchmark is not None:
+            _hand_to(benchmark, call, wall_ms)
+    elif benchmark is not None:
         benchmark.pedantic(call.run, rounds=iterations, iterations=1, warmup_rounds=0)
         wall_ms = [t * 1e3 for t in benchmark.stats.stats.data]
     else:
         wall_ms = _runs(call, iterations)
     return _times(call, wall_ms)
+
+
+def _until_tight(call: TimedCall, most: int, target_ci_rel: float) -> list[float]:
+    """Wall-clock milliseconds of runs until the median's interval (on the clock the loop reports)
+    is within ``target_ci_rel``, or of ``most`` runs."""
+    wall: list[float] = []
+    look = min(most, ADAPTIVE_MIN_ITERATIONS)
+    while True:
+        wall += _runs(call, look - len(wall))
+        if len(wall) >= most or median_ci_rel(_times(call, wall)[0]) <= target_ci_rel:
+            return wall
+        look = min(most, max(look + 1, int(look * ADAPTIVE_GROWTH)))
+
+
+def _hand_to(benchmark, call: TimedCall, wall_ms: list[float]) -> None:
+    """The adaptive loop's samples as pytest-benchmark's rounds (what ``pedantic(rounds=len(wall_ms))``
+    would have stored). The fixture's public API times a number of rounds fixed up front, which an
+    adaptive loop does not know, so its statistics object is filled directly; a fixture without
+    that (another pytest-benchmark) times the same number of rounds itself, afterwards."""
+    make = getattr(benchmark, "_make_stats", None)
+    if make is None or not hasattr(benchmark, "_mode"):
+        benchmark.pedantic(call.run, rounds=len(wall_ms), iterations=1, warmup_rounds=0)
+        return
+    stats = make(1)
+    for ms in wall_ms:
+        stats.update(ms / 1e3)
+    benchmark._mode = "benchmark.pedantic(...)"  # used: pytest-benchmark warns about an unused fixture
 
 
 def _runs(call: TimedCall, count: int, seconds: float = 0.0) -> list[float]:

@@ -1,5 +1,15 @@
 """Import the heavy stack once, up front: pytester's in-process runs restore ``sys.modules``
-afterwards, and C extensions (numpy.fft, torch, onnxruntime) cannot be imported twice."""
+afterwards, and C extensions (numpy.fft, torch, onnxruntime) cannot be imported twice.
+
+Under pytest-xdist (the test command runs ``-n auto``) each worker gets cores of its own, and a
+test marked ``quiet`` (it times latency and reads the verdict, or needs every core) runs with no
+other test beside it."""
+import contextlib
+import fcntl
+import os
+import tempfile
+from pathlib import Path
+
 import matplotlib
 
 matplotlib.use("Agg")
@@ -64,3 +74,67 @@ def _warm_polygraphy() -> None:
 
 
 _warm_polygraphy()
+
+
+def pytest_configure(config):
+    """An xdist worker keeps to its share of the cores, and so do its threads, its inner pytester
+    runs and their subprocesses: OpenMP threads sharing a core with another worker spin, and run
+    up to 14x slower."""
+    wid, count = os.environ.get("PYTEST_XDIST_WORKER"), os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if not wid or not count:
+        return
+    # the tests' own (pytester) runs are no xdist workers: pytest-benchmark, which reads these,
+    # would switch itself off in them
+    for name in ("PYTEST_XDIST_WORKER", "PYTEST_XDIST_WORKER_COUNT", "PYTEST_XDIST_TESTRUNUID"):
+        os.environ.pop(name, None)
+    if not hasattr(os, "sched_setaffinity"):
+        return
+    cpus, n = sorted(os.sched_getaffinity(0)), int(count)
+    if n <= len(cpus):
+        mine = set(cpus[int(wid[2:]) % n::n])
+        _CORES.update(all=set(cpus), mine=mine)
+        _use(mine)
+
+
+#: under xdist: every core of the run ("all") and this worker's share ("mine")
+_CORES: dict[str, set[int]] = {}
+
+
+def _use(cpus: set[int]) -> None:
+    os.sched_setaffinity(0, cpus)
+    torch.set_num_threads(len(cpus))
+
+
+@contextlib.contextmanager
+def _flock(path: Path, mode: int):
+    with open(path, "a+b") as f:
+        fcntl.flock(f, mode)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def _turn(config, quiet: bool):
+    """Every test of an xdist run holds the run's lock shared, a ``quiet`` one exclusively (it
+    waits for the running tests to end, and the others wait for it). The turnstile keeps a waiting
+    quiet test from starving: a test takes its turn through it before taking the lock."""
+    uid = getattr(config, "workerinput", {}).get("testrunuid")
+    if uid is None:  # not a worker: nothing runs beside it
+        yield
+        return
+    base = Path(tempfile.gettempdir()) / f"qatcheck-tests-{uid}"
+    with contextlib.ExitStack() as held:
+        with _flock(base.with_suffix(".turnstile"), fcntl.LOCK_EX):
+            held.enter_context(_flock(base.with_suffix(".lock"), fcntl.LOCK_EX if quiet else fcntl.LOCK_SH))
+        if quiet and _CORES:  # alone: every core, as in a serial run
+            _use(_CORES["all"])
+            held.callback(_use, _CORES["mine"])
+        yield
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    with _turn(item.config, item.get_closest_marker("quiet") is not None):
+        yield

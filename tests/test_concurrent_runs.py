@@ -9,6 +9,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from qatcheck import report_files
 from qatcheck.cache import ArtifactCache
 

@@ -524,3 +524,60 @@ def test_coco_root_comes_from_the_running_sessions_options(tmp_path, monkeypatch
     assert active() is not options  # back to the outer pytest run's options (no COCO root)
     with pytest.raises(DataError, match="no COCO root given"):
         coco_val2017()
+
+
+def _steady_then_noisy(noisy_after: int | None = None):
+    """A call whose device times are a steady 1 ms (+/- 0.1%), or noisy (1..3 ms) from run
+    ``noisy_after`` on."""
+    rng, times = np.random.default_rng(0), []
+
+    def run():
+        noisy = noisy_after is not None and len(times) >= noisy_after
+        times.append(float(rng.uniform(1.0, 3.0) if noisy else 1.0 + rng.uniform(-1e-3, 1e-3)))
+    return TimedCall(run, times)
+
+
+def test_an_adaptive_loop_stops_once_the_median_is_known_well_enough():
+    """Steady times: the interval is tight at the first look (ADAPTIVE_MIN_ITERATIONS samples), so
+    the loop stops there; noisy ones never get within 1%, so it runs to the same maximum as a
+    loop without a target; no target: always the maximum."""
+    steady = timing.measure(_steady_then_noisy(), 1, 500, 0.0, target_ci_rel=0.01)
+    assert steady.iterations == timing.ADAPTIVE_MIN_ITERATIONS and steady.ci_rel <= 0.01
+    noisy = timing.measure(_steady_then_noisy(0), 1, 500, 0.0, target_ci_rel=0.01)
+    assert noisy.iterations == 500 and noisy.ci_rel > 0.01
+    assert timing.measure(_steady_then_noisy(), 1, 500, 0.0).iterations == 500
+    # the maximum is the duration's too: a cap below the first look is the whole loop
+    assert timing.measure(_steady_then_noisy(), 1, 30, 0.0, target_ci_rel=0.01).iterations == 30
+
+
+def test_an_adaptive_loop_looks_again_as_it_grows():
+    """Noisy at first, then steady: not tight at the first look, tight at a later one - stops
+    between the minimum and the maximum, at one of the looks (x1.5 each)."""
+    looks, n = [], timing.ADAPTIVE_MIN_ITERATIONS
+    while n < 2000:
+        looks.append(n)
+        n = int(n * timing.ADAPTIVE_GROWTH)
+    call = TimedCall(None, [])
+    rng = np.random.default_rng(1)
+    call.run = lambda: call.device_times_ms.append(float(rng.uniform(1, 3) if len(call.device_times_ms) < 60
+                                                         else 2.0 + rng.uniform(-1e-3, 1e-3)))
+    s = timing.measure(call, 1, 2000, 0.0, target_ci_rel=0.05)
+    assert s.iterations in looks[1:] and s.ci_rel <= 0.05
+
+
+def test_an_adaptive_loop_hands_its_samples_to_pytest_benchmark(pytester):
+    """--benchmark-json keeps working: the fixture's rounds are the adaptive loop's samples."""
+    pytester.makepyfile(test_b='''
+        from qatcheck import timing
+        from qatcheck.timing import TimedCall
+
+        def test_it(benchmark):
+            s = timing.measure(TimedCall(lambda: None), 1, 400, 0.0, benchmark, target_ci_rel=10.0)
+            assert s.iterations == timing.ADAPTIVE_MIN_ITERATIONS
+    ''')
+    result = pytester.runpytest_inprocess("-p", "no:cacheprovider", "--benchmark-json", "b.json")
+    result.assert_outcomes(passed=1)
+    import json
+
+    bench, = json.loads((pytester.path / "b.json").read_text())["benchmarks"]
+    assert bench["stats"]["rounds"] == timing.ADAPTIVE_MIN_ITERATIONS and bench["stats"]["iterations"] == 1

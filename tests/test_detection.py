@@ -13,7 +13,7 @@ from PIL import Image
 from qatcheck.data import digit_detection as dd
 from qatcheck.data.coco import CocoDataset
 from qatcheck.errors import ArtifactError, DataError
-from qatcheck.tasks.detection import (BoxAgreement, CenterNetDecoder, DetectionTask, Detections, coco_evaluate,
+from qatcheck.tasks.detection import (BoxAgreement, CenterNetDecoder, DetectionTask, Detections, coco_evaluate, nms,
                                       to_original)
 
 
@@ -346,3 +346,42 @@ def test_resized_detection_targets_map_a_box_back_to_the_same_original_box() -> 
     resized = Detections(r["boxes"], det.scores, det.labels)
     assert np.allclose(to_original(resized, r), to_original(det, t))
     assert t["scale"] == (64 / 90, 64 / 120)  # the dataset's own targets are not rewritten
+
+
+def test_nms_keeps_the_best_of_each_overlapping_group_per_class() -> None:
+    """Greedy, class-wise, by descending score (ties: the lower index first); IoU above the
+    threshold suppresses, at it does not."""
+    boxes = np.array([[0, 0, 10, 10], [0, 0, 10, 10], [1, 0, 11, 10], [0, 0, 10, 10], [20, 20, 30, 30],
+                      [0, 0, 10, 5]], np.float32)
+    scores = np.array([0.5, 0.9, 0.8, 0.9, 0.1, 0.7], np.float32)
+    labels = np.array([0, 0, 0, 1, 0, 0])
+    # 1 and 3 tie at 0.9 but differ in class: both kept, 1 first; 0 and 2 overlap 1 (IoU 1, 0.82);
+    # 5 overlaps 1 at IoU exactly 0.5: kept at a 0.5 threshold, suppressed below it
+    assert nms(boxes, scores, labels, 0.5).tolist() == [1, 3, 5, 4]
+    assert nms(boxes, scores, labels, 0.49).tolist() == [1, 3, 4]
+    assert nms(boxes, scores, labels, 1.0).tolist() == [1, 3, 2, 5, 0, 4]
+    assert nms(boxes[:0], scores[:0], labels[:0], 0.5).tolist() == []
+
+
+@pytest.mark.parametrize("count", [40, 900, 1200])  # torchvision's two paths: one pass, per class past 1,000 boxes
+def test_nms_keeps_what_torchvision_keeps(count) -> None:
+    """The same indices in the same order as torchvision's batched_nms (where it is installed),
+    with many overlaps and tied scores - past 1,000 boxes the same indices by the same scores
+    (torchvision's last sort there breaks ties in no fixed order; the decoders keep 100 boxes)."""
+    ops = pytest.importorskip("torchvision.ops")
+    import torch
+
+    rng = np.random.default_rng(count)
+    for _ in range(20):
+        xy = rng.uniform(0, 60, (count, 2)).astype(np.float32)
+        boxes = np.concatenate([xy, xy + rng.uniform(1, 30, (count, 2)).astype(np.float32)], 1)
+        scores = rng.choice(np.linspace(0.05, 1, 12, dtype=np.float32), count)  # many ties
+        labels = rng.integers(0, 3, count)
+        for iou in (0.3, 0.45, 0.7):
+            want = ops.batched_nms(torch.from_numpy(boxes), torch.from_numpy(scores), torch.from_numpy(labels), iou)
+            got = nms(boxes, scores, labels, iou)
+            if count <= 1000:
+                assert got.tolist() == want.tolist()
+            else:
+                assert sorted(got.tolist()) == sorted(want.tolist())
+                assert scores[got].tolist() == scores[want.numpy()].tolist()

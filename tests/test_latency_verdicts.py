@@ -476,6 +476,7 @@ def pytest_unconfigure(config):  # in-process runs share the modules: leave them
 '''
 
 
+@pytest.mark.quiet  # times latency and reads the verdict
 def test_a_sleep_in_the_onnxruntime_runner_is_red_end_to_end(pytester, monkeypatch, tmp_path):
     """Issue 21 #10 end to end: record ONNX Runtime fp32 latency, then plant a 20 ms sleep per
     inference in the real ORT runner (the artifact stays byte-identical): red, naming the runtime.

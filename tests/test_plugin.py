@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from qatcheck.session import QatcheckSession
+
 SUITE = '''
 import os
 import pytest
@@ -139,6 +141,7 @@ def test_perturbed_qdq_scale_fails_parity(pytester, shared_cache):
                                  "*cosine 0.* vs torch torch_ptq (export) is below the floor 0.999*"])
 
 
+@pytest.mark.quiet  # times latency and reads the verdict
 def test_planted_slowdown_fails_latency_on_same_fingerprint(pytester, shared_cache, monkeypatch):
     """A 20 ms sleep in forward() on a sub-millisecond model: the latency check must fail."""
     # a wide tolerance: the recording is kept on a shared machine (its interval within ±25%), and
@@ -187,6 +190,7 @@ def _latency_rows(pytester) -> dict:
     return {c["case"]["key"]: c for c in report["cases"]}
 
 
+@pytest.mark.quiet  # times latency and reads the verdict
 def test_latency_is_timed_only_where_it_is_judged_or_recorded(pytester, shared_cache):
     """--qatcheck-latency judged (the default): without a latency baseline for this device nothing
     is timed (the skip and a note under the table say why); --update-baselines times and records, a
@@ -365,3 +369,45 @@ def test_min_and_max_are_checked_on_a_subset_and_a_break_there_is_caught(pyteste
     planted.stdout.fnmatch_lines(["*digits-trt_ptq_max-onnxruntime parity check failed:*", "*cosine -0.99*"])
     clean = run(pytester, shared_cache, *select, "--qatcheck-remeasure")
     assert clean.ret == 0, clean.stdout.str()
+
+
+
+def test_a_recipe_is_let_go_after_its_last_test_and_its_table_stays(pytester, shared_cache):
+    """Memory is the recipes being measured, not every recipe so far: after a recipe's last
+    collected test the session drops its model, data and runners (``QatcheckSession.release``),
+    and both tables are still printed at the end. Planted: a session that never lets go keeps
+    every recipe to the end."""
+    for name in ("first", "second"):
+        pytester.makepyfile(**{f"test_{name}": SUITE.format(modes=("fp32",), backends=("onnxruntime",),
+                                                            overrides=f'{{"name": "{name}"}}')})
+    pytester.makeconftest('''
+import json, os, pytest
+from qatcheck.plugin import SESSION_KEY
+from qatcheck.session import QatcheckSession
+
+HELD = []
+if os.environ.get("NEVER_RELEASE"):
+    QatcheckSession.release = lambda self, recipe: None
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item):  # after every other teardown: the recipes the session holds
+    yield
+    HELD.append(sorted(item.config.stash[SESSION_KEY]._workspaces))
+
+def pytest_unconfigure(config):
+    with open("held.json", "w") as f:
+        json.dump(HELD, f)
+''')
+
+    def held() -> list:
+        result = run(pytester, shared_cache, "-k", "accuracy or parity", "--update-baselines")
+        result.assert_outcomes(passed=4)
+        result.stdout.fnmatch_lines(["*qatcheck: first*", "*qatcheck: second*"])
+        return json.loads((pytester.path / "held.json").read_text())
+
+    release = QatcheckSession.release
+    assert held() == [["first"], [], ["second"], []]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("NEVER_RELEASE", "1")
+        assert held() == [["first"], ["first"], ["first", "second"], ["first", "second"]]
+    QatcheckSession.release = release  # the planted conftest replaced it in this process

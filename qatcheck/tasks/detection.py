@@ -57,16 +57,48 @@ class Decoder(Protocol):
 
 
 def nms(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, iou: float) -> np.ndarray:
-    """Class-wise NMS (torchvision's ``batched_nms``); returns kept indices by descending score."""
-    import torch
-    from torchvision.ops import batched_nms
-
+    """Class-wise NMS; returns kept indices by descending score. torchvision's ``batched_nms``
+    on the CPU, operation for operation in float32 (the same boxes kept, in the same order): boxes
+    of different classes are moved apart by ``label * (max coordinate + 1)`` - or, past 1,000
+    boxes, each class is suppressed alone - then greedy NMS by descending score (ties: the lower
+    index first), suppressing IoU > ``iou``. Why not torchvision itself: it is the one thing
+    qatcheck needed it for, and its wheels are built for one torch build each."""
+    boxes = np.ascontiguousarray(boxes, np.float32).reshape(-1, 4)
+    scores = np.ascontiguousarray(scores, np.float32).reshape(-1)
+    labels = np.ascontiguousarray(labels, np.int64).reshape(-1)
     if not len(scores):
         return np.zeros(0, np.int64)
-    keep = batched_nms(torch.from_numpy(np.ascontiguousarray(boxes, np.float32)),
-                       torch.from_numpy(np.ascontiguousarray(scores, np.float32)),
-                       torch.from_numpy(np.ascontiguousarray(labels, np.int64)), iou)
-    return keep.numpy()
+    if boxes.size > 4000:  # torchvision's _batched_nms_vanilla on the CPU
+        keep = np.zeros(len(scores), bool)
+        for c in np.unique(labels):
+            idx = np.flatnonzero(labels == c)
+            keep[idx[_nms(boxes[idx], scores[idx], iou)]] = True
+        kept = np.flatnonzero(keep)
+        return kept[np.argsort(-scores[kept], kind="stable")]
+    # torchvision's _batched_nms_coordinate_trick
+    offsets = labels.astype(np.float32) * (boxes.max() + np.float32(1))
+    return _nms(boxes + offsets[:, None], scores, iou)
+
+
+def _nms(boxes: np.ndarray, scores: np.ndarray, iou: float) -> np.ndarray:
+    """Greedy NMS with torchvision's CPU kernel's arithmetic (float32 IoU, compared with the
+    threshold as a double). Every pair's IoU at once, in score order; then one pass keeps a box
+    unless a kept, higher-ranked box overlaps it."""
+    order = np.argsort(-scores, kind="stable")
+    x1, y1, x2, y2 = boxes[order].T
+    areas = (x2 - x1) * (y2 - y1)
+    w = np.maximum(np.float32(0), np.minimum(x2[:, None], x2) - np.maximum(x1[:, None], x1))
+    h = np.maximum(np.float32(0), np.minimum(y2[:, None], y2) - np.maximum(y1[:, None], y1))
+    inter = w * h
+    over = (inter / (areas[:, None] + areas - inter)).astype(np.float64) > iou
+    over &= np.triu(np.ones_like(over), 1)  # only a higher-ranked box suppresses
+    suppressed = np.zeros(len(order), bool)
+    keep = []
+    for i in range(len(order)):
+        if not suppressed[i]:
+            keep.append(i)
+            suppressed |= over[i]
+    return order[keep].astype(np.int64)
 
 
 class CenterNetDecoder:
