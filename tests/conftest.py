@@ -2,7 +2,7 @@
 afterwards, and C extensions (numpy.fft, torch, onnxruntime) cannot be imported twice.
 
 Under pytest-xdist (the test command runs ``-n auto``) each worker gets cores of its own, and a
-test marked ``quiet`` (it times latency and reads the verdict, or needs every core) runs with no
+test marked ``quiet`` (it times latency and reads the verdict) runs on every core with no
 other test beside it."""
 import contextlib
 import fcntl

@@ -463,7 +463,11 @@ def test_planted_slowdown_in_one_case_fails_only_that_case(pytester, shared_cach
     seen = []
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(runner, "__init__", remember_path)
-        for attempt in range(3):
+        # the two facts may show in different attempts: each run's x2 is one draw of a shared
+        # machine's between-process drift (about as wide as the band itself), so needing both in
+        # one attempt failed CI now and then while each held
+        inconclusive = red_when_strict = False
+        for attempt in range(4):
             if attempt:  # a baseline timed in a slow moment of a shared machine makes x2 read as
                 # within the tolerance (passed, rightly): the plant is re-measured against a new one
                 mp.setattr(runner, "timed_call", timed_call)
@@ -477,7 +481,11 @@ def test_planted_slowdown_in_one_case_fails_only_that_case(pytester, shared_cach
                        in ln or "other processes kept" in ln for ln in said), said
             strict = run(pytester, shared_cache, *select, "--qatcheck-latency-strict")
             seen.append((len(said), list(failures(strict))))
-            if said and list(failures(strict)) == ["test_suite.py::test_latency[digits-trt_ptq-onnxruntime]"]:
+            inconclusive |= bool(said)
+            red = failures(strict)  # red for being inconclusive under strict, not for a slowdown beyond the band
+            red_when_strict |= (list(red) == ["test_suite.py::test_latency[digits-trt_ptq-onnxruntime]"]
+                                and "inconclusive (--qatcheck-latency-strict)" in "".join(red.values()))
+            if inconclusive and red_when_strict:
                 break
         else:
             pytest.fail(f"x2 on the recorded bytes was never inconclusive by default and red under strict: {seen}")
