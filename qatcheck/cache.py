@@ -18,7 +18,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable
 
-from qatcheck.fsutil import file_digest, locked, remove_orphans, write_text_atomic
+from qatcheck.fsutil import file_digest, locked, remove_orphans, trim_heap, write_text_atomic
 
 DIGEST_LENGTH = 32
 
@@ -88,6 +88,7 @@ class ArtifactCache:
                 return path
             if self.enabled and problem != "absent":
                 self.notes.append(f"cache entry {path} {problem}: rebuilt")
+            trim_heap()  # a build (calibration, QAT) allocates most: start it from the smallest heap
             start = time.perf_counter()
             try:
                 info = build(path)

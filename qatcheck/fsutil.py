@@ -132,3 +132,15 @@ def outside_code_digest(obj: object) -> str | None:
     if not src.is_file() or src.is_relative_to(PACKAGE):
         return None
     return source_digest([src])
+
+
+def trim_heap() -> None:
+    """Hand the C heap's free pages back to the system: glibc keeps them, so a process that freed
+    a recipe's arrays, or a build's temporaries, would still hold them when its next peak comes
+    (malloc_trim; nothing where there is no glibc)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

@@ -38,7 +38,7 @@ from qatcheck.data.base import inputs_fingerprint
 from qatcheck.data.batching import pad_batch, resize
 from qatcheck.errors import BaselineError, ConfigError, DataError
 from qatcheck.evaluate import combined_parity, evaluate
-from qatcheck.fsutil import file_digest
+from qatcheck.fsutil import file_digest, trim_heap
 from qatcheck.measurement import PARTS, Case, Measurement, Verdict
 from qatcheck.modes import calibrator_of, parity_reference, resolve, spec as mode_spec
 from qatcheck.options import Options
@@ -377,7 +377,7 @@ class QatcheckSession:
             self._memo_bytes -= sum(o.nbytes for outs in self._outputs.pop(c).values() for o in outs)
         if self._workspaces.pop(recipe_name, None) is not None:
             gc.collect()  # torch modules and ONNX Runtime sessions sit in reference cycles
-            _trim_heap()
+            trim_heap()
 
     def _at_opt(self, case: Case) -> bool:
         """Output shapes are recorded and compared at the recipe's own input shape only (a dynamic
@@ -679,14 +679,3 @@ def _speed(stats) -> float:
     """A latency attempt's figure for choosing the best one: its median, relative to its
     machine-speed probe when it has one."""
     return stats.median_ms / stats.probe_ms if stats.probe_ms else stats.median_ms
-
-
-def _trim_heap() -> None:
-    """Hand the C heap's free pages back to the system (glibc keeps them otherwise, and the next
-    recipe's arrays land among the last one's fragments); nothing where there is no glibc."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
