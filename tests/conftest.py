@@ -134,17 +134,6 @@ def _turn(config, quiet: bool):
         yield
 
 
-#: the longest modules (measured under ``-n auto``): collected first, so that xdist, which hands out
-#: a module at a time, does not leave one of them running alone at the end
-LONGEST_FIRST = ("test_xdist.py", "test_verdicts.py", "test_plugin.py", "test_heads.py", "test_localize.py",
-                 "test_cache.py")
-
-
-def pytest_collection_modifyitems(config, items):
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
-
-
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item, nextitem):
     with _turn(item.config, item.get_closest_marker("quiet") is not None):
