@@ -411,3 +411,11 @@ def pytest_unconfigure(config):
         mp.setenv("NEVER_RELEASE", "1")
         assert held() == [["first"], ["first"], ["first", "second"], ["first", "second"]]
     QatcheckSession.release = release  # the planted conftest replaced it in this process
+
+
+def test_a_negative_latency_precision_is_one_usage_error(pytester):
+    pytester.makepyfile(test_x="def test_x():\n    pass\n")
+    result = pytester.runpytest_inprocess("-p", "no:cacheprovider", "--qatcheck-latency-precision=-0.5")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*--qatcheck-latency-precision: expected a fraction of the tolerance >= 0 "
+                                 "(0: no early stop), got -0.5*"])
