@@ -235,7 +235,7 @@ def _collect(call: TimedCall, iterations: int, warmup_s: float, benchmark=None,
     if target_ci_rel:
         wall_ms = _until_tight(call, iterations, target_ci_rel)
         if benchmark is not None:
-            _hand_to(benchmark, call, wall_ms)
+            _hand_to(benchmark, wall_ms)
     elif benchmark is not None:
         benchmark.pedantic(call.run, rounds=iterations, iterations=1, warmup_rounds=0)
         wall_ms = [t * 1e3 for t in benchmark.stats.stats.data]
@@ -256,16 +256,12 @@ def _until_tight(call: TimedCall, most: int, target_ci_rel: float) -> list[float
         look = min(most, max(look + 1, int(look * ADAPTIVE_GROWTH)))
 
 
-def _hand_to(benchmark, call: TimedCall, wall_ms: list[float]) -> None:
+def _hand_to(benchmark, wall_ms: list[float]) -> None:
     """The adaptive loop's samples as pytest-benchmark's rounds (what ``pedantic(rounds=len(wall_ms))``
     would have stored). The fixture's public API times a number of rounds fixed up front, which an
-    adaptive loop does not know, so its statistics object is filled directly; a fixture without
-    that (another pytest-benchmark) times the same number of rounds itself, afterwards."""
-    make = getattr(benchmark, "_make_stats", None)
-    if make is None or not hasattr(benchmark, "_mode"):
-        benchmark.pedantic(call.run, rounds=len(wall_ms), iterations=1, warmup_rounds=0)
-        return
-    stats = make(1)
+    adaptive loop does not know, so its statistics object is filled directly (``_make_stats``, in
+    pytest-benchmark 4 and 5; tests/test_core.py reads the JSON it writes)."""
+    stats = benchmark._make_stats(1)
     for ms in wall_ms:
         stats.update(ms / 1e3)
     benchmark._mode = "benchmark.pedantic(...)"  # used: pytest-benchmark warns about an unused fixture

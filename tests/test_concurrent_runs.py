@@ -9,8 +9,6 @@ import subprocess
 import sys
 import time
 
-import pytest
-
 from qatcheck import report_files
 from qatcheck.cache import ArtifactCache
 
