@@ -18,6 +18,7 @@ qatcheck suite is collected (the session is created then), never in an unrelated
 """
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import pytest
@@ -400,6 +401,23 @@ def pytest_runtest_makereport(item: pytest.Item, call):
         if session is not None:
             session.outcomes.setdefault(case, {})[item.originalname] = report.outcome
     return report
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A module marked with several recipes runs one recipe's tests, then the next's (each in its
+    collected order). pytest's own order goes test function by test function, alternating the
+    recipes, which kept every recipe's model, data and runners alive to the module's end; now each
+    is let go after its last test before the next is built (the pruned suite's peak memory)."""
+    ordered = []
+    for _, run in itertools.groupby(items, key=lambda item: item.nodeid.split("::")[0]):
+        run = list(run)
+        recipes = list(dict.fromkeys(case.recipe for item in run if (case := _qcase(item)) is not None))
+        ranks, rank = [], 0
+        for item in run:  # a test without a case stays with the recipe tested before it
+            rank = recipes.index(case.recipe) if (case := _qcase(item)) is not None else rank
+            ranks.append(rank)
+        ordered += [item for _, _, item in sorted(zip(ranks, range(len(run)), run))]
+    items[:] = ordered
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:

@@ -372,12 +372,26 @@ def test_min_and_max_are_checked_on_a_subset_and_a_break_there_is_caught(pyteste
 
 
 
-def test_a_recipe_is_let_go_after_its_last_test_and_its_table_stays(pytester, shared_cache):
+TWO_RECIPES = '''
+import pytest
+from qatcheck.standard import test_accuracy, test_parity  # noqa: F401
+from qatcheck.zoo.recipes import digits_recipe
+
+pytestmark = pytest.mark.qatcheck_recipe(*(digits_recipe(name=name, modes=("fp32",), backends=("onnxruntime",),
+                                                         dynamic_modes=()) for name in ("first", "second")))
+'''
+
+
+@pytest.mark.parametrize("layout", ["a module each", "one module"])
+def test_a_recipe_is_let_go_after_its_last_test_and_its_table_stays(pytester, shared_cache, layout):
     """Memory is the recipes being measured, not every recipe so far: after a recipe's last
     collected test the session drops its model, data and runners (``QatcheckSession.release``),
-    and both tables are still printed at the end. Planted: a session that never lets go keeps
-    every recipe to the end."""
-    for name in ("first", "second"):
+    and both tables are still printed at the end. A module marked with two recipes runs one
+    recipe's tests, then the other's. Planted: a session that never lets go keeps every recipe to
+    the end; pytest's own order (test function by test function) keeps both recipes of one module."""
+    if layout == "one module":
+        pytester.makepyfile(test_both=TWO_RECIPES)
+    for name in ("first", "second") if layout == "a module each" else ():
         pytester.makepyfile(**{f"test_{name}": SUITE.format(modes=("fp32",), backends=("onnxruntime",),
                                                             overrides=f'{{"name": "{name}"}}')})
     pytester.makeconftest('''
@@ -385,9 +399,19 @@ import json, os, pytest
 from qatcheck.plugin import SESSION_KEY
 from qatcheck.session import QatcheckSession
 
-HELD = []
+HELD, COLLECTED = [], []
 if os.environ.get("NEVER_RELEASE"):
     QatcheckSession.release = lambda self, recipe: None
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items):
+    COLLECTED[:] = items
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_finish(session):  # planted: pytest's own order, the recipes alternating
+    if os.environ.get("COLLECTED_ORDER"):
+        kept = set(session.items)
+        session.items[:] = [item for item in COLLECTED if item in kept]
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_teardown(item):  # after every other teardown: the recipes the session holds
@@ -399,17 +423,20 @@ def pytest_unconfigure(config):
         json.dump(HELD, f)
 ''')
 
-    def held() -> list:
-        result = run(pytester, shared_cache, "-k", "accuracy or parity", "--update-baselines")
+    def held(**planted) -> list:
+        with pytest.MonkeyPatch.context() as mp:
+            for name, value in planted.items():
+                mp.setenv(name, value)
+            result = run(pytester, shared_cache, "-k", "accuracy or parity", "--update-baselines")
         result.assert_outcomes(passed=4)
         result.stdout.fnmatch_lines(["*qatcheck: first*", "*qatcheck: second*"])
         return json.loads((pytester.path / "held.json").read_text())
 
     release = QatcheckSession.release
     assert held() == [["first"], [], ["second"], []]
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("NEVER_RELEASE", "1")
-        assert held() == [["first"], ["first"], ["first", "second"], ["first", "second"]]
+    if layout == "one module":
+        assert held(COLLECTED_ORDER="1") == [["first"], ["first", "second"], ["second"], []]
+    assert held(NEVER_RELEASE="1") == [["first"], ["first"], ["first", "second"], ["first", "second"]]
     QatcheckSession.release = release  # the planted conftest replaced it in this process
 
 
