@@ -90,7 +90,8 @@ def _nms(boxes: np.ndarray, scores: np.ndarray, iou: float) -> np.ndarray:
     w = np.maximum(np.float32(0), np.minimum(x2[:, None], x2) - np.maximum(x1[:, None], x1))
     h = np.maximum(np.float32(0), np.minimum(y2[:, None], y2) - np.maximum(y1[:, None], y1))
     inter = w * h
-    over = (inter / (areas[:, None] + areas - inter)).astype(np.float64) > iou
+    with np.errstate(divide="ignore", invalid="ignore"):  # two empty boxes: 0/0, NaN, never over (as torchvision)
+        over = (inter / (areas[:, None] + areas - inter)).astype(np.float64) > iou
     over &= np.triu(np.ones_like(over), 1)  # only a higher-ranked box suppresses
     suppressed = np.zeros(len(order), bool)
     keep = []
