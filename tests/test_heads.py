@@ -163,7 +163,7 @@ ORDER = ("boxes", "landmarks", "prob")
 
 
 def _run(pytester, tmp_path, *args):
-    return pytester.runpytest_subprocess(
+    return pytester.runpytest_inprocess(
         "-p", "no:cacheprovider", "--qatcheck-cache", str(tmp_path / "cache"),
         "--qatcheck-baselines", str(tmp_path / "baselines"), "--qatcheck-reports", str(tmp_path / "reports"),
         "--qatcheck-no-progress", "--benchmark-disable", *args)

@@ -44,7 +44,7 @@ def test_an_onnx_only_recipe_runs_its_graph_modes_and_skips_the_torch_side(pytes
     args = ("-p", "no:cacheprovider", "-rs", "--qatcheck-cache", str(tmp_path / "cache"),
             "--qatcheck-baselines", str(tmp_path / "b"), "--qatcheck-reports", str(tmp_path / "r"),
             "--qatcheck-no-progress")
-    rec = pytester.runpytest_subprocess(*args, "--update-baselines")
+    rec = pytester.runpytest_inprocess(*args, "--update-baselines")
     assert rec.ret == 0, rec.stdout.str()
     rec.stdout.fnmatch_lines(["*ONNX-only recipe (Recipe.model is an onnx_file)*torch backend runs PyTorch*",
                               "*ONNX-only recipe*mode 'torch_ptq' quantizes the PyTorch model*"])
@@ -63,7 +63,7 @@ def test_an_onnx_only_recipe_runs_its_graph_modes_and_skips_the_torch_side(pytes
     assert cases["digits_onnx-trt_ptq_max-onnxruntime"]["parity_reference"] == "onnxruntime dynamic (quantization)"
     assert cases["digits_onnx-fp32-onnxruntime"]["checks"]["parity"]["status"] == "skip"  # the reference itself
     assert cases["digits_onnx-partial-onnxruntime"]["metrics"]["top1"] >= int8["metrics"]["top1"] - 0.01
-    clean = pytester.runpytest_subprocess(*args)
+    clean = pytester.runpytest_inprocess(*args)
     assert clean.ret == 0, clean.stdout.str()
 
 
