@@ -67,6 +67,15 @@ class Options:
     localize: str = "auto"
     #: seconds the automatic localizations of this process may take together (None: no limit)
     localize_budget_s: float | None = 60.0
+    #: the run's Markdown job summary is appended here (None: none; the plugin defaults it to
+    #: $GITHUB_STEP_SUMMARY)
+    summary_path: Path | None = None
+    #: each failure is also printed as a GitHub annotation (the plugin sets it where GITHUB_ACTIONS is true)
+    annotations: bool = False
+    #: the run's cases are appended here, a JSON line each (None: no history)
+    history_path: Path | None = None
+    #: the run's self-contained HTML report (None: none)
+    html_path: Path | None = None
 
 
 def physical_cores() -> int:

@@ -18,12 +18,15 @@ qatcheck suite is collected (the session is created then), never in an unrelated
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import os
+import time
 from pathlib import Path
 
 import pytest
 
-from qatcheck import parallel
+from qatcheck import parallel, run_record
 from qatcheck.registry import backend_names
 from qatcheck.errors import QatcheckError
 from qatcheck.measurement import Case, Verdict
@@ -38,6 +41,10 @@ MISSING_KEY = pytest.StashKey[list]()
 LOCALIZE_KEY = pytest.StashKey["object"]()
 #: test node id -> the recipes whose last collected test it is (the session lets them go after it)
 RELEASE_KEY = pytest.StashKey[dict]()
+#: what the run measured and concluded (qatcheck.run_record.RunRecord), made by the process that
+#: ends it, and what its publishers could not write
+RUN_KEY = pytest.StashKey[run_record.RunRecord]()
+PUBLISH_NOTES_KEY = pytest.StashKey[list]()
 
 
 def requirable() -> tuple[str, ...]:
@@ -130,6 +137,16 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                      "failure prints the `python -m qatcheck localize` command instead")
 
 
+    g.addoption("--qatcheck-summary", default=None, metavar="FILE",
+                help="append the run's verdicts and tables as Markdown to FILE, failures first "
+                     "(default: $GITHUB_STEP_SUMMARY when set, so a GitHub job shows them)")
+    g.addoption("--qatcheck-history", default=None, metavar="PATH",
+                help="append one JSON line per case of this run to PATH, for `python -m qatcheck "
+                     "history` and `compare` (default: <reports>/history.jsonl; off: none)")
+    g.addoption("--qatcheck-html", default=None, metavar="PATH",
+                help="the run's self-contained HTML report (default: <reports>/qatcheck.html; off: none)")
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "qatcheck_recipe(recipe): parametrize the module's `qcase` "
                                        "fixture over the recipe's modes x backends")
@@ -190,6 +207,10 @@ def pytest_configure(config: pytest.Config) -> None:
         benchmark_table=config.getoption("--qatcheck-benchmark-table"),
         localize=config.getoption("--qatcheck-localize"),
         localize_budget_s=localize_budget,
+        summary_path=_summary_path(config),
+        annotations=os.environ.get("GITHUB_ACTIONS") == "true",
+        history_path=_off_or(config.getoption("--qatcheck-history"), opt_path("--qatcheck-reports", "reports") / "history.jsonl"),
+        html_path=_off_or(config.getoption("--qatcheck-html"), opt_path("--qatcheck-reports", "reports") / "qatcheck.html"),
     )
     w = parallel.worker(config)
     if w is not None:
@@ -200,11 +221,23 @@ def pytest_configure(config: pytest.Config) -> None:
         if config.option.dist == "load":  # a suite's tests on one worker: see qatcheck.parallel
             config.option.dist = "loadscope"
         config.pluginmanager.register(_Controller(), "qatcheck-xdist-controller")
+    if w is None:  # the process that ends the run: it sees every test's report
+        config.pluginmanager.register(_RunLog(), "qatcheck-run-log")
     config.stash[OPTIONS_KEY] = options
     activate(options)  # recipe factories run lazily, inside this session: qatcheck.options.active()
     config.stash[MISSING_KEY] = []
     if options.require:  # asked for explicitly: worth loading the backends now
         config.stash[MISSING_KEY] = _missing_required(_session(config), options.require)
+
+
+def _summary_path(config: pytest.Config) -> Path | None:
+    value = config.getoption("--qatcheck-summary") or os.environ.get("GITHUB_STEP_SUMMARY", "")
+    return Path(value) if value else None
+
+
+def _off_or(value: str | None, default: Path) -> Path | None:
+    """An output path option: unset gives ``default``, ``off`` none."""
+    return None if value == "off" else Path(value) if value else default
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -400,6 +433,9 @@ def pytest_runtest_makereport(item: pytest.Item, call):
         session = _session(item.config, create=False)
         if session is not None:
             session.outcomes.setdefault(case, {})[item.originalname] = report.outcome
+        if report.failed:  # which case and check, for the run's failures (wherever the report goes)
+            report.user_properties = [*report.user_properties, ("qatcheck_case", case.id),
+                                      ("qatcheck_check", item.originalname.removeprefix("test_"))]
     return report
 
 
@@ -454,6 +490,8 @@ class _Controller:
 
     def __init__(self) -> None:
         self.texts: list[str] = []
+        #: each worker's recipe tables (qatcheck.run_record.RecipeTable)
+        self.tables: list = []
         #: a worker's --update-baselines wrote nothing (report.Summary.baselines_not_written)
         self.baselines_not_written = False
 
@@ -463,6 +501,46 @@ class _Controller:
         if text:
             self.texts.append(text)
         self.baselines_not_written |= bool(output.get("qatcheck_baselines_not_written"))
+        self.tables += [run_record.RecipeTable(**t) for t in output.get("qatcheck_tables", ())]
+
+
+class _RunLog:
+    """The run's failed tests, as the process that ends the run receives their reports (an xdist
+    controller receives every worker's)."""
+
+    def __init__(self) -> None:
+        self.started = time.time()
+        self.failures: list[run_record.Failure] = []
+
+    def pytest_runtest_logreport(self, report) -> None:
+        if report.failed:
+            props = dict(report.user_properties)
+            check = props.get("qatcheck_check") or report.nodeid.split("::")[-1].split("[")[0]
+            self.failures.append(run_record.Failure(report.nodeid, props.get("qatcheck_case", ""), check,
+                                                    report.longreprtext))
+
+
+def _publish(config: pytest.Config, session: pytest.Session, tables: list) -> None:
+    """The run's record, and its publishers, each on its own: one that cannot write says why in
+    the summary, and the others still write. Only a run that measured a qatcheck case publishes."""
+    log = config.pluginmanager.get_plugin("qatcheck-run-log")
+    if log is None or not tables:
+        return
+    options = config.stash[OPTIONS_KEY]
+    record = run_record.record(run_record.run_id(), log.started, session.exitstatus, options.reports_dir,
+                               Path(config.rootpath), tables, log.failures)
+    config.stash[RUN_KEY] = record
+    notes = config.stash[PUBLISH_NOTES_KEY] = []
+    for what, publish in _publishers(options):
+        try:
+            publish(record)
+        except Exception as exc:  # a report is a help; never fail the run over one
+            notes.append(f"{what} not written: {type(exc).__name__}: {exc}")
+
+
+def _publishers(options: Options) -> list:
+    """(what, write(record)) for each of the run's publishers."""
+    return []
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
@@ -473,6 +551,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         if hasattr(config, "workeroutput"):
             config.workeroutput["qatcheck_summary"] = qs.summary.text
             config.workeroutput["qatcheck_baselines_not_written"] = qs.summary.baselines_not_written
+            config.workeroutput["qatcheck_tables"] = [dataclasses.asdict(t) for t in qs.summary.tables]
     controller = config.pluginmanager.get_plugin("qatcheck-xdist-controller")
     # a required backend missing, or baselines asked for and not written: the run fails, even
     # with every test green (the summary says why)
@@ -480,6 +559,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
               or (controller is not None and controller.baselines_not_written))
     if failed and session.exitstatus == 0:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+    _publish(config, session, (qs.summary.tables if qs is not None else []) + (controller.tables if controller else []))
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
@@ -488,6 +568,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
         terminalreporter.section("qatcheck")
         for text in sorted(controller.texts):
             terminalreporter.write(text)
+    for note in config.stash.get(PUBLISH_NOTES_KEY, []):
+        terminalreporter.write_line(f"qatcheck: {note}", yellow=True)
     qs = _session(config, create=False)
     summary = getattr(qs, "summary", None)
     missing = config.stash.get(MISSING_KEY, [])

@@ -5,11 +5,13 @@ written by ``QatcheckSession.finish``, which calls :func:`render` and appends wh
 from __future__ import annotations
 
 import io
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from qatcheck.errors import BaselineError
 from qatcheck import report_files
+from qatcheck.run_record import RecipeTable
 from qatcheck.measurement import Case, overall
 from qatcheck.modes import PROFILE_POINTS, spec as mode_spec
 from qatcheck.tasks.base import metric_spec
@@ -27,6 +29,8 @@ class Summary:
     #: why --update-baselines wrote nothing ("" when it wrote, or was not asked): the run must not
     #: pass then - a CI job that records baselines would be green with nothing recorded
     baselines_not_written: str = ""
+    #: each recipe's table and records, for the run's publishers (qatcheck.run_record)
+    tables: list[RecipeTable] = field(default_factory=list)
 
 
 #: column titles as the sample repos' tables write them (values are in percent / points)
@@ -276,6 +280,9 @@ def render(session) -> Summary:
             out.write(f"reports/{name}.md also keeps {len(all_rows) - len(rows)} row(s) of another run of "
                       f"{name} that overlapped this one\n")
         summary.files += [md, js]
+        # plain JSON types: the tables travel from an xdist worker to the controller
+        summary.tables.append(RecipeTable(name, header, rows, json.loads(json.dumps(
+            [{**r, "row": row} for r, row in zip(records, rows)], default=str)), notes))
         try:
             summary.files.append(chart(reports / f"{name}.png", f"qatcheck: {name}", header, all_rows,
                                        metric_label(session.task(name).primary_metric)))

@@ -113,6 +113,36 @@ def test_tampered_baseline_fails_and_update_restores(pytester, shared_cache):
     run(pytester, shared_cache, "-k", "accuracy").assert_outcomes(passed=2)
 
 
+def test_the_run_record_holds_each_table_and_each_failure_with_its_case_check_and_cause(pytester, shared_cache):
+    """What the run's publishers (job summary, history, HTML report) read: the recipe's table and
+    records, and each failed test with its case, check, one-line cause and reproduction command.
+    Planted: a baseline claiming 100%; a clean rerun records no failure."""
+    from qatcheck.plugin import RUN_KEY
+    from qatcheck.run_record import RunRecord
+
+    def record(result) -> RunRecord:
+        return result.reprec.getcall("pytest_sessionfinish").session.config.stash[RUN_KEY]
+
+    write_suite(pytester)
+    run(pytester, shared_cache, "-k", "accuracy or parity", "--update-baselines").assert_outcomes(passed=3, skipped=1)
+    clean = baseline(pytester)
+    data = json.loads(json.dumps(clean))
+    data["cases"]["fp32-onnxruntime"]["metrics"]["top1"]["value"] = 1.0
+    (pytester.path / "baselines" / "digits.json").write_text(json.dumps(data))
+    planted = record(run(pytester, shared_cache, "-k", "accuracy or parity"))
+    table, = planted.recipes
+    assert table.name == "digits" and len(table.rows) == len(table.records) == 2
+    assert [r["case"]["id"] for r in table.records] == ["digits-fp32-onnxruntime", "digits-fp32-torch"]
+    failure, = planted.failed_cases
+    assert (failure.case, failure.check) == ("digits-fp32-onnxruntime", "accuracy")
+    assert failure.cause.startswith("top1 99.") and "below the baseline 100.00%" in failure.cause
+    assert failure.reproduce.startswith("polygraphy run ") or failure.reproduce.startswith("python ")
+    assert planted.exitstatus == 1 and planted.commit == ""  # pytester's directory is no git tree
+    assert RunRecord.from_dict(json.loads(json.dumps(planted.to_dict()))) == planted  # plain data
+    (pytester.path / "baselines" / "digits.json").write_text(json.dumps(clean))
+    assert record(run(pytester, shared_cache, "-k", "accuracy or parity")).failures == ()
+
+
 def test_bad_calibration_range_fails_accuracy(pytester, shared_cache):
     """percentile 55 clips almost every activation: the fp32 budget catches it."""
     write_suite(pytester, modes=("fp32", "torch_ptq"), backends=("onnxruntime",),
