@@ -18,6 +18,12 @@
     python -m qatcheck crosscheck --recipe MODULE:CALLABLE [--calibrator minmax|entropy|both] \\
         [--mode trt_ptq|partial] [--max-samples N] [--reports reports/crosscheck] [--cache DIR]
 
+    python -m qatcheck baselines diff OLD [NEW] [--dir baselines] [--markdown | --json] [--fail-on-change]
+
+``baselines diff`` compares two versions of the baselines - each a file, a directory of them or a
+git revision (its ``--dir``; NEW omitted: the working tree's ``--dir``) - and prints what moved,
+in tolerance units, largest first (qatcheck.baselines_diff).
+
 ``lint`` checks a Q/DQ ONNX against TensorRT's placement rules (qatcheck.quantize.qdq_lint) and exits
 1 when it has findings.
 
@@ -225,6 +231,88 @@ def cmd_cache(args) -> int:
     return 0
 
 
+def _git(*args: str) -> bytes | None:
+    """git's output, or None when it fails (not a repository, no such revision or path, no git)."""
+    import subprocess
+
+    try:
+        done = subprocess.run(["git", *args], capture_output=True, check=False)
+    except OSError:
+        return None
+    return done.stdout if done.returncode == 0 else None
+
+
+def read_baselines(spec: str, directory: str) -> tuple[str, dict[str, dict]]:
+    """OLD or NEW of ``baselines diff`` -> (how to name it, recipe -> validated document): a
+    baseline file (its recipe is the one it names), a directory of ``<recipe>.json`` files, or -
+    when no such path exists - a git revision, whose ``directory`` is read with git."""
+    from qatcheck import baselines
+
+    path = Path(spec)
+    if path.is_file():
+        doc = baselines.parse(path.read_bytes(), path)
+        return str(path), {doc["recipe"]: doc}
+    if path.is_dir():
+        return str(path), {p.stem: baselines.load(p, p.stem) for p in sorted(path.glob("*.json"))}
+    top = _git("rev-parse", "--show-toplevel")
+    if top is None or _git("rev-parse", "--verify", "--quiet", f"{spec}^{{commit}}") is None:
+        where = "" if top is not None else f" ({Path.cwd()} is not in a git repository)"
+        raise ConfigError(f"{spec!r} is neither a baseline file, a directory of them nor a git revision{where}")
+    root, wanted = Path(top.decode().strip()).resolve(), Path(directory).resolve()
+    if not wanted.is_relative_to(root):
+        raise ConfigError(f"--dir {directory} is outside the git repository {root}")
+    rel = wanted.relative_to(root).as_posix()
+    rel = "" if rel == "." else rel  # the repository's root: "REV:" is its tree
+    listing = _git("ls-tree", "--full-tree", "-z", f"{spec}:{rel}")  # not only what lies under the cwd
+    if listing is None:
+        raise ConfigError(f"revision {spec} has no directory {rel or '.'} (--dir names the baselines directory)")
+    docs = {}
+    for item in filter(None, listing.decode().split("\0")):
+        meta, _, name = item.partition("\t")
+        _, kind, blob = meta.split()
+        if kind == "blob" and name.endswith(".json"):
+            raw = _git("cat-file", "blob", blob) or b""
+            docs[name[:-5]] = baselines.parse(raw, f"{spec}:{'/'.join(filter(None, (rel, name)))}", name[:-5])
+    return f"{spec}:{rel or '.'}", docs
+
+
+def cmd_baselines_diff(args: argparse.Namespace) -> int:
+    """What moved between two versions of the baselines, in tolerance units (qatcheck.baselines_diff)."""
+    from qatcheck import baselines_diff as D
+
+    if args.new is None and not Path(args.dir).is_dir():
+        raise ConfigError(f"no NEW given, and the working tree has no directory {args.dir} to compare "
+                          "OLD with (--dir names it)")
+    old_name, old = read_baselines(args.old, args.dir)
+    new_name, new = read_baselines(args.new or args.dir, args.dir)
+    # a file against a directory or revision: its recipe only; two files: each other, whatever
+    # recipes they name (digits.json against digits_entropy.json compares two recipes)
+    files = Path(args.old).is_file(), args.new is not None and Path(args.new).is_file()
+    if all(files):
+        (a, doc_a), (b, doc_b) = *old.items(), *new.items()
+        name = a if a == b else f"{a} → {b}"
+        old, new = {name: doc_a}, {name: doc_b}
+    elif any(files):
+        keep = set(old if files[0] else new)
+        old, new = ({k: v for k, v in side.items() if k in keep} for side in (old, new))
+    diffs = D.diff_stores(old, new)
+    if args.markdown:
+        print(D.markdown(diffs, old_name, new_name), end="")
+    elif args.json:
+        print(D.to_json(diffs, old_name, new_name), end="")
+    else:
+        print(f"baselines {old_name} → {new_name}")
+        for d in (d for d in diffs if d.changed):
+            print("\n".join(D.summary_lines(d)))
+            header, rows = D.table_rows(d)
+            if rows:
+                print(_render(header, rows, d.recipe), end="")
+        same = [d.recipe for d in diffs if not d.changed]
+        if same or not diffs:
+            print(f"unchanged: {', '.join(same)}" if same else "no baseline file on either side")
+    return 1 if args.fail_on_change and any(d.changed for d in diffs) else 0
+
+
 def _outputs(p: argparse.ArgumentParser, reports: str | None = "reports") -> None:
     """Where a subcommand writes: its report directory (None: it writes none) and the artifact cache."""
     if reports is not None:
@@ -315,6 +403,21 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--older-than", type=float, default=None, metavar="DAYS",
                    help="prune: also intact entries older than DAYS")
     c.set_defaults(func=cmd_cache)
+    bl = sub.add_parser("baselines", help="review baseline files")
+    bsub = bl.add_subparsers(dest="action", required=True)
+    d = bsub.add_parser("diff", help="what moved between two versions of the baselines, old -> new, the "
+                        "change and the change in tolerance units, largest first (exit 0 changed or not)")
+    d.add_argument("old", metavar="OLD", help="a baseline file, a directory of them, or a git revision "
+                   "(HEAD~1, main, a sha: its --dir is read)")
+    d.add_argument("new", metavar="NEW", nargs="?", default=None,
+                   help="the same kinds (default: the working tree's --dir)")
+    d.add_argument("--dir", default="baselines",
+                   help="the baselines directory a revision is read from, and NEW's default (default baselines)")
+    fmt = d.add_mutually_exclusive_group()
+    fmt.add_argument("--markdown", action="store_true", help="Markdown, for a pull request's description")
+    fmt.add_argument("--json", action="store_true", help="the change records as JSON")
+    d.add_argument("--fail-on-change", action="store_true", help="exit 1 when anything changed")
+    d.set_defaults(func=cmd_baselines_diff)
     r = sub.add_parser("reference", help="the recipe author's reference (docs/reference.md), from the code")
     r.add_argument("--write", type=Path, default=None, help="write it here (default: print it)")
     r.set_defaults(func=cmd_reference)

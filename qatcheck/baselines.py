@@ -194,15 +194,39 @@ def load(path: Path, recipe: str) -> dict[str, Any]:
     """Read a baseline file (an absent file is an empty store)."""
     if not path.exists():
         return empty(recipe)
+    return parse(path.read_bytes(), path, recipe)
+
+
+def parse(raw: bytes, path: Path | str, recipe: str | None = None) -> dict[str, Any]:
+    """A baseline document from its bytes - a file's, or a git blob's (``path`` then names the
+    revision and file: ``HEAD~1:baselines/digits.json``), parsed and validated. ``recipe`` None:
+    the recipe the document names itself (a file read on its own, whatever its file name)."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as exc:
         raise BaselineError(f"baseline file {path} is not UTF-8 text ({exc.reason} at byte {exc.start}); "
                             "save it as UTF-8 or restore it from version control") from exc
     except json.JSONDecodeError as exc:
         raise BaselineError(f"baseline file {path} is not valid JSON (line {exc.lineno}, column "
                             f"{exc.colno}: {exc.msg}); fix it or restore it from version control") from exc
-    return validate(data, path, recipe)
+    if recipe is None:
+        named = data.get("recipe") if isinstance(data, dict) else None
+        if not isinstance(named, str):
+            raise _fail(Path(path), "'recipe'", f"must be the recipe's name, got {named!r}")
+        recipe = named
+    return validate(data, Path(path), recipe)
+
+
+def tolerance_unit(section: str, name: str) -> str:
+    """What a stored entry's tolerance is measured in, as the judges read it: ``points`` of a
+    fraction (``metrics``: 0.5 is half a percentage point), ``relative`` to the stored value
+    (``values``, structure scales, latency statistics), or ``absolute`` (parity; the structure's
+    counts - channels, zero points, Q/DQ pairs - whose tolerance is 0: any change fails)."""
+    if section == "metrics":
+        return "points"
+    if section in ("values", "latency") or (section == "structure" and ".scale" in name):
+        return "relative"
+    return "absolute"
 
 
 def lookup(data: dict[str, Any], case: str, section: str, name: str,
