@@ -24,6 +24,11 @@
 git revision (its ``--dir``; NEW omitted: the working tree's ``--dir``) - and prints what moved,
 in tolerance units, largest first (qatcheck.baselines_diff).
 
+    python -m qatcheck history [--history reports/history.jsonl] [--recipe NAME] [--case GLOB] \\
+        [--runs 6] [--png FILE] [--markdown] [--fail-on-drift]
+
+    python -m qatcheck compare RUN_A RUN_B [--history reports/history.jsonl] [--markdown]
+
 ``lint`` checks a Q/DQ ONNX against TensorRT's placement rules (qatcheck.quantize.qdq_lint) and exits
 1 when it has findings.
 
@@ -311,6 +316,49 @@ def cmd_baselines_diff(args: argparse.Namespace) -> int:
         if same or not diffs:
             print(f"unchanged: {', '.join(same)}" if same else "no baseline file on either side")
     return 1 if args.fail_on_change and any(d.changed for d in diffs) else 0
+def cmd_history(args) -> int:
+    """Each case's figures over the last runs, and the drifts among them (qatcheck.history)."""
+    from qatcheck import history as H
+    from qatcheck.report_files import markdown_table
+
+    lines = H.read(args.history)
+    for note in lines.notes:
+        print(f"note: {note}", file=sys.stderr)
+    view = H.select(lines, args.recipe, args.case, source=str(args.history))
+    found = H.drifts(view, args.runs)
+    header, rows = H.history_table(view, args.runs)
+    shown = min(args.runs, len(H.runs(view)))
+    title = f"history {args.history}: the last {shown} of {len(H.runs(view))} run(s)"
+    verdict = ([d.message for d in found] if found else
+               [f"no drift over the last {args.runs} runs (a figure moving the same way further than its tolerance)"])
+    if args.markdown:
+        print(f"### {title}\n\n" + markdown_table(header, rows) + "\n" + "".join(f"- {v}\n" for v in verdict), end="")
+    else:
+        print(_render(header, rows, title), end="")
+        print("\n".join(verdict))
+    if args.png:
+        written = H.plot(view, args.runs, args.png)
+        print(f"wrote {written}" if written else "(nothing to draw)")
+    return 1 if found and args.fail_on_drift else 0
+
+
+def cmd_compare(args) -> int:
+    """Per-case deltas between two runs (history run ids, report directories or report JSONs)."""
+    from qatcheck import history as H
+    from qatcheck.report_files import markdown_table
+
+    (la, a), (lb, b) = H.load_side(args.run_a, args.history), H.load_side(args.run_b, args.history)
+    for note in dict.fromkeys(getattr(a, "notes", []) + getattr(b, "notes", [])):
+        print(f"note: {note}", file=sys.stderr)
+    cmp = H.compare(a, b, la, lb)
+    header, rows = H.comparison_table(cmp)
+    title = f"A {la}  vs  B {lb}"
+    if args.markdown:
+        print(f"### {title}\n\n" + markdown_table(header, rows) + "".join(f"\n{n}\n" for n in H.comparison_notes(cmp)), end="")
+    else:
+        print(_render(header, rows, title), end="")
+        print("".join(n + "\n" for n in H.comparison_notes(cmp)), end="")
+    return 0
 
 
 def _outputs(p: argparse.ArgumentParser, reports: str | None = "reports") -> None:
@@ -418,6 +466,25 @@ def build_parser() -> argparse.ArgumentParser:
     fmt.add_argument("--json", action="store_true", help="the change records as JSON")
     d.add_argument("--fail-on-change", action="store_true", help="exit 1 when anything changed")
     d.set_defaults(func=cmd_baselines_diff)
+    h = sub.add_parser("history", help="each case's primary metric and p50 latency over the last runs "
+                       "(reports/history.jsonl), and the drifts: a figure moving the same bad way run "
+                       "after run, further in total than its tolerance, though each run passed")
+    h.add_argument("--history", default="reports/history.jsonl", help="the history file (default reports/history.jsonl)")
+    h.add_argument("--recipe", default=None, help="only this recipe's cases")
+    h.add_argument("--case", default=None, metavar="GLOB", help="only cases whose id matches, e.g. '*trt_ptq*'")
+    h.add_argument("--runs", type=int, default=6, metavar="N", help="the drift window: the last N runs (default 6)")
+    h.add_argument("--png", default=None, metavar="FILE", help="also draw the metric and p50 latency per case over the runs")
+    h.add_argument("--markdown", action="store_true", help="print Markdown (a CI job summary) instead of a table")
+    h.add_argument("--fail-on-drift", action="store_true", help="exit 1 when a drift is found")
+    h.set_defaults(func=cmd_history)
+    cm = sub.add_parser("compare", help="per-case deltas between two runs: metric, p50 latency (same device "
+                        "only), parity cosine, verdict")
+    for name in ("run_a", "run_b"):
+        cm.add_argument(name, metavar=name.upper(), help="a run of the history (-1 the last, -2 the one before, "
+                        "its id or a unique part of it), or a report directory / report JSON file")
+    cm.add_argument("--history", default="reports/history.jsonl", help="the history file (default reports/history.jsonl)")
+    cm.add_argument("--markdown", action="store_true", help="print a Markdown table")
+    cm.set_defaults(func=cmd_compare)
     r = sub.add_parser("reference", help="the recipe author's reference (docs/reference.md), from the code")
     r.add_argument("--write", type=Path, default=None, help="write it here (default: print it)")
     r.set_defaults(func=cmd_reference)

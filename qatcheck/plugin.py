@@ -540,7 +540,12 @@ def _publish(config: pytest.Config, session: pytest.Session, tables: list) -> No
 
 def _publishers(options: Options) -> list:
     """(what, write(record)) for each of the run's publishers."""
-    return []
+    from qatcheck import history
+
+    publishers = []
+    if options.history_path is not None:
+        publishers.append(("history", lambda record: history.append(record, options.history_path)))
+    return publishers
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

@@ -146,9 +146,17 @@ def rows_for(session, recipe_name: str) -> tuple[list[str], list[list[str]], lis
         checks = {chk: {"status": v.status, "failures": list(v.failures), "reason": v.reason,
                         "notes": list(v.notes)}
                   for (case, chk), v in session.verdicts.items() if case == c}
+        # what the history needs to judge a drift: the primary metric, its direction and its
+        # tolerance (the baseline's, else the recipe's), and the latency tolerance
+        spec, tol = metric_spec(task, p), session.recipes[recipe_name].tolerances
         records.append({**m.to_dict(), "verdict": verdict, "checks": checks,
                         "outcomes": session.outcomes.get(c, {}), "delta_fp32_points": d_fp32,
-                        "delta_baseline_points": d_base, "speedup_vs_fp32": speed})
+                        "delta_baseline_points": d_base, "speedup_vs_fp32": speed,
+                        "primary_metric": {"name": p, "higher_is_better": spec.higher_is_better,
+                                           "fraction": spec.fraction,
+                                           "tolerance": ((base["tolerance"] if base else tol.metric_points)
+                                                         if spec.fraction else tol.value_metric_rel)},
+                        "latency_tolerance_rel": tol.latency_rel})
     return header, rows, records
 
 

@@ -9,6 +9,7 @@ already hold (one source per number).
 from __future__ import annotations
 
 import os
+import secrets
 import socket
 import subprocess
 import time
@@ -90,8 +91,10 @@ class RunRecord:
 
 
 def run_id() -> str:
-    """This run's id: host, process and start (as ``report_files.Run`` names a run)."""
-    return f"{socket.gethostname()}:{os.getpid()}:{time.strftime('%H%M%S')}"
+    """This run's id: host, process and start (as ``report_files.Run`` names a run), and four
+    random hex digits: the history groups a run's lines by its id, and two runs in one process
+    (pytester's in-process runs) may start within the same second."""
+    return f"{socket.gethostname()}:{os.getpid()}:{time.strftime('%H%M%S')}-{secrets.token_hex(2)}"
 
 
 def git_state(root: Path) -> tuple[str, bool]:

@@ -7,10 +7,14 @@ import json
 
 import pytest
 
+from qatcheck import history
+
 pytest.importorskip("xdist")
 
 SUITE = '''
 import pytest
+
+from qatcheck import history
 from qatcheck.standard import test_accuracy, test_latency, test_parity  # noqa: F401
 from qatcheck.recipe import Tolerances
 from qatcheck.zoo import recipes
@@ -61,6 +65,9 @@ def test_two_workers_one_table_per_recipe_every_row_same_figures(pytester, tmp_p
                 for c in json.loads((tmp_path / "r0" / f"{name}.json").read_text())["cases"])
     assert serial.parseoutcomes()["passed"] == parallel.parseoutcomes()["passed"] + timed
     assert "failed" not in serial.parseoutcomes() and "failed" not in parallel.parseoutcomes()
+    # the run record is made once, by the controller: the -n 2 run's history is one run of both recipes
+    lines = history.read(tmp_path / "r2" / "history.jsonl")
+    assert len({line["run"] for line in lines}) == 1 and sorted(line["recipe"] for line in lines) == ["one"] * 3 + ["two"] * 3
 
 
 @pytest.mark.parametrize("device, gpus, count, expected", [
