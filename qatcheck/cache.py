@@ -115,6 +115,15 @@ class ArtifactCache:
             return None
         return json.loads(manifest.read_text(encoding="utf-8"))["digest"]
 
+    def entry_digest(self, path: Path) -> str | None:
+        """The recorded digest of ``path`` when it is an intact entry of this cache (a reproduction
+        bundle references it by path and digest instead of copying it); None otherwise."""
+        path = Path(path)
+        manifest = self._manifests.get(path, path.parent / f"{path.name.split('.')[0]}.json")
+        if path.parent.resolve() != self.root.resolve() or verify(path, manifest) is not None:
+            return None
+        return json.loads(manifest.read_text(encoding="utf-8"))["digest"]
+
     def info(self, path: Path) -> dict:
         """What the builder of ``path`` (a file :meth:`get_or_build` returned) said about it, from
         its manifest ({} when it said nothing)."""

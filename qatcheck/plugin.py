@@ -345,6 +345,8 @@ class BoundCase:
             # a failure the data explains: replaying the model on its inputs reproduces nothing
             if what in ("parity", "accuracy") and not verdict.data_changed:
                 lines += self._repro(what)
+            # the report's Failures section repeats what this message adds to the verdict
+            self.session.failure_details[(verdict.case, verdict.check)] = lines[len(verdict.failures):]
             pytest.fail(f"{self.case.id} {what} check failed:\n  " + "\n  ".join(lines), pytrace=False)
         if verdict.skipped:
             pytest.skip(verdict.skipped)
@@ -382,7 +384,7 @@ class BoundCase:
             return [f"(no reproduction bundle: {type(exc).__name__}: {exc})"]
         if bundle is None:
             return []
-        return [bundle.polygraphy_verdict, f"reproduce outside pytest: {bundle.command}"]
+        return bundle.message_lines()
 
     def check_accuracy(self) -> Verdict:
         return self._conclude(self._call(self.session.check_accuracy, self.case), "accuracy")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -144,7 +145,7 @@ def rows_for(session, recipe_name: str) -> tuple[list[str], list[list[str]], lis
                      "-" if lat is None else f"{lat:.3f}", "-" if speed is None else f"{speed:.2f}x",
                      par, cost_label(m), verdict])
         checks = {chk: {"status": v.status, "failures": list(v.failures), "reason": v.reason,
-                        "notes": list(v.notes)}
+                        "notes": list(v.notes), "details": session.failure_details.get((case, chk), [])}
                   for (case, chk), v in session.verdicts.items() if case == c}
         # what the history needs to judge a drift: the primary metric, its direction and its
         # tolerance (the baseline's, else the recipe's), and the latency tolerance
@@ -231,33 +232,142 @@ def terminal_table(title: str, header: list[str], rows: list[list[str]]) -> str:
     return buf.getvalue()
 
 
-def chart(path: Path, title: str, header: list[str], rows: list[list[str]], metric: str) -> Path:
-    """Metric and p50 latency per case as two bar panels (PNG)."""
-    import matplotlib
+@dataclass(frozen=True)
+class ChartMetric:
+    """One metric panel of the chart: the task's metric (a head's too, ``landmarks.l2``), how it
+    reads (direction) and how it is shown (fraction: percent)."""
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    name: str
+    label: str
+    higher_is_better: bool = True
+    fraction: bool = True
 
-    mi, li = header.index(metric), header.index("p50 ms")
-    labels = [f"{r[0]} {r[1]}\n{r[2]}" for r in rows]
-    vals = [float(r[mi]) if r[mi] != "-" else 0.0 for r in rows]
-    lats = [float(r[li]) if r[li] != "-" else 0.0 for r in rows]
-    fig, (a1, a2) = plt.subplots(2, 1, figsize=(max(8, 0.7 * len(rows)), 7), sharex=True)
-    colors = ["tab:red" if r[-1] == "FAIL" else "tab:blue" for r in rows]
-    a1.bar(range(len(rows)), vals, color=colors)
-    lo = min([v for v in vals if v > 0], default=0)
-    a1.set_ylim(max(0, lo - 5), 100 if max(vals, default=0) <= 100 else None)
-    a1.set_ylabel(metric + " (%)")
-    a1.set_title(title)
-    a2.bar(range(len(rows)), lats, color="tab:gray")
-    a2.set_ylabel("p50 latency (ms)")
-    a2.set_xticks(range(len(rows)), labels, rotation=60, ha="right", fontsize=7)
+
+def chart_metrics(task) -> list[ChartMetric]:
+    """Every metric the task reports, primary first, heads' included (``Task.metric_names``)."""
+    return [ChartMetric(n, metric_label(n), metric_spec(task, n).higher_is_better, metric_spec(task, n).fraction)
+            for n in task.metric_names]
+
+
+#: the chart is never wider (nor taller) than report_files' cap (about 2,000 px): many cases get
+#: narrower bars and smaller labels, not a wider figure
+CHART_MAX_INCHES = report_files.PNG_MAX_INCHES
+#: up to this many cases a label takes two lines (mode and shape / backend); beyond, one line
+TWO_LINE_LABELS = 24
+
+
+def _case_label(rec: dict, two_lines: bool) -> str:
+    case = rec.get("case", {})
+    dims = "x".join(map(str, rec.get("shape") or ()))
+    shape = f"{case.get('shape')} {dims}" if case.get("shape") else dims
+    return f"{case.get('mode')} {shape}" + ("\n" if two_lines else " ") + str(case.get("backend"))
+
+
+def _value(v) -> float | None:
+    """A recorded figure, or None when it is missing (never measured, or not a finite number)."""
+    try:
+        v = float(v)
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) else None
+
+
+def _metric_values(records: list[dict], m: ChartMetric) -> list[float | None]:
+    """Each case's value of ``m`` as the table shows it (a fraction in percent), None where missing."""
+    vals = [_value((r.get("metrics") or {}).get(m.name)) for r in records]
+    return [v * 100 if v is not None and m.fraction else v for v in vals]
+
+
+def _latencies(records: list[dict]) -> list[float | None]:
+    """Each case's p50 latency (ms), None where it was not timed (a CPU run times few cases)."""
+    return [_value((r.get("latency") or {}).get("median_ms")) for r in records]
+
+
+def _bars(ax, values: list[float | None], colors: list[str], fontsize: float) -> None:
+    """Bars where there is a value; a grey "n/a" at the foot of the panel where there is none (a
+    missing figure is not a zero)."""
+    from matplotlib.transforms import blended_transform_factory
+
+    xs = [i for i, v in enumerate(values) if v is not None]
+    bars = ax.bar(xs, [values[i] for i in xs], color=[colors[i] for i in xs])
+    if len(values) <= TWO_LINE_LABELS:  # few cases: the figures on the bars (they differ in decimals)
+        ax.bar_label(bars, fmt="%.4g", fontsize=fontsize, padding=1)
+    foot = blended_transform_factory(ax.transData, ax.transAxes)
+    for i, v in enumerate(values):
+        if v is None:
+            ax.text(i, 0.02, "n/a", transform=foot, ha="center", va="bottom", rotation=90,
+                    fontsize=fontsize, color="0.45")
+
+
+def _fraction_limits(ax, values: list[float]) -> None:
+    """A percent panel zoomed to where the bars differ (5 points below the lowest), capped at 100."""
+    lo, hi = min(values), max(values)
+    ax.set_ylim(max(0.0, lo - 5.0), 100.0 if hi <= 100.0 else hi * 1.02)
+
+
+@dataclass(frozen=True)
+class _Panel:
+    label: str
+    values: list  # float | None per case
+    percent: bool  # zoomed like a percent (:func:`_fraction_limits`)
+    color: str  # a passing case's bar; a failing case's is red
+
+
+def chart_panels(records: list[dict], metrics: list[ChartMetric]) -> list[_Panel]:
+    """One panel per metric with a value in some case (a lower-is-better one labelled so), then
+    p50 latency when some case was timed."""
+    panels = []
+    for m in metrics:
+        values = _metric_values(records, m)
+        if any(v is not None for v in values):
+            label = (f"{m.label} (%)" if m.fraction else m.label) + ("" if m.higher_is_better else
+                                                                     "\n(lower is better)")
+            panels.append(_Panel(label, values, m.fraction, "tab:blue"))
+    lats = _latencies(records)
+    if any(v is not None for v in lats):
+        panels.append(_Panel("p50 latency (ms)", lats, False, "tab:gray"))
+    return panels
+
+
+def chart_figure(plt, title: str, records: list[dict], metrics: list[ChartMetric]):
+    """The recipe's chart from its report records (:func:`chart_panels`, one under the other);
+    failing cases red; a missing value marked "n/a". None when there is nothing to draw."""
+    panels = chart_panels(records, metrics)
+    if not panels:
+        return None
+    n = len(records)
+    two_lines = n <= TWO_LINE_LABELS
+    # the width follows the case count up to the cap; past it the labels shrink instead
+    width = min(CHART_MAX_INCHES, max(8.0, 0.55 * n + 2.0))
+    per_case_pt = (width - 1.5) * 72 / max(n, 1)  # the x room of one case's label
+    fontsize = max(3.0, min(7.0, 0.65 * per_case_pt / (2.4 if two_lines else 1.2)))
+    height = min(CHART_MAX_INCHES, 1.8 + 1.9 * len(panels))
+    fig, axes = plt.subplots(len(panels), 1, figsize=(width, height), sharex=True, squeeze=False)
+    axes = list(axes[:, 0])
+    failing = [r.get("verdict") == "FAIL" for r in records]
+    for ax, panel in zip(axes, panels):
+        _bars(ax, panel.values, ["tab:red" if f else panel.color for f in failing], fontsize)
+        if panel.percent:
+            _fraction_limits(ax, [v for v in panel.values if v is not None])
+        ax.set_ylabel(panel.label, fontsize=8)
+    missing = any(v is None for p in panels for v in p.values)
+    legend = ", ".join((["red: failing case"] if any(failing) else []) + (["n/a: not measured"] if missing else []))
+    axes[0].set_title(title + (f"  ({legend})" if legend else ""), fontsize=9)
+    axes[-1].set_xticks(range(n), [_case_label(r, two_lines) for r in records],
+                        rotation=60 if two_lines else 90, ha="right" if two_lines else "center",
+                        fontsize=fontsize)
     fig.tight_layout()
-    with_tmp = path.with_suffix(".tmp.png")
-    fig.savefig(with_tmp, dpi=110)
-    plt.close(fig)
-    with_tmp.replace(path)
-    return path
+    return fig
+
+
+def chart(reports: Path, name: str, title: str, records: list[dict], metrics: list[ChartMetric]) -> Path | None:
+    """``reports/<name>.png`` (:func:`chart_figure`), or None - with an older chart removed - when
+    there is nothing to draw."""
+    written = report_files.write_bundle(reports / name, plot=lambda plt: chart_figure(plt, title, records, metrics),
+                                        order=("png",))
+    if not written:
+        (reports / f"{name}.png").unlink(missing_ok=True)  # an earlier run's chart would mislead
+    return written[0] if written else None
 
 
 def render(session) -> Summary:
@@ -291,9 +401,10 @@ def render(session) -> Summary:
         # plain JSON types: the tables travel from an xdist worker to the controller
         summary.tables.append(RecipeTable(name, header, rows, json.loads(json.dumps(
             [{**r, "row": row} for r, row in zip(records, rows)], default=str)), notes))
-        try:
-            summary.files.append(chart(reports / f"{name}.png", f"qatcheck: {name}", header, all_rows,
-                                       metric_label(session.task(name).primary_metric)))
+        try:  # drawn from the JSON just written: this run's records and an overlapping run's kept ones
+            png = chart(reports, name, f"qatcheck: {name}", json.loads(js.read_text())["cases"],
+                        chart_metrics(session.task(name)))
+            summary.files += [png] if png else []
         except Exception as exc:  # a chart is a nicety; never fail a session over it
             out.write(f"(chart not written: {exc})\n")
     summary.text = out.getvalue()

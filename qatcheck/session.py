@@ -89,6 +89,9 @@ class QatcheckSession:
         self.verdicts: dict[tuple[Case, str], Verdict] = {}
         #: pytest outcomes per case and test (filled by the plugin; the report's verdict column)
         self.outcomes: dict[Case, dict[str, str]] = {}
+        #: what a failed check's message adds to its verdict - where the damage enters, the
+        #: reproduction command (filled by the plugin; the report's Failures section)
+        self.failure_details: dict[tuple[Case, str], list[str]] = {}
         #: verdicts whose values --update-baselines refused to record (the case failed)
         self.refused: list[Verdict] = []
         #: error message -> the test that reported it first (one message per root cause)

@@ -107,10 +107,14 @@ def test_tampered_baseline_fails_and_update_restores(pytester, shared_cache):
     result.assert_outcomes(passed=1, failed=1)
     result.stdout.fnmatch_lines(["*digits-fp32-onnxruntime accuracy check failed:*",
                                  "*top1 99.*% is below the baseline 100.00% by 0.7* points (tolerance 0.5 points)*"])
+    report = (pytester.path / "reports" / "digits.md").read_text()  # the report says why the row is red
+    assert "\n## Failures\n\n- **digits-fp32-onnxruntime** accuracy: top1 99." in report
+    assert "fp32-torch**" not in report.split("## Failures")[1]
     result = run(pytester, shared_cache, "-k", "accuracy", "--update-baselines")
     result.stdout.fnmatch_lines(["*~ fp32-onnxruntime metrics.top1: 1 -> 0.99*"])
     assert baseline(pytester)["cases"]["fp32-torch"]["metrics"]["top5"]["tolerance"] == 0.0
     run(pytester, shared_cache, "-k", "accuracy").assert_outcomes(passed=2)
+    assert "## Failures" not in (pytester.path / "reports" / "digits.md").read_text()  # a clean run's has none
 
 
 def test_the_run_record_holds_each_table_and_each_failure_with_its_case_check_and_cause(pytester, shared_cache):

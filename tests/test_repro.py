@@ -4,6 +4,7 @@ outside pytest, fails on the planted artifact and passes on the clean one."""
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import shutil
 import subprocess
@@ -67,20 +68,28 @@ def test_a_failing_parity_case_leaves_a_polygraphy_command_that_reproduces_it(py
                                  "layer1.conv2 *",
                                  "*per-layer table: *digits-localize-trt_ptq.md*",
                                  "*Polygraphy's cosine comparison fails on the bundle: output 'logits' below 0.98 "
-                                 "in */4 batches (lowest cosine 0.*",
+                                 "in 1/1 batches (lowest cosine 0.*",
                                  "*reproduce outside pytest: polygraphy run *model.onnx --onnxrt*"])
     command = next(ln.split("reproduce outside pytest: ", 1)[1] for ln in out.splitlines()
                    if "reproduce outside pytest: " in ln)
     bundle = pytester.path / "reports" / "repro" / "digits-trt_ptq-onnxruntime"
     settings = json.loads((bundle / "settings.json").read_text())
-    assert settings["reference"] == "digits-fp32-torch" and len(settings["batches"]) == 4
-    assert min(settings["batch_cosines"]) < settings["cosine_threshold"]
+    # one batch of the worst samples (digits' batch is 32), not four whole eval batches
+    assert settings["reference"] == "digits-fp32-torch" and len(settings["samples"]) == 32
+    assert min(settings["sample_cosines"]) < settings["cosine_threshold"]
+    assert settings["model_copied"]  # the cache is under the temp directory: copied, not referenced
     assert settings["polygraphy_reproduces"] and settings["backend_args"] == ["--onnxrt"]
     assert settings["output_cosine_thresholds"] == {"": 0.98} and command.endswith("--cosine-similarity-threshold 0.98")
 
     replay = subprocess.run(_polygraphy(command), capture_output=True, text=True, timeout=300)
     assert replay.returncode != 0, replay.stdout + replay.stderr
     assert "FAILED" in replay.stdout + replay.stderr
+
+    # the report says why the row is red, with where the damage enters and the command
+    md = (pytester.path / "reports" / "digits.md").read_text()
+    failures = md.split("## Failures", 1)[1]
+    assert "- **digits-trt_ptq-onnxruntime** parity: " in failures
+    assert "damage enters at layer1.conv2" in failures and f"reproduce outside pytest: `{command}`" in failures
 
     # the same command on the clean artifact passes: the bundle reproduces the failure, not noise
     [clean] = (pytester.path / "clean-cache").glob("digits-trt_ptq-*.onnx")
@@ -108,3 +117,35 @@ def test_polygraphy_comparator_verdict_per_output_floor():
     assert passed and "will not reproduce" in line  # 'scores' drifts but stays above its own floor
     passed, line = repro.polygraphy_compare(names, ref, drift, {"": 0.98})
     assert not passed and "output 'scores' below 0.98 in 3/3 batches" in line and "'boxes'" not in line
+
+
+def test_a_bundle_references_a_kept_cache_entry_by_digest_and_says_so_when_it_is_gone(tmp_path, monkeypatch):
+    """Where the artifact cache is kept (not under the temp directory), the bundle records the
+    artifact's cache path and digest instead of a copy, its command runs that file, and repro.sh
+    stops with the path and digest once the entry is pruned."""
+    from qatcheck import repro
+    from qatcheck.measurement import Case
+    from qatcheck.options import Options
+    from qatcheck.session import QatcheckSession
+    from qatcheck.zoo.recipes import digits_recipe
+
+    session = QatcheckSession(Options(cache_dir=tmp_path / "cache", reports_dir=tmp_path / "reports", progress=False))
+    session.register(digits_recipe(modes=("fp32", "trt_ptq"), backends=("torch", "onnxruntime"), dynamic_modes=()))
+    view = session.case_view(Case("digits", "trt_ptq", "onnxruntime"))
+    assert repro.cached_artifact(view, view.runner.artifact_path) is None  # tmp_path is temporary: a copy
+    monkeypatch.setattr(repro, "temporary_roots", lambda: [])  # as if the cache were kept
+    bundle = repro.write(view, "parity")
+    settings = json.loads((bundle.path / "settings.json").read_text())
+    entry = Path(settings["model"])
+    assert not (bundle.path / "model.onnx").exists() and not settings["model_copied"]
+    assert entry.parent == (tmp_path / "cache").resolve() and len(settings["model_digest"]) == 32
+    assert shlex.split(bundle.command)[2] == str(entry) and bundle.referenced
+    assert "its model is the artifact cache entry, not a copy" in bundle.message_lines()[-1]
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}  # its polygraphy
+    replay = subprocess.run(["sh", str(bundle.path / "repro.sh")], capture_output=True, text=True, timeout=300, env=env)
+    assert replay.returncode == 0 and "PASSED" in replay.stdout + replay.stderr, replay.stdout + replay.stderr
+
+    session.cache.prune(everything=True)  # `python -m qatcheck cache prune --all`
+    replay = subprocess.run(["sh", str(bundle.path / "repro.sh")], capture_output=True, text=True, timeout=300, env=env)
+    assert replay.returncode == 2
+    assert f"the model {entry} (sha256 {settings['model_digest']}...) is gone" in replay.stderr

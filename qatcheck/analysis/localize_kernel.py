@@ -28,7 +28,7 @@ import numpy as np
 from qatcheck.errors import ConfigError
 from qatcheck.modes import MODE_SPECS, localization_paths, spec as mode_spec
 from qatcheck.parity import SQNR_CAP_DB, ParityAccumulator
-from qatcheck.report_files import markdown_table, write_bundle
+from qatcheck.report_files import markdown_table, shown_of, top_rows, write_bundle
 
 __all__ = ["LayerRow", "Localization", "layer_row", "localization", "conclude", "check_floor", "RULE",
            "onnx_modes", "torch_modes", "modes", "PATHS", "path_for", "with_mode_calibrator", "calibrator_of",
@@ -374,17 +374,26 @@ def markdown_report(loc: Localization) -> str:
     return "\n".join(out)
 
 
+#: layers the PNG shows at most (the width grows 0.45 in a layer: 32 keep it under report_files'
+#: cap, ~2,000 px); a larger model shows its worst by contribution - the table has them all
+PLOT_LAYERS = 32
+
+
 def _plot(loc: Localization, plt):
-    rows = loc.rows
+    # the worst by contribution (rank 1 = largest), and the rows the verdict names, in graph order
+    rows = top_rows(loc.rows, PLOT_LAYERS, lambda r: r.rank,
+                    keep=lambda r: r.tensor in (loc.named_tensor, loc.first_below_floor))
     xs = np.arange(len(rows))
     colors = ["tab:red" if r.tensor == loc.named_tensor else "tab:blue" for r in rows]
     fig, (a1, a2) = plt.subplots(2, 1, figsize=(max(6.0, 0.45 * len(rows) + 2), 7), sharex=True)
     a1.bar(xs, [r.sqnr_db for r in rows], color=colors)
+    # with rows left out, neighbours on the axis are not neighbours in the graph: points, no line
     a1.plot(xs, [r.input_sqnr_db if r.input_sqnr_db < _CAP_DB else np.nan for r in rows],
-            "k.--", lw=0.8, label="worst input SQNR")
+            "k.--" if len(rows) == len(loc.rows) else "k.", lw=0.8, label="worst input SQNR")
     a1.set_ylabel("SQNR vs fp32 (dB)")
     a1.legend(loc="upper right", fontsize=8)
-    a1.set_title(verdict(loc), fontsize=8, wrap=True)
+    shown = shown_of(len(rows), len(loc.rows), "layers by contribution (own SQNR); the table has all")
+    a1.set_title(verdict(loc) + (f"\n{shown}" if shown else ""), fontsize=8, wrap=True)
     # exact layers (no Q/DQ of their own: ReLU, pooling...) have no bar
     a2.bar(xs, [r.own_sqnr_db if r.own_sqnr_db < _CAP_DB else np.nan for r in rows], color=colors)
     a2.set_ylabel("own SQNR (dB, lower = adds more;\nno bar: exact)")

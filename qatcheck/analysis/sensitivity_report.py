@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from qatcheck.report_files import markdown_table, write_bundle
+from qatcheck.report_files import markdown_table, shown_of, top_rows, write_bundle
 
 if TYPE_CHECKING:
     from qatcheck.analysis.sensitivity import BudgetResult, Profile
@@ -89,14 +89,21 @@ def markdown_report(prof: Profile, budget: BudgetResult | None = None) -> str:
     return "\n".join(out)
 
 
+#: layers the PNG shows at most (the height grows 0.38 in a layer: 40 keep it under report_files'
+#: cap, ~2,000 px); a larger model shows its most sensitive - the table has them all
+PLOT_LAYERS = 40
+
+
 def _plot(prof: Profile, plt, budget: BudgetResult | None):
-    rows = prof.layers
+    chosen = set(budget.layers) if budget and budget.met else set()
+    # the profile is ranked (most sensitive first): its head, and the layers the budget keeps
+    rank = {id(r): i for i, r in enumerate(prof.layers)}
+    rows = top_rows(prof.layers, PLOT_LAYERS, lambda r: rank[id(r)], keep=lambda r: r.layer in chosen)
     labels = [r.layer for r in rows][::-1]
     panels = 4 if any(r.only_metric is not None for r in rows) else 3
     fig, axes = plt.subplots(1, panels, figsize=(4.2 * panels, 0.9 + 0.38 * max(len(rows), 2)),
                              sharey=True, squeeze=False)
     axes = list(axes[0])
-    chosen = set(budget.layers) if budget and budget.met else set()
     colors = ["tab:red" if r.layer in chosen else "tab:blue" for r in rows][::-1]
     ax = axes.pop(0)  # the ranking key first
     ax.barh(labels, [r.excluded_sqnr_db if r.excluded_sqnr_db is not None else 0.0
@@ -122,8 +129,9 @@ def _plot(prof: Profile, plt, budget: BudgetResult | None):
         ax = axes[2]
         ax.barh(labels, [(r.only_drop_points or 0.0) for r in rows][::-1], color=colors)
         ax.set_xlabel(f"{prof.metric} drop (points), only this layer quantized")
+    shown = shown_of(len(rows), len(prof.layers), "layers by rank; the table has all")
     fig.suptitle(f"{prof.recipe}: {prof.mode} sensitivity ({prof.calibrator}, {prof.samples} samples)"
-                 + ("; red = kept for budget" if chosen else ""), fontsize=10)
+                 + ("; red = kept for budget" if chosen else "") + (f"\n{shown}" if shown else ""), fontsize=10)
     fig.tight_layout()
     return fig
 
