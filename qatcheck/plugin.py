@@ -435,10 +435,31 @@ def pytest_runtest_makereport(item: pytest.Item, call):
         session = _session(item.config, create=False)
         if session is not None:
             session.outcomes.setdefault(case, {})[item.originalname] = report.outcome
+            if report.when == "call":  # junitxml writes the teardown report's, i.e. the item's
+                item.user_properties += _junit_properties(session, case, item.originalname.removeprefix("test_"),
+                                                          report.outcome)
         if report.failed:  # which case and check, for the run's failures (wherever the report goes)
             report.user_properties = [*report.user_properties, ("qatcheck_case", case.id),
                                       ("qatcheck_check", item.originalname.removeprefix("test_"))]
     return report
+
+
+def _junit_properties(session, case: Case, check: str, outcome: str) -> list[tuple[str, object]]:
+    """The case's figures as JUnit ``<property>``s of its test (``--junitxml``), so a CI's test
+    view shows what was measured: the check's verdict, each metric, p50 latency, parity cosine,
+    which parts were reused from an earlier run's results."""
+    verdict = session.verdicts.get((case, check))
+    props = [("qatcheck.case", case.id), ("qatcheck.check", check),
+             ("qatcheck.verdict", verdict.status if verdict is not None else outcome)]
+    m = session.measurements.get(case)
+    if m is None:
+        return props
+    props += [(f"qatcheck.metric.{name}", value) for name, value in m.metrics.items()]
+    if m.latency is not None:
+        props.append(("qatcheck.p50_ms", m.latency.median_ms))
+    if m.parity and "cosine" in m.parity:
+        props.append(("qatcheck.parity.cosine", m.parity["cosine"]))
+    return props + [("qatcheck.reused", ",".join(sorted(m.reused)) or "no")]
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -518,8 +539,10 @@ class _RunLog:
         if report.failed:
             props = dict(report.user_properties)
             check = props.get("qatcheck_check") or report.nodeid.split("::")[-1].split("[")[0]
+            path, line, _ = report.location  # line: 0-based, of the test's function (None: unknown)
             self.failures.append(run_record.Failure(report.nodeid, props.get("qatcheck_case", ""), check,
-                                                    report.longreprtext))
+                                                    report.longreprtext,
+                                                    (path, line + 1) if line is not None else None))
 
 
 def _publish(config: pytest.Config, session: pytest.Session, tables: list) -> None:
@@ -542,9 +565,9 @@ def _publish(config: pytest.Config, session: pytest.Session, tables: list) -> No
 
 def _publishers(options: Options) -> list:
     """(what, write(record)) for each of the run's publishers."""
-    from qatcheck import history
+    from qatcheck import ci_summary, history
 
-    publishers = []
+    publishers = [*ci_summary.publishers(options)]
     if options.history_path is not None:
         publishers.append(("history", lambda record: history.append(record, options.history_path)))
     return publishers
@@ -577,6 +600,12 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
             terminalreporter.write(text)
     for note in config.stash.get(PUBLISH_NOTES_KEY, []):
         terminalreporter.write_line(f"qatcheck: {note}", yellow=True)
+    record = config.stash.get(RUN_KEY, None)
+    if record is not None and config.stash[OPTIONS_KEY].annotations:  # on stdout, where GitHub reads them
+        from qatcheck import ci_summary
+
+        for line in ci_summary.annotations(record, config.rootpath, os.environ.get("GITHUB_WORKSPACE")):
+            terminalreporter.write_line(line)
     qs = _session(config, create=False)
     summary = getattr(qs, "summary", None)
     missing = config.stash.get(MISSING_KEY, [])

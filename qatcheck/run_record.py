@@ -9,12 +9,16 @@ already hold (one source per number).
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import socket
 import subprocess
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+#: the line pytest-xdist puts before a worker's failure text
+_XDIST_WORKER = re.compile(r"\[gw\d+\] \S+ -- Python ")
 
 #: the standard checks, as a test's name says them (test_accuracy -> accuracy)
 CHECKS = ("accuracy", "parity", "latency", "structure", "precision")
@@ -30,15 +34,22 @@ class Failure:
     check: str
     #: the failure text as pytest printed it: cause lines, localization, reproduction command
     message: str
+    #: where the test is: (path relative to pytest's rootdir, 1-based line of its function), as
+    #: pytest's report says; None where unknown (a record written before it was kept)
+    location: tuple[str, int] | None = None
 
     @property
     def cause(self) -> str:
         """The first line that says why: a check's failure reads "<case> <check> check failed:"
-        and then its causes, one a line."""
-        lines = [line.strip() for line in self.message.splitlines() if line.strip()]
+        and then its causes, one a line; another test's traceback, its first ``E`` line (the
+        exception), not the source line it starts with. pytest-xdist puts a line naming the worker
+        first ("[gw0] linux -- Python 3.11.7 ..."): never the cause."""
+        lines = [line.strip() for line in self.message.splitlines()
+                 if line.strip() and not _XDIST_WORKER.match(line)]
         if lines and lines[0].endswith("check failed:") and len(lines) > 1:
             return lines[1]
-        return lines[0] if lines else "(no message)"
+        raised = [line[1:].strip() for line in self.message.splitlines() if line.startswith("E ")]
+        return raised[0] if raised else lines[0] if lines else "(no message)"
 
     @property
     def reproduce(self) -> str:
@@ -87,7 +98,8 @@ class RunRecord:
     @classmethod
     def from_dict(cls, doc: dict) -> "RunRecord":
         return cls(**{**doc, "recipes": tuple(RecipeTable(**t) for t in doc.get("recipes", ())),
-                      "failures": tuple(Failure(**f) for f in doc.get("failures", ()))})
+                      "failures": tuple(Failure(**{**f, "location": tuple(f["location"]) if f.get("location") else None})
+                                        for f in doc.get("failures", ()))})
 
 
 def run_id() -> str:

@@ -34,8 +34,10 @@ import qatcheck.zoo.recipes  # noqa: E402,F401
 @pytest.fixture(autouse=True)
 def _outside_ci(monkeypatch):
     """Inner pytester runs print the same here and in CI: pytest does not truncate its short test
-    summary when ``CI`` or ``BUILD_NUMBER`` is set, so a failure message would appear twice there."""
-    for name in ("CI", "BUILD_NUMBER"):
+    summary when ``CI`` or ``BUILD_NUMBER`` is set, so a failure message would appear twice there.
+    On GitHub Actions, inner runs would also append their summaries to the job's (GITHUB_STEP_SUMMARY)
+    and print annotations (GITHUB_ACTIONS) that GitHub reads from a failed test's captured output."""
+    for name in ("CI", "BUILD_NUMBER", "GITHUB_STEP_SUMMARY", "GITHUB_ACTIONS"):
         monkeypatch.delenv(name, raising=False)
 
 
