@@ -540,7 +540,13 @@ def _publish(config: pytest.Config, session: pytest.Session, tables: list) -> No
 
 def _publishers(options: Options) -> list:
     """(what, write(record)) for each of the run's publishers."""
-    return []
+    from qatcheck import html_report  # stdlib only: cheap, and loaded only by a run that publishes
+
+    publishers = []
+    if options.html_path:
+        publishers.append((f"HTML report {options.html_path}",
+                           lambda record: html_report.write(record, options.html_path, options.history_path)))
+    return publishers
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

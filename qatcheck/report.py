@@ -148,7 +148,11 @@ def rows_for(session, recipe_name: str) -> tuple[list[str], list[list[str]], lis
                   for (case, chk), v in session.verdicts.items() if case == c}
         records.append({**m.to_dict(), "verdict": verdict, "checks": checks,
                         "outcomes": session.outcomes.get(c, {}), "delta_fp32_points": d_fp32,
-                        "delta_baseline_points": d_base, "speedup_vs_fp32": speed})
+                        "delta_baseline_points": d_base, "speedup_vs_fp32": speed,
+                        # what a reader of the records alone (the HTML report, the history) cannot
+                        # infer from a column title: which metric leads, and which way is better
+                        "primary_metric": p, "higher_is_better": {
+                            n: metric_spec(task, n).higher_is_better for n in task.metric_names}})
     return header, rows, records
 
 
