@@ -565,11 +565,14 @@ def _publish(config: pytest.Config, session: pytest.Session, tables: list) -> No
 
 def _publishers(options: Options) -> list:
     """(what, write(record)) for each of the run's publishers."""
-    from qatcheck import ci_summary, history
+    from qatcheck import ci_summary, history, html_report  # cheap: loaded only by a run that publishes
 
     publishers = [*ci_summary.publishers(options)]
     if options.history_path is not None:
         publishers.append(("history", lambda record: history.append(record, options.history_path)))
+    if options.html_path is not None:  # after the history: the page's trend then holds this run
+        publishers.append((f"HTML report {options.html_path}",
+                           lambda record: html_report.write(record, options.html_path, options.history_path)))
     return publishers
 
 
