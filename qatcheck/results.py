@@ -39,7 +39,7 @@ CACHED_PARTS = ("eval", "structure")
 #: recipes (zoo) are keyed by what they build: their model in the artifact, their data's fingerprint.
 NOT_MEASURING = ("judges.py", "baselines.py", "report.py", "report_files.py", "plugin.py", "__main__.py",
                  "analysis", "reference_doc.py", "standard.py", "repro.py", "reference_store.py", "zoo",
-                 "results.py", "html_report.py")
+                 "results.py", "run_record.py", "ci_summary.py", "history.py", "html_report.py", "baselines_diff.py")
 
 #: libraries the metrics are computed with (the runtimes are in each backend's identity)
 METRIC_LIBRARIES = ("numpy", "pycocotools")
