@@ -147,6 +147,17 @@ def test_the_run_record_holds_each_table_and_each_failure_with_its_case_check_an
     assert record(run(pytester, shared_cache, "-k", "accuracy or parity")).failures == ()
 
 
+def test_a_publisher_that_cannot_write_is_a_note_and_the_others_still_write(pytester, shared_cache):
+    """The HTML page asked for under a file: one note naming it, the run green, the history written."""
+    write_suite(pytester, backends=("onnxruntime",))
+    (pytester.path / "blocker").write_text("a file where a directory was asked for")
+    result = run(pytester, shared_cache, "-k", "accuracy", "--update-baselines",
+                 "--qatcheck-html", str(pytester.path / "blocker" / "run.html"))
+    assert result.ret == 0, result.stdout.str()
+    result.stdout.fnmatch_lines(["*qatcheck: HTML report *blocker*run.html not written: *"])
+    assert len((pytester.path / "reports" / "history.jsonl").read_text().splitlines()) == 1
+
+
 def test_bad_calibration_range_fails_accuracy(pytester, shared_cache):
     """percentile 55 clips almost every activation: the fp32 budget catches it."""
     write_suite(pytester, modes=("fp32", "torch_ptq"), backends=("onnxruntime",),
