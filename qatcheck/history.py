@@ -124,29 +124,34 @@ def _problem(line) -> str:
     return ""
 
 
+def parse(raw_lines: Iterable[bytes | str], source: str) -> Lines:
+    """The well-formed lines of a history's text (a file's, or the HTML report's tail of one); a
+    torn or malformed line is skipped and named (``source`` and its line number) in ``.notes``."""
+    out = Lines()
+    for n, raw in enumerate(raw_lines, 1):
+        if not raw.strip():
+            continue
+        try:
+            line = json.loads(raw)
+        except ValueError:
+            problem = "not JSON (a write torn by a crash?)"
+        else:
+            problem = _problem(line)
+        if problem:
+            out.notes.append(f"{source}:{n}: skipped: {problem}")
+        else:
+            out.append(line)
+    return out
+
+
 def read(path: str | Path) -> Lines:
-    """The history at ``path``. A torn or malformed line is skipped and named (file and line
-    number) in ``.notes``; a missing file is an error a user can act on."""
+    """The history at ``path`` (:func:`parse`); a missing file is an error a user can act on."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"no history at {path}: every qatcheck run appends its cases to "
                           "<reports>/history.jsonl (--qatcheck-history sets where; --history here)")
-    out = Lines()
     with open(path, "rb") as f:
-        for n, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            try:
-                line = json.loads(raw)
-            except ValueError:
-                problem = "not JSON (a write torn by a crash?)"
-            else:
-                problem = _problem(line)
-            if problem:
-                out.notes.append(f"{path}:{n}: skipped: {problem}")
-            else:
-                out.append(line)
-    return out
+        return parse(f, str(path))
 
 
 # -- runs --------------------------------------------------------------------------------------

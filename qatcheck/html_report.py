@@ -14,7 +14,6 @@ tail and writes the page atomically.
 from __future__ import annotations
 
 import html
-import json
 import math
 import os
 import re
@@ -25,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
+from qatcheck import history as history_store
 from qatcheck.fsutil import write_text_atomic
 from qatcheck.run_record import Failure, RecipeTable, RunRecord
 
@@ -333,33 +333,10 @@ def trend_svg(runs: list[dict], series: dict[str, list[float | None]], primary: 
 
 
 def parse_history(lines: Iterable[str]) -> tuple[list[dict], int]:
-    """The well-formed lines of the history (JSON Lines, the history store's format) and how many
+    """The well-formed lines of the history's tail (the history store's own parser) and how many
     were not: a torn or hand-edited line is skipped, never fatal."""
-    good, bad = [], 0
-    for line in lines:
-        if not line.strip():
-            continue
-        try:
-            d = json.loads(line)
-        except ValueError:
-            bad += 1
-            continue
-        if (isinstance(d, dict) and isinstance(d.get("run"), str) and isinstance(d.get("recipe"), str)
-                and isinstance(d.get("metrics"), dict) and _number(d.get("time")) is not None):
-            good.append(d)
-        else:
-            bad += 1
-    return good, bad
-
-
-def this_run_lines(record: RunRecord) -> list[dict]:
-    """This run's cases as history lines (the fields the trend reads), so the trend ends with this
-    run whether the history store wrote before this page, after it, or not at all."""
-    return [{"run": record.run_id, "time": record.finished, "commit": record.commit, "dirty": record.dirty,
-             "recipe": t.name,
-             "case": (r.get("case") or {}).get("id", ""), "mode": (r.get("case") or {}).get("mode", ""),
-             "metrics": r.get("metrics") or {}}
-            for t in record.recipes for r in t.records if isinstance(r, dict)]
+    parsed = history_store.parse(lines, "history")
+    return list(parsed), len(parsed.notes)
 
 
 def trend(record: RunRecord, table: RecipeTable, primary: Primary, history: list[dict],
@@ -369,7 +346,8 @@ def trend(record: RunRecord, table: RecipeTable, primary: Primary, history: list
     shows, and a mode is one line however many backends and shapes it runs on."""
     lines = [d for d in history if d["recipe"] == table.name]
     if not any(d["run"] == record.run_id for d in lines):
-        lines += [d for d in this_run_lines(record) if d["recipe"] == table.name]
+        # this run's cases, whether the history store wrote before this page, after it, or not at all
+        lines += [d for d in history_store.lines(record) if d["recipe"] == table.name]
     when: dict[str, float] = {}
     for d in lines:
         when[d["run"]] = max(when.get(d["run"], 0.0), float(d["time"]))

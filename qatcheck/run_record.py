@@ -20,10 +20,6 @@ from pathlib import Path
 #: the line pytest-xdist puts before a worker's failure text
 _XDIST_WORKER = re.compile(r"\[gw\d+\] \S+ -- Python ")
 
-#: the standard checks, as a test's name says them (test_accuracy -> accuracy)
-CHECKS = ("accuracy", "parity", "latency", "structure", "precision")
-
-
 @dataclass(frozen=True)
 class Failure:
     """A failed test of the run, as pytest reported it."""

@@ -15,7 +15,7 @@ import pytest
 
 from qatcheck import ci_summary
 from qatcheck.run_record import Failure, RecipeTable, RunRecord
-from test_plugin import baseline, run, write_suite
+from test_plugin import plant, restore, run, write_suite
 
 PLAIN_FAILURE = "def test_plain():\n    assert 6 * 7 == 41\n"
 
@@ -23,22 +23,6 @@ PLAIN_FAILURE = "def test_plain():\n    assert 6 * 7 == 41\n"
 @pytest.fixture(scope="module")
 def shared_cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("qatcheck-cache")
-
-
-def plant(pytester, cache) -> dict:
-    """Record the suite's baselines, then plant a regression: fp32-onnxruntime's top-1 baseline
-    claims 100%. Returns the clean baselines (to restore)."""
-    write_suite(pytester)
-    run(pytester, cache, "-k", "accuracy or parity", "--update-baselines").assert_outcomes(passed=3, skipped=1)
-    clean = baseline(pytester)
-    planted = json.loads(json.dumps(clean))
-    planted["cases"]["fp32-onnxruntime"]["metrics"]["top1"]["value"] = 1.0
-    (pytester.path / "baselines" / "digits.json").write_text(json.dumps(planted))
-    return clean
-
-
-def restore(pytester, clean: dict) -> None:
-    (pytester.path / "baselines" / "digits.json").write_text(json.dumps(clean))
 
 
 def test_the_job_summary_names_each_failure_first_then_a_clean_rerun_appends_all_passed(pytester, shared_cache):

@@ -117,6 +117,22 @@ def test_tampered_baseline_fails_and_update_restores(pytester, shared_cache):
     assert "## Failures" not in (pytester.path / "reports" / "digits.md").read_text()  # a clean run's has none
 
 
+def plant(pytester, cache) -> dict:
+    """Record the suite's baselines, then plant a regression: fp32-onnxruntime's top-1 baseline
+    claims 100%. Returns the clean baselines (to restore)."""
+    write_suite(pytester)
+    run(pytester, cache, "-k", "accuracy or parity", "--update-baselines").assert_outcomes(passed=3, skipped=1)
+    clean = baseline(pytester)
+    planted = json.loads(json.dumps(clean))
+    planted["cases"]["fp32-onnxruntime"]["metrics"]["top1"]["value"] = 1.0
+    (pytester.path / "baselines" / "digits.json").write_text(json.dumps(planted))
+    return clean
+
+
+def restore(pytester, clean: dict) -> None:
+    (pytester.path / "baselines" / "digits.json").write_text(json.dumps(clean))
+
+
 def test_the_run_record_holds_each_table_and_each_failure_with_its_case_check_and_cause(pytester, shared_cache):
     """What the run's publishers (job summary, history, HTML report) read: the recipe's table and
     records, and each failed test with its case, check, one-line cause and reproduction command.
@@ -127,12 +143,7 @@ def test_the_run_record_holds_each_table_and_each_failure_with_its_case_check_an
     def record(result) -> RunRecord:
         return result.reprec.getcall("pytest_sessionfinish").session.config.stash[RUN_KEY]
 
-    write_suite(pytester)
-    run(pytester, shared_cache, "-k", "accuracy or parity", "--update-baselines").assert_outcomes(passed=3, skipped=1)
-    clean = baseline(pytester)
-    data = json.loads(json.dumps(clean))
-    data["cases"]["fp32-onnxruntime"]["metrics"]["top1"]["value"] = 1.0
-    (pytester.path / "baselines" / "digits.json").write_text(json.dumps(data))
+    clean = plant(pytester, shared_cache)
     planted = record(run(pytester, shared_cache, "-k", "accuracy or parity"))
     table, = planted.recipes
     assert table.name == "digits" and len(table.rows) == len(table.records) == 2
@@ -143,7 +154,7 @@ def test_the_run_record_holds_each_table_and_each_failure_with_its_case_check_an
     assert failure.reproduce.startswith("polygraphy run ") or failure.reproduce.startswith("python ")
     assert planted.exitstatus == 1 and planted.commit == ""  # pytester's directory is no git tree
     assert RunRecord.from_dict(json.loads(json.dumps(planted.to_dict()))) == planted  # plain data
-    (pytester.path / "baselines" / "digits.json").write_text(json.dumps(clean))
+    restore(pytester, clean)
     assert record(run(pytester, shared_cache, "-k", "accuracy or parity")).failures == ()
 
 
