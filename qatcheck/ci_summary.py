@@ -35,7 +35,7 @@ def publishers(options: Options) -> list:
     """The plugin's publisher entries (what, write(record)) for these options."""
     if options.summary_path is None:
         return []
-    return [("job summary", functools.partial(append, options.summary_path))]
+    return [(f"job summary {options.summary_path}", functools.partial(append, options.summary_path))]
 
 
 # ---- the job summary -----------------------------------------------------------------------------

@@ -44,7 +44,7 @@ RELEASE_KEY = pytest.StashKey[dict]()
 #: what the run measured and concluded (qatcheck.run_record.RunRecord), made by the process that
 #: ends it, and what its publishers could not write
 RUN_KEY = pytest.StashKey[run_record.RunRecord]()
-PUBLISH_NOTES_KEY = pytest.StashKey[list]()
+PUBLISHED_KEY = pytest.StashKey[tuple]()  # (what was written, why something was not)
 
 
 def requirable() -> tuple[str, ...]:
@@ -555,10 +555,11 @@ def _publish(config: pytest.Config, session: pytest.Session, tables: list) -> No
     record = run_record.record(run_record.run_id(), log.started, session.exitstatus, options.reports_dir,
                                Path(config.rootpath), tables, log.failures)
     config.stash[RUN_KEY] = record
-    notes = config.stash[PUBLISH_NOTES_KEY] = []
+    written, notes = config.stash[PUBLISHED_KEY] = ([], [])
     for what, publish in _publishers(options):
         try:
             publish(record)
+            written.append(what)
         except Exception as exc:  # a report is a help; never fail the run over one
             notes.append(f"{what} not written: {type(exc).__name__}: {exc}")
 
@@ -569,7 +570,8 @@ def _publishers(options: Options) -> list:
 
     publishers = [*ci_summary.publishers(options)]
     if options.history_path is not None:
-        publishers.append(("history", lambda record: history.append(record, options.history_path)))
+        publishers.append((f"history {options.history_path}",
+                           lambda record: history.append(record, options.history_path)))
     if options.html_path is not None:  # after the history: the page's trend then holds this run
         publishers.append((f"HTML report {options.html_path}",
                            lambda record: html_report.write(record, options.html_path, options.history_path)))
@@ -601,8 +603,6 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
         terminalreporter.section("qatcheck")
         for text in sorted(controller.texts):
             terminalreporter.write(text)
-    for note in config.stash.get(PUBLISH_NOTES_KEY, []):
-        terminalreporter.write_line(f"qatcheck: {note}", yellow=True)
     record = config.stash.get(RUN_KEY, None)
     if record is not None and config.stash[OPTIONS_KEY].annotations:  # on stdout, where GitHub reads them
         from qatcheck import ci_summary
@@ -611,12 +611,14 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
             terminalreporter.write_line(line)
     qs = _session(config, create=False)
     summary = getattr(qs, "summary", None)
-    missing = config.stash.get(MISSING_KEY, [])
-    if summary is None and not missing:
-        return
     tr = terminalreporter
     if summary is not None and summary.text:
         tr.section("qatcheck")
         tr.write(summary.text)
-    for line in missing:
+    for line in config.stash.get(MISSING_KEY, []):
         tr.write_line(f"qatcheck: required backend missing - {line}", red=True, bold=True)
+    written, notes = config.stash.get(PUBLISHED_KEY, ([], []))
+    if written:  # where the run's page, history and job summary are
+        tr.write_line("qatcheck: wrote " + ", ".join(written))
+    for note in notes:
+        tr.write_line(f"qatcheck: {note}", yellow=True)

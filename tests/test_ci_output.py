@@ -207,7 +207,7 @@ def test_no_summary_path_no_publisher():
 
     assert ci_summary.publishers(Options()) == []
     (what, _), = ci_summary.publishers(Options(summary_path=Path("s.md")))
-    assert what == "job summary"
+    assert what == "job summary s.md"  # the terminal says where it wrote
 
 
 def test_the_junit_properties_of_a_timed_case_hold_its_p50():

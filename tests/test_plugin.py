@@ -159,14 +159,19 @@ def test_the_run_record_holds_each_table_and_each_failure_with_its_case_check_an
 
 
 def test_a_publisher_that_cannot_write_is_a_note_and_the_others_still_write(pytester, shared_cache):
-    """The HTML page asked for under a file: one note naming it, the run green, the history written."""
+    """The HTML page asked for under a file: one note naming it, the run green, the history written
+    (the summary says what was written, and where); a clean rerun writes both."""
     write_suite(pytester, backends=("onnxruntime",))
     (pytester.path / "blocker").write_text("a file where a directory was asked for")
     result = run(pytester, shared_cache, "-k", "accuracy", "--update-baselines",
                  "--qatcheck-html", str(pytester.path / "blocker" / "run.html"))
     assert result.ret == 0, result.stdout.str()
-    result.stdout.fnmatch_lines(["*qatcheck: HTML report *blocker*run.html not written: *"])
+    result.stdout.fnmatch_lines(["qatcheck: wrote history *history.jsonl",
+                                 "*qatcheck: HTML report *blocker*run.html not written: *"])
     assert len((pytester.path / "reports" / "history.jsonl").read_text().splitlines()) == 1
+    clean = run(pytester, shared_cache, "-k", "accuracy")
+    clean.stdout.fnmatch_lines(["qatcheck: wrote history *history.jsonl, HTML report *qatcheck.html"])
+    assert "not written" not in clean.stdout.str()
 
 
 def test_bad_calibration_range_fails_accuracy(pytester, shared_cache):
