@@ -130,6 +130,25 @@ def test_the_key_changes_exactly_when_an_input_does(cache, changed):
     assert base is not None and (key == base) == (not changed), (changed, inputs)
 
 
+def test_the_thread_count_is_an_input(cache):
+    """The intra-op thread count orders the sums: the detector's batch-1 parity at its min profile
+    point differed in the 8th digit at 1 and 2 threads (a pytest-xdist worker's share of the cores
+    and a plain run's), so a result is reused only at the count it was measured at - for ONNX
+    Runtime (the case) and PyTorch (its parity reference) alike."""
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        one = session(cache, threads=1)
+        key = one._result_key(CASE, "eval")[0]
+        assert key != session(cache, threads=2)._result_key(CASE, "eval")[0]
+        assert key == session(cache, threads=1)._result_key(CASE, "eval")[0]
+        torch.set_num_threads(2)  # PyTorch's count alone (process-wide), ONNX Runtime's still 1
+        assert one._result_key(CASE, "eval")[0] != key
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_structure_is_reused_and_latency_never(cache):
     first = measured(cache, parts=("structure", "latency"), latency="always", latency_duration_s=0.2)
     again = measured(cache, parts=("structure", "latency"), latency="always", latency_duration_s=0.2)

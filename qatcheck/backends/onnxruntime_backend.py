@@ -130,13 +130,15 @@ class OrtBackend(Backend):
         return OrtRunner(artifact.path, choose_provider(self.requested_provider), threads=self.threads)
 
     def identity(self, context: BuildContext) -> dict:
-        """The ONNX file by content, ONNX Runtime's version and provider. Not the thread count:
-        every figure of the built-in suites was bit-identical at 1 and 2 intra-op threads, and
-        pytest-xdist workers run at 1 where a plain run uses all cores."""
+        """The ONNX file by content, ONNX Runtime's version and provider, and the intra-op thread
+        count: it orders the sums, so figures can differ in their last digits (the detector's
+        batch-1 parity at the min profile point did, at 1 and 2 threads - a pytest-xdist worker's
+        share of the cores and a plain run's): a result is reused only at the count it was measured at."""
         import onnxruntime as ort
 
         return {"artifact": context.onnx_artifact(context.mode).digest,
-                "runtime": {"onnxruntime": ort.__version__, "provider": choose_provider(self.requested_provider)}}
+                "runtime": {"onnxruntime": ort.__version__, "provider": choose_provider(self.requested_provider),
+                            "threads": str(self.threads) if self.threads is not None else "default"}}
 
     def reference_runner(self, context: BuildContext, onnx_path) -> Runner:
         return OrtRunner(onnx_path, choose_provider(self.requested_provider), threads=self.threads)

@@ -158,7 +158,8 @@ class TorchBackend(Backend):
 
     def identity(self, context: BuildContext) -> dict | None:
         """The torch module by its artifact's identity (cache key and file), torch's version and
-        the device (on CUDA: the GPU and CUDA version). Not the thread count (see OrtBackend.identity)."""
+        the device: on CUDA the GPU and CUDA version, on the CPU the intra-op thread count (it
+        orders the sums: see OrtBackend.identity)."""
         import torch
 
         if context.torch_identity is None:
@@ -167,6 +168,8 @@ class TorchBackend(Backend):
         runtime = {"torch": torch.__version__, "device": device.split(":")[0]}
         if device.startswith("cuda"):
             runtime.update(gpu=torch.cuda.get_device_name(torch.device(device)), cuda=str(torch.version.cuda))
+        else:
+            runtime.update(threads=str(torch.get_num_threads()))
         return {"artifact": context.torch_identity(context.mode), "runtime": runtime}
 
     def runner(self, context: BuildContext) -> Runner:
